@@ -1,0 +1,281 @@
+"""Model sources: a hub id, a local Hugging Face directory, a .gguf file, or a built-in demo name.
+
+Every source offers the same small API, so the stages after it never ask where a model came
+from: the HF config and its architecture entry, tensor names and shapes in HF layout, one tensor
+at a time as float (for streaming export), the tokenizer (HF object and GGUF fields), and the
+whole model as a torch module (for tuning and evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import demo
+from .arch import Arch, arch_for_config, arch_for_gguf
+from .errors import NpftError, UsageError
+from .tokenizer import Field, bpe_fields, fix_pre_tokenizer, gguf_fields, sentencepiece_fields
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class Source:
+    """Common face of every source. Subclasses fill config, tensor shapes and loading."""
+
+    kind = "?"
+
+    def __init__(self, spec: str, path: Path):
+        self.spec, self.path = spec, path
+
+    config = None  # transformers PretrainedConfig
+
+    @cached_property
+    def arch(self) -> Arch:
+        return arch_for_config(self.config)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape, in the order they should be written."""
+        raise NotImplementedError
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor, HF layout, in its stored float dtype (quantized GGUF tensors: float32)."""
+        raise NotImplementedError
+
+    def tokenizer(self):
+        raise NotImplementedError
+
+    def tokenizer_fields(self) -> list[Field]:
+        raise NotImplementedError
+
+    def load_model(self, dtype=torch.float32, device="cpu"):
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.spec} ({self.kind})"
+
+
+# ---------------------------------------------------------------------------------------------
+class HFDirSource(Source):
+    kind = "hf"
+
+    def __init__(self, spec: str, path: Path):
+        super().__init__(spec, path)
+        from transformers import AutoConfig
+
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} holds no config.json: it is not a Hugging Face model directory")
+        try:
+            self.config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise UsageError(f"{path}/config.json cannot be read as a model config ({_first_line(e)})") from None
+        classes = getattr(self.config, "architectures", None) or []
+        if classes and not any(c.endswith("ForCausalLM") for c in classes):
+            raise UsageError(f"{path} holds a {classes[0]}, not a causal language model")
+        self.arch  # unsupported architectures fail here, before any work
+        self._files = self._weight_files()
+
+    def _weight_files(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            return {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
+        if not files:
+            raise UsageError(f"{self.path} has a config but no weights (*.safetensors or pytorch_model*.bin)")
+        out = {}
+        for f in files:
+            for k in self._open(f).keys():
+                out[k] = f
+        return out
+
+    def _open(self, f: Path):
+        cache = self.__dict__.setdefault("_handles", {})
+        if f not in cache:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                cache[f] = safe_open(str(f), framework="pt")
+            else:
+                cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        return cache[f]
+
+    def shapes(self):
+        out = {}
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        for name, f in self._files.items():
+            if SKIPPED.search(name) or (tied and name == "lm_head.weight"):
+                continue
+            if self.arch.gguf_name(name) is None:
+                raise UsageError(f"tensor {name!r} has no GGUF name in the {self.arch.name} table; is this really a {self.arch.name} model?")
+            h = self._open(f)
+            out[name] = tuple(h.get_slice(name).get_shape()) if hasattr(h, "get_slice") else tuple(h[name].shape)
+        return out
+
+    def load(self, name):
+        h = self._open(self._files[name])
+        return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+
+    def tokenizer_fields(self):
+        tok = self.tokenizer()
+        n_vocab = self.config.vocab_size
+        spm = self.path / "tokenizer.model"
+        if spm.is_file():
+            return sentencepiece_fields(tok, spm, n_vocab)
+        if not hasattr(tok, "backend_tokenizer"):
+            raise UsageError(f"{self.path} has no tokenizer.json or tokenizer.model that can be exported")
+        return bpe_fields(tok, n_vocab)
+
+    def load_model(self, dtype=torch.float32, device="cpu"):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, local_files_only=True).to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+class GGUFSource(Source):
+    """A .gguf file, read tensor by tensor (memory-mapped) and dequantized to float32."""
+
+    kind = "gguf"
+
+    def __init__(self, spec: str, path: Path):
+        super().__init__(spec, path)
+        self.reader = read_gguf(path)
+        arch_name = self.meta("general.architecture")
+        self._arch = arch_for_gguf(arch_name)
+        self.config = self._config()
+        self._tensors = {}
+        for t in self.reader.tensors:
+            hf = self._arch.hf_name(t.name)
+            if hf is None:
+                raise UsageError(f"{path}: tensor {t.name!r} has no Hugging Face name in the {arch_name} table")
+            self._tensors[hf] = t
+
+    @property
+    def arch(self):
+        return self._arch
+
+    def meta(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def _config(self):
+        from transformers import AutoConfig
+
+        a = self._arch.name
+        kw = {"model_type": a, "architectures": [self._arch.hf_classes[0]]}
+        for key, (src, _) in self._arch.hparams.items():
+            value = self.meta(f"{a}.{key}")
+            if value is None or callable(src):
+                continue
+            kw[src] = value
+        if self.meta(f"{a}.vocab_size") is None:
+            kw["vocab_size"] = len(self.meta("tokenizer.ggml.tokens"))
+        if self.meta(f"{a}.rope.freq_base") is not None:
+            kw["rope_parameters"] = {"rope_type": "default", "rope_theta": float(self.meta(f"{a}.rope.freq_base"))}
+        if self.meta(f"{a}.attention.key_length") is not None:
+            kw["head_dim"] = self.meta(f"{a}.attention.key_length")
+        kw["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.reader.tensors)
+        for role in ("bos", "eos", "padding"):
+            tid = self.meta(f"tokenizer.ggml.{role}_token_id")
+            if tid is not None:
+                kw[{"padding": "pad"}.get(role, role) + "_token_id"] = int(tid)
+        return AutoConfig.for_model(**kw)
+
+    def shapes(self):
+        return {hf: tuple(int(n) for n in reversed(t.shape.tolist())) for hf, t in self._tensors.items()}
+
+    def load(self, name):
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        data = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        w = torch.from_numpy(np.array(data, copy=True).reshape(self.shapes()[name]))
+        return self._arch.to_hf_layout(name, w, self.config)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        fix_pre_tokenizer(tok, self.meta("tokenizer.ggml.pre", ""))
+        return tok
+
+    def tokenizer_fields(self):
+        return gguf_fields(self.reader)
+
+    def load_model(self, dtype=torch.float32, device="cpu"):
+        """Build the HF model uninitialised, then fill it one tensor at a time (one copy in memory)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        params = dict(model.named_parameters())
+        for name in self._tensors:
+            with torch.no_grad():
+                params[name].copy_(self.load(name))
+        if self.config.tie_word_embeddings:
+            model.tie_weights()
+        return model.to(device).eval()
+
+
+def read_gguf(path: Path):
+    """GGUFReader with a one-line error for files that are not complete GGUF files."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - GGUFReader raises ValueError, struct.error, IndexError...
+        raise UsageError(f"{path} is not a readable GGUF file ({_first_line(e)}); is it truncated or corrupt?") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise UsageError(f"{path} ends before the data of tensor {t.name!r}: the file is truncated; fetch it again")
+    return reader
+
+
+# ---------------------------------------------------------------------------------------------
+def open_source(spec: str) -> Source:
+    """Resolve what the user typed into a Source, or fail with a one-line message."""
+    if spec in demo.DEMOS:
+        return GGUFSource(spec, demo.fetch(spec))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"{spec} is a file but not a .gguf; pass a .gguf file or a Hugging Face model directory")
+        return GGUFSource(spec, path)
+    if path.is_dir():
+        return HFDirSource(spec, path)
+    if HUB_ID.match(spec) and not spec.endswith(".gguf"):
+        return HFDirSource(spec, _from_hub(spec))
+    raise UsageError(
+        f"{spec}: no such file or directory; pass a .gguf file, a Hugging Face model directory, "
+        f"a hub id like meta-llama/Llama-2-7b-hf, or a demo name ({', '.join(demo.DEMOS)})"
+    )
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: all end the same way
+        raise NpftError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({_first_line(e)}); download it where the hub "
+            "is reachable and pass its local directory, or try the built-in demo 'smollm2-135m'"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

@@ -1,0 +1,191 @@
+"""Tokenizers into GGUF metadata, and the GGUF pre-tokenizer names back into HF tokenizers.
+
+llama.cpp splits text before BPE by a named regex set (`tokenizer.ggml.pre`); it must be the
+one the HF tokenizer uses, or the two tokenize differently. PRE_TOKENIZERS is the single table:
+it names each known HF pre-tokenizer by llama.cpp's name, for export, and rebuilds the HF
+pre-tokenizer from the name, for tokenizers that transformers reconstructs from a GGUF file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGUFValueType as V
+from gguf import TokenType
+from tokenizers import Regex, pre_tokenizers
+
+from .errors import UsageError
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level(use_regex: bool):
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+
+
+def _split(pattern: str):
+    return pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+
+
+# llama.cpp's tokenizer.ggml.pre name -> builder of the HF pre-tokenizer that splits the same way
+PRE_TOKENIZERS = {
+    "gpt2": lambda: _byte_level(True),
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(True)]),
+    "llama-bpe": lambda: pre_tokenizers.Sequence([_split(LLAMA3_SPLIT), _byte_level(False)]),
+    "qwen2": lambda: pre_tokenizers.Sequence([_split(QWEN2_SPLIT), _byte_level(False)]),
+}
+
+
+def _signature(state) -> str:
+    """Canonical JSON of a pre-tokenizer config, without options that do not change the split."""
+
+    def clean(node):
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in sorted(node.items()) if k not in ("trim_offsets",)}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    if isinstance(state, (bytes, str)):
+        state = json.loads(state)
+    return json.dumps(clean(state), sort_keys=True)
+
+
+def pre_name(pre_tokenizer_state) -> str:
+    """llama.cpp's name for an HF pre-tokenizer config, or a UsageError for an unknown one."""
+    sig = _signature(pre_tokenizer_state)
+    for name, build in PRE_TOKENIZERS.items():
+        if _signature(build().__getstate__()) == sig:
+            return name
+    raise UsageError(
+        "this BPE tokenizer's pre-tokenizer is not one llama.cpp is known to split the same way "
+        f"(known: {', '.join(PRE_TOKENIZERS)}); export would tokenize differently, so it is refused"
+    )
+
+
+def fix_pre_tokenizer(tokenizer, name: str) -> None:
+    """Give a tokenizer rebuilt from a GGUF file the pre-tokenizer its `tokenizer.ggml.pre` names."""
+    if name in PRE_TOKENIZERS and hasattr(tokenizer, "backend_tokenizer"):
+        tokenizer.backend_tokenizer.pre_tokenizer = PRE_TOKENIZERS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# HF tokenizer -> GGUF key/values
+
+
+@dataclass
+class Field:
+    key: str
+    value: object
+    vtype: V
+    sub_type: V | None = None
+
+
+def _ids_of_special(tokenizer) -> dict[str, int]:
+    out = {}
+    for role in ("bos", "eos", "unk", "pad", "sep"):
+        tid = getattr(tokenizer, f"{role}_token_id", None)
+        if tid is not None:
+            key = {"unk": "unknown", "pad": "padding", "sep": "seperator"}.get(role, role)
+            out[f"tokenizer.ggml.{key}_token_id"] = int(tid)
+    return out
+
+
+def _adds(tokenizer) -> tuple[bool, bool]:
+    """Whether encoding adds BOS / EOS, read off the tokenizer's behaviour rather than its flags."""
+    ids = tokenizer("a")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return (bos is not None and ids[:1] == [bos]), (eos is not None and len(ids) > 1 and ids[-1:] == [eos])
+
+
+def _common(tokenizer) -> list[Field]:
+    fields = [Field(k, v, V.UINT32) for k, v in _ids_of_special(tokenizer).items()]
+    add_bos, add_eos = _adds(tokenizer)
+    fields += [Field("tokenizer.ggml.add_bos_token", add_bos, V.BOOL), Field("tokenizer.ggml.add_eos_token", add_eos, V.BOOL)]
+    if getattr(tokenizer, "chat_template", None):
+        fields.append(Field("tokenizer.chat_template", str(tokenizer.chat_template), V.STRING))
+    return fields
+
+
+def _vocab_table(id_to_token: dict[int, str], n_vocab: int, special: set[int], added: set[int]):
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in id_to_token:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+            continue
+        tokens.append(id_to_token[i])
+        types.append(TokenType.CONTROL if i in special else TokenType.USER_DEFINED if i in added else TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def bpe_fields(tokenizer, n_vocab: int) -> list[Field]:
+    """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" tokenizer model."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state.get("model", {})
+    if model.get("type") != "BPE":
+        raise UsageError(f"tokenizer model {model.get('type')!r} is not supported; supported: byte-level BPE, SentencePiece")
+    pre = pre_name(state.get("pre_tokenizer") or {})
+    added = {t["id"]: t for t in state.get("added_tokens", [])}
+    id_to_token = {i: t for t, i in tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).items()}
+    tokens, types = _vocab_table(id_to_token, n_vocab, {i for i, t in added.items() if t.get("special")}, set(added))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return [
+        Field("tokenizer.ggml.model", "gpt2", V.STRING),
+        Field("tokenizer.ggml.pre", pre, V.STRING),
+        Field("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+        Field("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+        Field("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
+    ] + _common(tokenizer)
+
+
+def sentencepiece_fields(tokenizer, model_file: Path, n_vocab: int) -> list[Field]:
+    """A SentencePiece model (tokenizer.model) as llama.cpp's "llama" tokenizer model."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        kind = (
+            TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
+            else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i) else TokenType.NORMAL
+        )
+        types.append(int(kind))
+    extra = {i: t for t, i in tokenizer.get_vocab().items() if i >= len(tokens)}
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i in range(len(tokens), n_vocab):
+        tokens.append(extra.get(i, f"[PAD{i}]"))
+        scores.append(-1000.0)
+        types.append(int(TokenType.UNUSED if i not in extra else TokenType.CONTROL if i in special else TokenType.USER_DEFINED))
+    return [
+        Field("tokenizer.ggml.model", "llama", V.STRING),
+        Field("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+        Field("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32),
+        Field("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+        Field("tokenizer.ggml.add_space_prefix", bool(proto.normalizer_spec.add_dummy_prefix), V.BOOL),
+    ] + _common(tokenizer)
+
+
+def gguf_fields(reader) -> list[Field]:
+    """The tokenizer.* fields of a GGUF source, copied as they are."""
+    out = []
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = f.types[0]
+            out.append(Field(key, f.contents(), vtype, f.types[1] if vtype == V.ARRAY else None))
+    return out

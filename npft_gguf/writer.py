@@ -1,0 +1,127 @@
+"""Streaming GGUF writer: plan every tensor's type from shapes alone, write the header, then load,
+convert and write one tensor at a time, so peak memory stays near one tensor plus the source's
+own storage (memory-mapped for safetensors and GGUF sources)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFValueType as V
+from gguf import GGUFWriter
+
+from . import __version__
+from .atomic import atomic_output
+from .grids import get_grid
+from .grids.policy import FILE_TYPES, Choice, ModelShape, choose
+from .progress import bar
+from .sources import Source
+
+log = logging.getLogger("npft_gguf")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    type: str = "q4_0"
+    pure: bool = False
+
+
+@dataclass
+class PlannedTensor:
+    hf_name: str
+    name: str
+    shape: tuple[int, ...]  # HF / numpy order: (rows, cols)
+    choice: Choice
+
+    @property
+    def nbytes(self) -> int:
+        g = self.choice.grid
+        n = int(np.prod(self.shape))
+        return n // g.block * g.block_bytes
+
+
+@dataclass
+class ExportReport:
+    path: str
+    type: str
+    pure: bool
+    n_tensors: int
+    size_bytes: int
+    types: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+
+def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
+    """Every tensor's GGUF name, shape and type, before any weight is read."""
+    get_grid(settings.type)  # unknown types fail here
+    if settings.type not in FILE_TYPES:
+        raise ValueError(settings.type)
+    cfg = source.config
+    shape = ModelShape(
+        n_layer=cfg.num_hidden_layers,
+        n_gqa=cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+        tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+    )
+    out = []
+    for hf_name, dims in source.shapes().items():
+        name = source.arch.gguf_name(hf_name)
+        out.append(PlannedTensor(hf_name, name, dims, choose(settings.type, name, dims, shape, settings.pure)))
+    return out
+
+
+def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list[tuple[str, object, V, V | None]]:
+    kinds = {"u32": V.UINT32, "f32": V.FLOAT32}
+    name = getattr(source.config, "_name_or_path", "") or Path(source.spec).stem
+    items = [
+        ("general.name", Path(str(name)).name or source.spec, V.STRING, None),
+        ("general.file_type", int(FILE_TYPES[settings.type]), V.UINT32, None),
+        ("general.quantization_version", 2, V.UINT32, None),
+        ("general.source.npft.spec", source.spec, V.STRING, None),
+        ("general.source.npft.kind", source.kind, V.STRING, None),
+        ("general.npft.tool", f"npft-gguf {__version__}", V.STRING, None),
+        ("general.npft.method", provenance.get("method", "rtn"), V.STRING, None),
+        ("general.npft.settings", json.dumps({**asdict(settings), **provenance}, sort_keys=True, default=str), V.STRING, None),
+    ]
+    items += [(k, v, kinds[kind], None) for k, (v, kind) in source.arch.metadata(source.config).items()]
+    items += [(f.key, f.value, f.vtype, f.sub_type) for f in source.tokenizer_fields()]
+    return items
+
+
+def export(source: Source, out: Path, settings: ExportSettings, force: bool = False,
+           provenance: dict | None = None, progress: bool = True) -> ExportReport:
+    """Write `source` as a GGUF file at `out` (atomically). Returns what was written."""
+    out = Path(out)
+    tensors = plan(source, settings)
+    meta = metadata(source, settings, provenance or {})
+    for t in tensors:
+        if t.choice.note and t.choice.grid.name != settings.type and "output matrix" not in t.choice.note:
+            print(f"warning: {t.name}: {t.choice.note}", file=sys.stderr)
+    with atomic_output(out, force) as tmp:
+        writer = GGUFWriter(tmp, source.arch.name)
+        for key, value, vtype, sub in meta:
+            if key not in writer.kv_data[0]:
+                writer.add_key_value(key, value, vtype, sub)
+        for t in tensors:
+            g = t.choice.grid
+            dtype = {"f32": np.float32, "f16": np.float16}.get(g.name, np.uint8)
+            byte_shape = t.shape if dtype is not np.uint8 else (*t.shape[:-1], t.shape[-1] // g.block * g.block_bytes)
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(dtype), t.nbytes, raw_dtype=None if dtype is not np.uint8 else g.ggml)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in bar(tensors, desc=f"export {settings.type}", unit="tensor", disable=not progress):
+            w = source.arch.to_gguf_layout(t.hf_name, source.load(t.hf_name), source.config)
+            data = t.choice.grid.pack(w)
+            assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
+            writer.write_tensor_data(data)
+        writer.close()
+    report = ExportReport(str(out), settings.type, settings.pure, len(tensors), out.stat().st_size)
+    for t in tensors:
+        report.types[t.choice.grid.name] = report.types.get(t.choice.grid.name, 0) + 1
+        if t.choice.grid.name != settings.type and t.choice.note:
+            report.fallbacks[t.name] = t.choice.note
+    return report
