@@ -53,11 +53,13 @@ def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: 
 
 
 def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
-         logits_all: bool = True, flash_attn: bool = False, n_batch: int | None = None):
+         logits_all: bool = True, flash_attn: bool = False, n_batch: int | None = None,
+         vocab_only: bool = False):
     """A llama_cpp.Llama for the file; errors become one line."""
     lib = _lib()
     kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch or n_ctx, n_ubatch=n_batch or n_ctx,
-              logits_all=logits_all, verbose=False, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+              logits_all=logits_all, verbose=False, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+              vocab_only=vocab_only)
     if n_threads:
         kw["n_threads"] = n_threads
         kw["n_threads_batch"] = n_threads

@@ -39,7 +39,7 @@ def _split(pattern: str):
 
 # llama.cpp's tokenizer.ggml.pre name -> builder of the HF pre-tokenizer that splits the same way
 PRE_TOKENIZERS = {
-    "gpt2": lambda: _byte_level(True),
+    "gpt-2": lambda: _byte_level(True),
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(True)]),
     "llama-bpe": lambda: pre_tokenizers.Sequence([_split(LLAMA3_SPLIT), _byte_level(False)]),
     "qwen2": lambda: pre_tokenizers.Sequence([_split(QWEN2_SPLIT), _byte_level(False)]),
