@@ -58,6 +58,8 @@ def main():
     Examples:
       npft-gguf export smollm2-135m -o smol-q4_0.gguf --type q4_0
       npft-gguf inspect smol-q4_0.gguf --json
+      npft-gguf eval smol-q4_0.gguf --ref smol-f32.gguf --chunks 40
+      npft-gguf bench smol-q4_0.gguf
     """
 
 
@@ -113,6 +115,106 @@ def inspect(file, as_json):
         raise UsageError(f"{file}: no such file")
     info = run_inspect(file)
     _emit(info, as_json, format_text(info))
+
+
+def _write_json(path: Path | None, data: dict):
+    if path is None:
+        return
+    from .atomic import atomic_output
+
+    with atomic_output(Path(path), force=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+
+
+def _backend(model: str, ctx: int, threads, n_gpu_layers: int, flash_attn: bool, fake_quant, device: str):
+    """A GGUF file runs in llama.cpp; any other SOURCE runs in torch (optionally fake-quantized)."""
+    from .validate.models import LlamaCppBackend, TorchBackend, fake_quantize_
+
+    if model.endswith(".gguf") and Path(model).exists():
+        if fake_quant:
+            raise click.UsageError("--fake-quant applies to float models run in torch, not to GGUF files")
+        return LlamaCppBackend(Path(model), ctx, threads, n_gpu_layers, flash_attn)
+    if model.endswith(".gguf"):
+        from .errors import UsageError
+
+        raise UsageError(f"{model}: no such file")
+    import torch
+
+    from .sources import open_source
+
+    src = open_source(model)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    m = src.load_model(dtype=torch.float32, device=dev)
+    extra = fake_quantize_(m, fake_quant) if fake_quant else {}
+    return TorchBackend(m, src.tokenizer(), label=model + (f" (fake {fake_quant})" if fake_quant else ""), device=dev, settings=extra)
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--text", default="wikitext2", show_default=True, help="wikitext2, c4, or a UTF-8 text file.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Context (window) length.")
+@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
+@click.option("--ref", "ref", help="Reference model (GGUF or SOURCE) for KL divergence on the same tokens.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores of this process).")
+@click.option("--n-gpu-layers", default=0, show_default=True, type=int, help="Layers to offload to the GPU (llama.cpp).")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attention.")
+@click.option("--fake-quant", type=click.Choice(TYPES, case_sensitive=False), help="torch only: RTN-simulate this grid on the decoder's linear weights.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="torch only.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the result as JSON here.")
+def eval_(model, text, ctx, chunks, ref, threads, n_gpu_layers, flash_attn, fake_quant, device, json_out):
+    """Perplexity of MODEL by llama-perplexity's protocol, and KL divergence against --ref.
+
+    \b
+    MODEL is a .gguf file (run by llama.cpp) or any SOURCE (run by torch, float
+    or --fake-quant), so all numbers share one scale: non-overlapping windows of
+    --ctx tokens, second half scored, BOS first when the vocabulary adds it.
+
+    \b
+    Examples:
+      npft-gguf eval smol-q4_0.gguf --chunks 40
+      npft-gguf eval smol-q4_0.gguf --ref smol-f32.gguf --chunks 40 --json q4.json
+      npft-gguf eval smollm2-135m --fake-quant q4_0 --chunks 40
+    """
+    from .texts import load_text
+    from .validate.perplexity import EvalSettings, evaluate, format_text
+
+    text_name, body = load_text(text)
+    backend = _backend(model, ctx, threads, n_gpu_layers, flash_attn, fake_quant, device)
+    ref_backend = _backend(ref, ctx, threads, n_gpu_layers, flash_attn, None, device) if ref else None
+    result = evaluate(backend, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), ref=ref_backend)
+    click.echo(format_text(result))
+    _write_json(json_out, result.as_dict())
+    if result.interrupted:
+        _fail("interrupted; the figures above cover the chunks measured so far", 1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--pp", default=512, show_default=True, type=click.IntRange(min=0), help="Prompt length for the prompt-processing test (0: skip).")
+@click.option("--tg", default=128, show_default=True, type=click.IntRange(min=0), help="Tokens to generate one at a time (0: skip).")
+@click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1), help="Repetitions (after one warm-up).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores of this process).")
+@click.option("--n-gpu-layers", default=0, show_default=True, type=int, help="Layers to offload (needs a GPU build of llama-cpp-python).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the result as JSON here.")
+def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out):
+    """Throughput of a GGUF MODEL in llama.cpp, as llama-bench: pp and tg tokens/s, mean +- sd.
+
+    \b
+    Examples:
+      npft-gguf bench smol-q4_0.gguf
+      npft-gguf bench smol-q4_0.gguf --pp 512 --tg 128 --reps 5 --threads 2 --json b.json
+      npft-gguf bench llama2-q4_0.gguf --n-gpu-layers 99
+    """
+    from .validate.bench import BenchSettings, format_text
+    from .validate.bench import bench as run_bench
+
+    result = run_bench(model, BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers))
+    click.echo(format_text(result))
+    _write_json(json_out, result.summary())
+    if result.interrupted:
+        _fail("interrupted; the figures above are what was measured", 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

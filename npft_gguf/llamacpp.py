@@ -80,3 +80,12 @@ def logits(llm, tokens: list[int]) -> np.ndarray:
     llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build has a GPU backend (CUDA, Metal, ...)."""
+    return bool(_lib().llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    return _lib().llama_print_system_info().decode(errors="replace").strip()

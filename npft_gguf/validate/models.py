@@ -1,0 +1,109 @@
+"""Two ways to get next-token logits for a token window: llama.cpp on a GGUF file, torch on a model.
+
+Both expose the same few things the protocol needs: the vocabulary, whether it adds BOS, the
+training context, a tokenizer, and `logits(tokens)` from a fresh cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import llamacpp
+from ..errors import UsageError
+
+
+@dataclass
+class Backend:
+    label: str
+    n_vocab: int
+    add_bos: bool
+    bos_id: int | None
+    n_ctx_train: int
+    settings: dict = field(default_factory=dict)
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def vocab_fingerprint(self, n: int = 256) -> tuple:
+        raise NotImplementedError
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class LlamaCppBackend(Backend):
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool = False):
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+        from ..sources import read_gguf
+
+        read_gguf(path)  # one-line errors for truncated or corrupt files, before llama.cpp sees them
+        threads = threads or default_threads()
+        self.llm = llamacpp.load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+        m = self.llm._model
+        lib = llamacpp._lib()
+        vocab = lib.llama_model_get_vocab(m.model)
+        super().__init__(
+            label=str(path), n_vocab=self.llm.n_vocab(), add_bos=bool(lib.llama_vocab_get_add_bos(vocab)),
+            bos_id=int(lib.llama_vocab_bos(vocab)), n_ctx_train=int(lib.llama_model_n_ctx_train(m.model)),
+            settings={"backend": "llama.cpp", "threads": threads, "n_gpu_layers": n_gpu_layers,
+                      "flash_attn": flash_attn, "gpu_offload": llamacpp.gpu_offload_supported()},
+        )
+
+    def tokenize(self, text):
+        return llamacpp.tokenize(self.llm, text, add_bos=self.add_bos)
+
+    def logits(self, tokens):
+        return llamacpp.logits(self.llm, tokens)
+
+    def vocab_fingerprint(self, n=256):
+        return tuple(self.llm.detokenize([i]) for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
+
+
+class TorchBackend(Backend):
+    """A float (or fake-quantized) model in torch, evaluated with the same protocol."""
+
+    def __init__(self, model, tokenizer, label: str, device: str = "cpu", settings: dict | None = None):
+        self.model, self.tok, self.device = model.eval(), tokenizer, device
+        ids = tokenizer("a")["input_ids"]
+        bos = tokenizer.bos_token_id
+        super().__init__(
+            label=label, n_vocab=model.config.vocab_size, add_bos=bos is not None and ids[:1] == [bos], bos_id=bos,
+            n_ctx_train=int(getattr(model.config, "max_position_embeddings", 0) or 0),
+            settings={"backend": "torch", "device": device, "dtype": str(next(model.parameters()).dtype), **(settings or {})},
+        )
+
+    def tokenize(self, text):
+        return self.tok(text, add_special_tokens=self.add_bos)["input_ids"]
+
+    @torch.no_grad()
+    def logits(self, tokens):
+        x = torch.tensor([tokens], device=self.device)
+        return self.model(x).logits[0].float().cpu().numpy()
+
+    def vocab_fingerprint(self, n=256):
+        return tuple(self.tok.decode([i]).encode("utf-8", "replace") for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
+
+
+def fake_quantize_(model, type_name: str) -> dict:
+    """Replace every decoder linear weight by its RTN fake-quant on the named grid (in place)."""
+    from ..grids import get_grid
+
+    grid = get_grid(type_name)
+    n = 0
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers.") and grid.fits(mod.in_features):
+                mod.weight.copy_(grid.fakequant(mod.weight).to(mod.weight.dtype))
+                n += 1
+    return {"fake_quant": grid.name, "fake_quant_layers": n}
