@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 from .errors import UsageError
 
 # HF tensor name (with {i} for the layer) -> GGUF tensor name
@@ -105,14 +103,14 @@ class Arch:
                 return getattr(config, attr, None) or config.num_attention_heads
         return None
 
-    def to_gguf_layout(self, hf_name: str, w: torch.Tensor, config) -> torch.Tensor:
+    def to_gguf_layout(self, hf_name: str, w, config):
         """HF rotate-half rows -> ggml interleaved rows (for q/k projections only)."""
         n = self._heads(hf_name, config)
         if n is None:
             return w
         return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
-    def to_hf_layout(self, hf_name: str, w: torch.Tensor, config) -> torch.Tensor:
+    def to_hf_layout(self, hf_name: str, w, config):
         """The inverse of `to_gguf_layout`, for reading GGUF sources."""
         n = self._heads(hf_name, config)
         if n is None:

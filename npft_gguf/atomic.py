@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +17,14 @@ def check_target(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{parent} is a file, not a directory; choose another output path")
     if not parent.is_dir():
         raise UsageError(f"output directory {parent} does not exist; create it first")
+    try:  # root ignores permission bits, so ask the file system itself
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UsageError(f"cannot write in {parent} ({e.strerror}); choose another output path") from None
 
 
 @contextmanager
@@ -26,10 +33,6 @@ def atomic_output(path: Path, force: bool = False):
     path = Path(path)
     check_target(path, force)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        tmp.open("wb").close()
-    except OSError as e:
-        raise UsageError(f"cannot write in {path.parent or '.'} ({e.strerror}); choose another output path") from None
     try:
         yield tmp
         os.replace(tmp, path)

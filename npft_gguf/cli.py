@@ -87,11 +87,12 @@ def export(source, output, type_, pure, force, as_json):
     """
     from .atomic import check_target
     from .sources import open_source
+
+    check_target(output, force)
+    src = open_source(source)  # bad sources fail here, before torch is imported
     from .writer import ExportSettings
     from .writer import export as run_export
 
-    check_target(output, force)
-    src = open_source(source)
     report = run_export(src, output, ExportSettings(type=type_.lower(), pure=pure), force=force)
     mix = ", ".join(f"{k} x{v}" for k, v in sorted(report.types.items()))
     _emit(report.__dict__, as_json, f"wrote {report.path}: {report.size_bytes / 1e6:.1f} MB, {report.n_tensors} tensors ({mix})")
@@ -215,6 +216,45 @@ def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out):
     _write_json(json_out, result.summary())
     if result.interrupted:
         _fail("interrupted; the figures above are what was measured", 1)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--ref", "ref", required=True, type=click.Path(path_type=Path), help="Reference GGUF (usually the f32/f16 export).")
+@click.option("--text", default="wikitext2", show_default=True, help="wikitext2, c4, or a UTF-8 text file.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8))
+@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
+@click.option("--threads", type=click.IntRange(min=1))
+@click.option("--pp", default=512, show_default=True, type=click.IntRange(min=0))
+@click.option("--tg", default=128, show_default=True, type=click.IntRange(min=0))
+@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--no-bench", is_flag=True, help="Skip the throughput columns.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Markdown report (JSON is written beside it).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG plot of perplexity against size.")
+def compare(files, ref, text, ctx, chunks, threads, pp, tg, reps, no_bench, output, plot_path):
+    """One table for several GGUF FILES against --ref: size, bits/weight, PPL, KLD, speed.
+
+    \b
+    Examples:
+      npft-gguf compare q4_0.gguf q8_0.gguf --ref f32.gguf --chunks 40 -o report.md --plot report.png
+      npft-gguf compare *.gguf --ref f16.gguf --text my.txt --no-bench -o r.md
+    """
+    from .errors import UsageError
+    from .texts import load_text
+    from .validate.bench import BenchSettings
+    from .validate.compare import compare as run_compare
+    from .validate.compare import markdown, write
+    from .validate.perplexity import EvalSettings
+
+    for f in (ref, *files):
+        if not Path(f).is_file():
+            raise UsageError(f"{f}: no such file")
+    text_name, body = load_text(text)
+    bench_settings = None if no_bench else BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads)
+    report = run_compare(list(files), ref, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), bench_settings, threads)
+    write(report, output, plot_path)
+    click.echo(markdown(report))
+    click.echo(f"wrote {output} and {output.with_suffix('.json')}" + (f" and {plot_path}" if plot_path else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

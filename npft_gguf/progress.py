@@ -11,4 +11,6 @@ def bar(iterable=None, **kw):
     kw.setdefault("file", sys.stderr)
     kw.setdefault("dynamic_ncols", True)
     kw.setdefault("leave", False)
+    if not kw["file"].isatty():  # no carriage-return redraws in logs and pipes
+        kw["disable"] = True
     return tqdm(iterable, **kw)

@@ -15,7 +15,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import demo
 from .arch import Arch, arch_for_config, arch_for_gguf
@@ -44,7 +43,7 @@ class Source:
         """HF tensor name -> shape, in the order they should be written."""
         raise NotImplementedError
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str) -> "torch.Tensor":
         """One tensor, HF layout, in its stored float dtype (quantized GGUF tensors: float32)."""
         raise NotImplementedError
 
@@ -54,7 +53,8 @@ class Source:
     def tokenizer_fields(self) -> list[Field]:
         raise NotImplementedError
 
-    def load_model(self, dtype=torch.float32, device="cpu"):
+    def load_model(self, dtype=None, device="cpu"):
+        """The whole model as a transformers module (float32 unless `dtype` says otherwise)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -76,7 +76,7 @@ class HFDirSource(Source):
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
             raise UsageError(f"{path}/config.json cannot be read as a model config ({_first_line(e)})") from None
         classes = getattr(self.config, "architectures", None) or []
-        if classes and not any(c.endswith("ForCausalLM") for c in classes):
+        if classes and not any(c.endswith(("ForCausalLM", "LMHeadModel")) for c in classes):
             raise UsageError(f"{path} holds a {classes[0]}, not a causal language model")
         self.arch  # unsupported architectures fail here, before any work
         self._files = self._weight_files()
@@ -102,6 +102,8 @@ class HFDirSource(Source):
 
                 cache[f] = safe_open(str(f), framework="pt")
             else:
+                import torch
+
                 cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         return cache[f]
 
@@ -136,10 +138,11 @@ class HFDirSource(Source):
             raise UsageError(f"{self.path} has no tokenizer.json or tokenizer.model that can be exported")
         return bpe_fields(tok, n_vocab)
 
-    def load_model(self, dtype=torch.float32, device="cpu"):
+    def load_model(self, dtype=None, device="cpu"):
+        import torch
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, local_files_only=True).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype or torch.float32, local_files_only=True).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +199,7 @@ class GGUFSource(Source):
         return {hf: tuple(int(n) for n in reversed(t.shape.tolist())) for hf, t in self._tensors.items()}
 
     def load(self, name):
+        import torch
         from gguf.quants import dequantize
 
         t = self._tensors[name]
@@ -213,13 +217,14 @@ class GGUFSource(Source):
     def tokenizer_fields(self):
         return gguf_fields(self.reader)
 
-    def load_model(self, dtype=torch.float32, device="cpu"):
+    def load_model(self, dtype=None, device="cpu"):
         """Build the HF model uninitialised, then fill it one tensor at a time (one copy in memory)."""
+        import torch
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype or torch.float32)
         params = dict(model.named_parameters())
         for name in self._tensors:
             with torch.no_grad():

@@ -1,0 +1,101 @@
+"""Side-by-side report of GGUF files: size, type mix, perplexity, KLD against a reference, speed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from pathlib import Path
+
+from ..inspect import inspect
+from .bench import BenchSettings, bench
+from .models import LlamaCppBackend
+from .perplexity import EvalSettings, evaluate
+
+COLUMNS = ["file", "type mix", "size MB", "bits/weight", "PPL", "delta-PPL %", "mean KLD", "same top-1 %", "pp t/s", "tg t/s"]
+
+
+def compare(files: list[Path], ref: Path, text: str, text_name: str, settings: EvalSettings,
+            bench_settings: BenchSettings | None, threads: int | None = None, progress: bool = True) -> dict:
+    ref_backend = LlamaCppBackend(ref, settings.ctx, threads)
+    ref_result = evaluate(ref_backend, text, text_name, settings, progress=progress)
+    rows = []
+    for f in [ref, *[f for f in files if Path(f) != Path(ref)]]:
+        info = inspect(f)
+        if Path(f) == Path(ref):
+            r = ref_result
+            kld = {"mean": 0.0, "same_top1_pct": 100.0}
+        else:
+            r = evaluate(LlamaCppBackend(f, settings.ctx, threads), text, text_name, settings, ref=ref_backend, progress=progress)
+            kld = r.kld
+        speed = bench(f, bench_settings, progress=progress).summary() if bench_settings else {"pp": None, "tg": None}
+        rows.append({
+            "file": str(f), "types": {k: v["tensors"] for k, v in info["types"].items()},
+            "size_mb": info["file_size_bytes"] / 1e6, "bits_per_weight": info["bits_per_weight"],
+            "ppl": r.ppl, "ppl_se": r.ppl_se, "delta_ppl_pct": 100.0 * (r.ppl / ref_result.ppl - 1.0),
+            "kld_mean": kld["mean"], "same_top1_pct": kld["same_top1_pct"], "kld": r.kld,
+            "pp_tps": speed["pp"]["mean"] if speed["pp"] else None, "tg_tps": speed["tg"]["mean"] if speed["tg"] else None,
+            "eval_settings": r.settings,
+        })
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "text": text_name, "ctx": settings.ctx, "chunks": ref_result.chunks, "ref": str(ref), "rows": rows,
+        "bench": bench_settings.__dict__ if bench_settings else None,
+    }
+
+
+def markdown(report: dict) -> str:
+    def mix(types):
+        return ", ".join(f"{k.lower()} x{v}" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    b = report["bench"] or {}
+    lines = [
+        f"Reference {report['ref']}; text {report['text']}, ctx {report['ctx']}, {report['chunks']} chunks; "
+        f"bench pp{b.get('pp', '-')} / tg{b.get('tg', '-')}; {report['date']}, {report['machine']}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    for r in report["rows"]:
+        lines.append("| " + " | ".join([
+            Path(r["file"]).name, mix(r["types"]), f"{r['size_mb']:.1f}", f"{r['bits_per_weight']:.2f}",
+            f"{r['ppl']:.4f} ± {r['ppl_se']:.4f}", f"{r['delta_ppl_pct']:+.2f}", f"{r['kld_mean']:.5f}",
+            f"{r['same_top1_pct']:.2f}", num(r["pp_tps"], ".1f"), num(r["tg_tps"], ".1f"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report["rows"]:
+        ax.errorbar(r["size_mb"], r["ppl"], yerr=r["ppl_se"], fmt="o", capsize=3)
+        ax.annotate(Path(r["file"]).stem, (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel(f"perplexity ({report['text'].split(' ')[0]}, ctx {report['ctx']})")
+    ax.set_title("perplexity against size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(report: dict, md_path: Path, plot_path: Path | None) -> None:
+    from ..atomic import atomic_output
+
+    with atomic_output(md_path, force=True) as tmp:
+        tmp.write_text(markdown(report))
+    with atomic_output(md_path.with_suffix(".json"), force=True) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+    if plot_path:
+        with atomic_output(plot_path, force=True) as tmp:
+            plot(report, tmp.with_suffix(".png") if tmp.suffix != ".png" else tmp)
+            if tmp.suffix != ".png":
+                tmp.with_suffix(".png").replace(tmp)

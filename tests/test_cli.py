@@ -1,0 +1,248 @@
+"""The `npft-gguf` console script on bad input: each case runs the real command in a subprocess and
+checks the exit code (2 usage, 1 runtime), that stderr is exactly one `error: ...` line naming the
+problem, that there is no traceback, and that no output file or `.part` leftover is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "npft_gguf.cli"]
+QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _env(extra: dict | None = None) -> dict:
+    return {**os.environ, **QUIET_ENV, **(extra or {})}
+
+
+def cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `npft-gguf ARGS` from the repository root (works from a clean clone with an editable install)."""
+    return subprocess.run([*CLI, *map(str, args)], cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(stderr: str, stdout: str = "") -> str:
+    """The single `error: ...` line, after checking there is nothing else and no traceback."""
+    assert "Traceback" not in stderr and "Traceback" not in stdout, stderr
+    lines = stderr.splitlines()  # splits on \r as well: no progress-bar redraws may precede the error
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    line = lines[0]
+    assert line.startswith("error: ") and line[len("error: "):].strip(), line
+    assert stdout.strip() == "", f"nothing should go to stdout on failure, got: {stdout!r}"
+    return line
+
+
+def assert_fails(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    assert r.returncode == code, f"exit {r.returncode}, expected {code}; stderr:\n{r.stderr}"
+    line = error_line(r.stderr, r.stdout)
+    for w in words:
+        assert w.lower() in line.lower(), f"{w!r} not in {line!r}"
+    return line
+
+
+def listing(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    """An empty output directory; every failing test checks it stays empty."""
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_bpe, tmp_path_factory) -> Path:
+    """A real small GGUF file: `tiny_bpe` exported as f32 (in-process: the CLI's export path is covered below)."""
+    from npft_gguf.sources import open_source
+    from npft_gguf.writer import ExportSettings, export
+
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-f32.gguf"
+    export(open_source(str(tiny_bpe)), path, ExportSettings(type="f32"), progress=False)
+    assert path.read_bytes()[:4] == b"GGUF"
+    return path
+
+
+@pytest.fixture(scope="module")
+def truncated_gguf(tiny_gguf, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("truncated") / "truncated.gguf"
+    data = tiny_gguf.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def corrupt_gguf(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corrupt") / "corrupt.gguf"
+    data = random.Random(0).randbytes(64 * 1024)
+    assert data[:4] != b"GGUF"
+    path.write_bytes(data)
+    return path
+
+
+# --- export: the source -----------------------------------------------------------------------
+def test_export_missing_path(out):
+    r = cli("export", "/nonexistent/model", "-o", out / "m.gguf", "--type", "q4_0")
+    assert_fails(r, 2, "/nonexistent/model", "no such file")
+    assert listing(out) == []
+
+
+def test_export_hub_id_offline(out, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    r = cli("export", "someorg/some-model", "-o", out / "m.gguf", "--type", "q4_0", env=env)
+    assert_fails(r, 1, "someorg/some-model", "hub")
+    assert listing(out) == []
+
+
+def test_export_empty_directory(out, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("export", empty, "-o", out / "m.gguf", "--type", "q4_0")
+    assert_fails(r, 2, "config.json")
+    assert listing(out) == []
+
+
+def test_export_non_causal_model(out, tmp_path):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    r = cli("export", d, "-o", out / "m.gguf", "--type", "q4_0")
+    assert_fails(r, 2, "BertModel", "causal")
+    assert listing(out) == []
+
+
+def test_export_unsupported_architecture(out, tmp_path):
+    d = tmp_path / "qwen2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "bos_token_id": 0, "eos_token_id": 1,
+    }))
+    r = cli("export", d, "-o", out / "m.gguf", "--type", "q4_0")
+    assert_fails(r, 2, "qwen2", "not supported", "llama")
+    assert listing(out) == []
+
+
+def test_export_gpt2_lm_head_model(out, tmp_path):
+    """GPT2LMHeadModel is a causal LM whose class name does not end in ForCausalLM; still one line, exit 2."""
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 256, "n_positions": 64,
+        "n_embd": 16, "n_layer": 1, "n_head": 2, "bos_token_id": 0, "eos_token_id": 1,
+    }))
+    r = cli("export", d, "-o", out / "m.gguf", "--type", "q4_0")
+    assert_fails(r, 2, "gpt2")
+    assert listing(out) == []
+
+
+def test_export_truncated_gguf(out, truncated_gguf):
+    r = cli("export", truncated_gguf, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "truncated")
+    assert listing(out) == []
+
+
+def test_export_corrupt_gguf(out, corrupt_gguf):
+    r = cli("export", corrupt_gguf, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "not a readable GGUF")
+    assert listing(out) == []
+
+
+# --- export: the options and the output -----------------------------------------------------------
+def test_export_unknown_type(out, tiny_bpe):
+    r = cli("export", tiny_bpe, "-o", out / "m.gguf", "--type", "q9_9")
+    assert_fails(r, 2, "--type", "q9_9")
+    assert listing(out) == []
+
+
+def test_export_output_exists_needs_force(out, tiny_bpe):
+    target = out / "m.gguf"
+    target.write_bytes(b"do not overwrite me\n")
+    r = cli("export", tiny_bpe, "-o", target, "--type", "f32")
+    assert_fails(r, 2, "already exists", "--force")
+    assert target.read_bytes() == b"do not overwrite me\n"
+    assert listing(out) == ["m.gguf"]
+
+    r = cli("export", tiny_bpe, "-o", target, "--type", "f32", "--force")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "error:" not in r.stderr, r.stderr
+    assert "wrote" in r.stdout
+    assert target.read_bytes()[:4] == b"GGUF"
+    assert listing(out) == ["m.gguf"]
+
+
+def test_export_output_in_unwritable_directory(tiny_gguf):
+    # the tests run as root, so chmod would not stop the write; nobody can create files in /proc
+    target = Path("/proc/npft-test.gguf")
+    r = cli("export", tiny_gguf, "-o", target, "--type", "f32")
+    assert_fails(r, 2, "cannot write", "/proc")
+    assert not target.exists()
+    assert not list(Path("/proc").glob(".npft-test.gguf*"))
+
+
+def test_export_output_parent_is_a_file(tmp_path, tiny_gguf):
+    parent = tmp_path / "not-a-dir"
+    parent.write_bytes(b"a regular file\n")
+    r = cli("export", tiny_gguf, "-o", parent / "m.gguf", "--type", "f32")
+    assert_fails(r, 2, "not-a-dir", "directory")
+    assert parent.read_bytes() == b"a regular file\n"
+    assert listing(tmp_path) == ["not-a-dir"]
+
+
+def test_export_ctrl_c_leaves_nothing(out, smollm2):
+    """SIGINT while the 135M demo is being written: exit 1, one line, no output and no `.part`."""
+    target = out / "smol-q4_0.gguf"
+    proc = subprocess.Popen([*CLI, "export", str(smollm2.path), "-o", str(target), "--type", "q4_0"], cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # bytes: keep the \r
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # the .part file exists and is past the header (~2 MB): tensor data is being written
+            parts = [p for p in out.iterdir() if p.name.endswith(".part")]
+            if parts and _size(parts[0]) > 8 << 20:
+                break
+            assert proc.poll() is None, f"export ended (exit {proc.returncode}) before its .part file filled"
+            assert time.monotonic() < deadline, "no .part file appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stdout, stderr = stdout.decode(), stderr.decode()
+    assert proc.returncode == 1, f"exit {proc.returncode}; stderr:\n{stderr}"
+    # the progress bar redraws itself with \r and clears itself on close; what a terminal shows must be
+    # exactly one error line
+    shown = [seg.rsplit("\r", 1)[-1] for seg in stderr.split("\n")]
+    shown = [s for s in shown if s.strip()]
+    line = error_line("\n".join(shown), stdout)
+    assert "interrupted" in line
+    assert listing(out) == []
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# --- inspect -----------------------------------------------------------------------------------
+def test_inspect_missing_file(tmp_path):
+    r = cli("inspect", tmp_path / "missing.gguf")
+    assert_fails(r, 2, "missing.gguf", "no such file")
+
+
+def test_inspect_corrupt_file(corrupt_gguf):
+    r = cli("inspect", corrupt_gguf)
+    assert_fails(r, 2, "corrupt.gguf", "not a readable GGUF")
