@@ -22,10 +22,15 @@ $(STAMP): requirements.lock pyproject.toml
 test: setup
 	$(VENV)/bin/pytest -q
 
+# The main job on the built-in demo. Until `convert` (NPFT) lands this is the RTN baseline:
+# export SmolLM2-135M to F32 and Q4_0, then measure Q4_0 against F32 in llama.cpp.
 demo: setup
 	@mkdir -p $(DEMO_OUT)
+	$(VENV)/bin/npft-gguf export smollm2-135m -o $(DEMO_OUT)/smollm2-135m-f32.gguf --type f32 --force
 	$(VENV)/bin/npft-gguf export smollm2-135m -o $(DEMO_OUT)/smollm2-135m-q4_0.gguf --type q4_0 --force
 	$(VENV)/bin/npft-gguf inspect $(DEMO_OUT)/smollm2-135m-q4_0.gguf
+	$(VENV)/bin/npft-gguf compare $(DEMO_OUT)/smollm2-135m-q4_0.gguf --ref $(DEMO_OUT)/smollm2-135m-f32.gguf \
+		--chunks 10 --reps 2 -o $(DEMO_OUT)/report.md --plot $(DEMO_OUT)/report.png
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
