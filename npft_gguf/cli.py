@@ -12,6 +12,10 @@ from . import __version__
 from .errors import NpftError
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+# llama.cpp's own file types beside ours, for `export --quantizer llama.cpp` (methods/llamacpp_quant.py)
+LLAMACPP_ONLY = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_xs",
+                 "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")
+EXPORT_TYPES = TYPES + LLAMACPP_ONLY
 SOURCE_HELP = "SOURCE is a hub id (meta-llama/Llama-2-7b-hf), a Hugging Face directory, a .gguf file, or the demo 'smollm2-135m'."
 
 
@@ -66,13 +70,16 @@ def main():
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="GGUF file to write.")
-@click.option("--type", "type_", default="q4_0", show_default=True, type=click.Choice(TYPES, case_sensitive=False),
-              help="Tensor type for the 2-D weights (RTN). Norms stay f32.")
+@click.option("--type", "type_", default="q4_0", show_default=True, type=click.Choice(EXPORT_TYPES, case_sensitive=False),
+              help="Tensor type for the 2-D weights (RTN), or with --quantizer llama.cpp one of llama.cpp's file types "
+                   "(q4_k_m, q4_k_s, q5_k_m, q3_k_m, q2_k, q6_k, iq4_nl, iq4_xs, q4_0, ...). Norms stay f32.")
+@click.option("--quantizer", default="rtn", show_default=True, type=click.Choice(["rtn", "llama.cpp"]),
+              help="rtn: ours, round-to-nearest by ggml's rules; llama.cpp: our f32 export, then llama_model_quantize (no imatrix).")
 @click.option("--pure", is_flag=True, help="One type everywhere (no q6_k/q8_0 output matrix), as llama-quantize --pure.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(source, output, type_, pure, force, as_json):
-    """Convert SOURCE to a GGUF file with plain round-to-nearest quantization.
+def export(source, output, type_, quantizer, pure, force, as_json):
+    """Convert SOURCE to a GGUF file with plain round-to-nearest quantization (or llama.cpp's quantizer).
 
     \b
     SOURCE is a hub id (meta-llama/Llama-2-7b-hf), a Hugging Face directory,
@@ -84,16 +91,25 @@ def export(source, output, type_, pure, force, as_json):
       npft-gguf export smollm2-135m -o smol-f32.gguf --type f32
       npft-gguf export ./Llama-2-7b-hf -o llama2-q4_0.gguf --type q4_0
       npft-gguf export model.gguf -o model-q8.gguf --type q8_0 --pure --force
+      npft-gguf export smollm2-135m -o smol-q4_k_m.gguf --quantizer llama.cpp --type q4_k_m
     """
     from .atomic import check_target
+    from .errors import UsageError
     from .sources import open_source
 
+    if quantizer == "rtn" and type_.lower() not in TYPES:
+        raise UsageError(f"--type {type_} is one of llama.cpp's mixes; pass --quantizer llama.cpp, or choose one of: {', '.join(TYPES)}")
     check_target(output, force)
     src = open_source(source)  # bad sources fail here, before torch is imported
-    from .writer import ExportSettings
-    from .writer import export as run_export
+    if quantizer == "llama.cpp":
+        from .methods.llamacpp_quant import export_llamacpp
 
-    report = run_export(src, output, ExportSettings(type=type_.lower(), pure=pure), force=force)
+        report = export_llamacpp(src, output, type_, pure=pure, force=force)
+    else:
+        from .writer import ExportSettings
+        from .writer import export as run_export
+
+        report = run_export(src, output, ExportSettings(type=type_.lower(), pure=pure), force=force)
     mix = ", ".join(f"{k} x{v}" for k, v in sorted(report.types.items()))
     _emit(report.__dict__, as_json, f"wrote {report.path}: {report.size_bytes / 1e6:.1f} MB, {report.n_tensors} tensors ({mix})")
 
