@@ -22,15 +22,15 @@ $(STAMP): requirements.lock pyproject.toml
 test: setup
 	$(VENV)/bin/pytest -q
 
-# The main job on the built-in demo. Until `convert` (NPFT) lands this is the RTN baseline:
-# export SmolLM2-135M to F32 and Q4_0, then measure Q4_0 against F32 in llama.cpp.
+# The main job on the built-in demo: NPFT with the short CPU recipe, then Q4_0, then llama.cpp
+# measures it beside plain RTN Q4_0 and the float model. Calibration text: ../shared's Wikipedia
+# excerpt where it exists, else text sampled from the model itself (fully offline).
+CALIB ?= $(if $(wildcard ../shared/data/calib/wiki_excerpt.txt),../shared/data/calib/wiki_excerpt.txt,self)
 demo: setup
 	@mkdir -p $(DEMO_OUT)
-	$(VENV)/bin/npft-gguf export smollm2-135m -o $(DEMO_OUT)/smollm2-135m-f32.gguf --type f32 --force
-	$(VENV)/bin/npft-gguf export smollm2-135m -o $(DEMO_OUT)/smollm2-135m-q4_0.gguf --type q4_0 --force
-	$(VENV)/bin/npft-gguf inspect $(DEMO_OUT)/smollm2-135m-q4_0.gguf
-	$(VENV)/bin/npft-gguf compare $(DEMO_OUT)/smollm2-135m-q4_0.gguf --ref $(DEMO_OUT)/smollm2-135m-f32.gguf \
-		--chunks 10 --reps 2 -o $(DEMO_OUT)/report.md --plot $(DEMO_OUT)/report.png
+	$(VENV)/bin/npft-gguf convert smollm2-135m --bits 4 --recipe short --calib $(CALIB) --chunks 20 \
+		-o $(DEMO_OUT)/smollm2-135m-npft-q4_0.gguf --force
+	$(VENV)/bin/npft-gguf inspect $(DEMO_OUT)/smollm2-135m-npft-q4_0.gguf
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -234,6 +234,172 @@ def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out):
         _fail("interrupted; the figures above are what was measured", 1)
 
 
+# --- NPFT: finetune and convert share the calibration and tuning options -----------------------
+# The paper's recipe (LLaMA) is the default; `--recipe short` is a few-minute CPU recipe for small
+# models (the demo). Options given explicitly win over either recipe.
+RECIPES = {
+    "paper": dict(calib_samples=128, calib_len=512, epochs=3, lr=5e-5, batch=2, rank=16, alpha=32,
+                  fisher_samples=None, max_steps=None, trace_samples=8),
+    "short": dict(calib_samples=32, calib_len=256, epochs=1, lr=2e-4, batch=4, rank=16, alpha=32,
+                  fisher_samples=16, max_steps=None, trace_samples=2),
+}
+
+
+def npft_options(f):
+    opts = [
+        click.option("--recipe", type=click.Choice(list(RECIPES)), default="paper", show_default=True,
+                     help="paper: the paper's settings (GPU-sized); short: a few minutes on a CPU for small models."),
+        click.option("--calib", default="c4", show_default=True,
+                     help="Calibration text: wikitext2 (train split), c4, FILE[,FILE...] or self (sampled from the model)."),
+        click.option("--calib-samples", type=click.IntRange(min=1), help="Random segments [recipe: 128]."),
+        click.option("--calib-len", type=click.IntRange(min=8), help="Tokens per segment [recipe: 512]."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed for data, noise, dropout and LoRA init."),
+        click.option("--outlier-pct", default=0.05, show_default=True, type=float, help="Outliers per module, percent, by Fisher score."),
+        click.option("--fisher-samples", type=click.IntRange(min=1), help="Samples for each Fisher pass [recipe: all]."),
+        click.option("--noise", type=click.Choice(["paper", "grid", "none"]), default="paper", show_default=True,
+                     help="paper: U[min,max] of the row's outliers, mean-subtracted; grid: U[-D/2,D/2] of the target block's step; none: a plain-LoRA control."),
+        click.option("--noise-scope", type=click.Choice(["outliers", "all"]), default="outliers", show_default=True,
+                     help="Perturb only the outliers (the method) or every weight (grid noise only)."),
+        click.option("--resample", type=click.Choice(["step", "epoch"]), default="step", show_default=True, help="Draw new noise every step or once per epoch."),
+        click.option("--clean-weight", default=0.5, show_default=True, type=float, help="lambda in L(W+z+BA) + lambda L(W+BA); 0 drops the clean term."),
+        click.option("--rank", type=click.IntRange(min=1), help="LoRA rank [recipe: 16]."),
+        click.option("--alpha", type=click.IntRange(min=1), help="LoRA alpha [recipe: 32]."),
+        click.option("--dropout", default=0.05, show_default=True, type=float, help="LoRA dropout."),
+        click.option("--targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj", show_default=True, help="LoRA target modules."),
+        click.option("--lr", type=float, help="Learning rate (AdamW, linear decay) [recipe: 5e-5]."),
+        click.option("--epochs", type=click.IntRange(min=1), help="Epochs [recipe: 3]."),
+        click.option("--batch", type=click.IntRange(min=1), help="Batch size [recipe: 2]."),
+        click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps."),
+        click.option("--max-steps", type=click.IntRange(min=1), help="Stop each epoch after this many optimizer steps."),
+        click.option("--trace-samples", type=click.IntRange(min=0), help="Samples for the Hutchinson trace before/after (0: skip) [recipe: 8]."),
+        click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory (large models on GPU)."),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and llama.cpp."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _tuning_settings(kw: dict, grid: str = "q4_0"):
+    from .calib import CalibSettings
+    from .npft import NPFTSettings
+
+    r = RECIPES[kw["recipe"]]
+    pick = lambda k: kw.get(k) if kw.get(k) is not None else r[k]  # noqa: E731
+    if kw.get("threads"):
+        import torch
+
+        torch.set_num_threads(kw["threads"])
+    calib = CalibSettings(calib=kw["calib"], samples=pick("calib_samples"), length=pick("calib_len"), seed=kw["seed"])
+    npft = NPFTSettings(
+        outlier_pct=kw["outlier_pct"], fisher_samples=pick("fisher_samples"), noise=kw["noise"], noise_scope=kw["noise_scope"],
+        grid=grid, resample=kw["resample"], clean_weight=kw["clean_weight"], rank=pick("rank"), alpha=pick("alpha"),
+        dropout=kw["dropout"], targets=tuple(t.strip() for t in kw["targets"].split(",") if t.strip()), lr=pick("lr"),
+        epochs=pick("epochs"), batch=pick("batch"), grad_accum=kw["grad_accum"], max_steps_per_epoch=pick("max_steps"),
+        seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], trace_samples=pick("trace_samples"),
+    )
+    return calib, npft
+
+
+SHORT_NOTE = "note: --recipe short is the quick CPU recipe, not the paper's full one (the default, for real models on a GPU)"
+
+
+def _notice(kw: dict) -> str | None:
+    return SHORT_NOTE if kw["recipe"] == "short" else None
+
+
+def _interrupted_run(run_dir: Path):
+    _fail(f"interrupted; epoch checkpoints are in {run_dir}: run the same command with --resume to continue", 1)
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Directory for the merged Hugging Face checkpoint.")
+@click.option("--grid", default="q4_0", show_default=True, type=click.Choice(TYPES, case_sensitive=False), help="Target grid for --noise grid.")
+@click.option("--force", is_flag=True, help="Overwrite a model in OUTPUT, or start over instead of resuming.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@npft_options
+def finetune(source, output, grid, force, as_json, **kw):
+    """Tune SOURCE with NPFT and save the merged model as a Hugging Face checkpoint.
+
+    \b
+    Fisher outliers per module, LoRA (peft) trained while the outliers are perturbed,
+    merged into the clean weights. OUTPUT gets the model, its tokenizer, and
+    report.json / report.md (settings, loss curve, outliers, Hessian trace
+    before/after, wall time, peak memory); OUTPUT/npft-run holds epoch checkpoints.
+
+    \b
+    Examples:
+      npft-gguf finetune smollm2-135m -o smol-npft --recipe short --calib wiki.txt
+      npft-gguf finetune ./Llama-2-7b-hf -o llama2-npft --calib c4 --device cuda
+      npft-gguf finetune ./Llama-2-7b-hf -o llama2-npft --calib c4 --resume
+    """
+    from .convert import finetune as run_finetune
+
+    calib, npft = _tuning_settings(kw, grid.lower())
+    try:
+        record = run_finetune(source, output, calib, npft, device=kw["device"], force=force, resume=kw["resume"],
+                              log=lambda m: click.echo(m, err=True), notice=_notice(kw))
+    except KeyboardInterrupt:
+        _interrupted_run(output / "npft-run")
+    t = record["tune"]
+    b, a = t.get("trace_before"), t.get("trace_after")
+    trace = f"; outlier Hessian trace {b['trace']:.4g} -> {a['trace']:.4g}" if b and a else ""
+    _emit(record, as_json, f"wrote {output} (merged model, report.md, report.json) in {t['seconds']:.0f} s{trace}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="GGUF file to write [default: <name>-<method>-<type>.gguf].")
+@click.option("--bits", default=4, show_default=True, type=int, help="Pick the best pure-RTN GGUF type of this width the shapes allow (4 -> q4_0).")
+@click.option("--type", "type_", type=click.Choice(TYPES, case_sensitive=False), help="Override --bits with this tensor type.")
+@click.option("--method", default="npft", show_default=True, type=click.Choice(["npft", "rtn"]), help="npft: tune, merge, then RTN; rtn: RTN only.")
+@click.option("--eval-text", default="wikitext2", show_default=True, help="Text for the closing evaluation (wikitext2, c4, FILE) or 'none'.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Evaluation context.")
+@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Checkpoints and comparison files [default: <output stem>.npft-run].")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT, and start over instead of resuming.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@npft_options
+def convert(source, output, bits, type_, method, eval_text, ctx, chunks, run_dir, force, as_json, **kw):
+    """Calibrate, tune (NPFT), merge, quantize (RTN) and write SOURCE as GGUF, then measure it.
+
+    \b
+    The closing evaluation runs the new file, plain RTN of the untuned model and
+    the float model in llama.cpp (perplexity by llama-perplexity's protocol, KL
+    divergence against the float model) and prints them side by side.
+    `--recipe short` is the quick CPU recipe (the demo uses it); the default is
+    the paper's recipe, meant for real models on a GPU.
+
+    \b
+    Examples:
+      npft-gguf convert smollm2-135m --bits 4 --recipe short --calib wiki.txt --chunks 40
+      npft-gguf convert meta-llama/Llama-2-7b-hf --bits 4 --calib c4 -o llama2-npft-q4_0.gguf
+      npft-gguf convert ./model --type q5_0 --noise grid --clean-weight 0
+      npft-gguf convert ./model --method rtn --bits 4   # the baseline alone
+    """
+    from .convert import ConvertSettings
+    from .convert import convert as run_convert
+
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise click.UsageError("--bits must be one of 2, 3, 4, 5, 6, 8")
+    target = (type_ or "").lower() or None
+    if output is None:
+        stem = Path(source.rstrip("/")).name.removesuffix(".gguf") or "model"
+        output = Path(f"{stem}-{method}-{target or f'{bits}bit'}.gguf")
+    calib, npft = _tuning_settings(kw, target or "q4_0")
+    settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks, threads=kw["threads"])
+    try:
+        record = run_convert(source, output, settings, calib, npft, device=kw["device"], run_dir=run_dir, force=force,
+                             resume=kw["resume"], log=lambda m: click.echo(m, err=True), notice=_notice(kw))
+    except KeyboardInterrupt:
+        _interrupted_run(run_dir or output.with_name(output.stem + ".npft-run"))
+    cmp = record.get("comparison")
+    _emit(record, as_json, cmp["markdown"] if cmp else f"wrote {output}")
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--ref", "ref", required=True, type=click.Path(path_type=Path), help="Reference GGUF (usually the f32/f16 export).")

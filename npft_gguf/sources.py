@@ -284,3 +284,40 @@ def _from_hub(repo_id: str) -> Path:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]
+
+
+# ---------------------------------------------------------------------------------------------
+class ModelSource(Source):
+    """A model in memory (after tuning or GPTQ), with the tokenizer and metadata of the source it
+    came from, so the writer streams it like any other source and the file keeps the original
+    tokenizer fields byte for byte."""
+
+    kind = "memory"
+
+    def __init__(self, base: Source, model, label: str):
+        super().__init__(base.spec, base.path)
+        self.base, self.model, self.label = base, model, label
+        self.config = base.config
+        self._params = model.state_dict(keep_vars=True)
+
+    @property
+    def arch(self):
+        return self.base.arch
+
+    def shapes(self):
+        return self.base.shapes()
+
+    def load(self, name):
+        return self._params[name].detach().to("cpu", copy=True)
+
+    def tokenizer(self):
+        return self.base.tokenizer()
+
+    def tokenizer_fields(self):
+        return self.base.tokenizer_fields()
+
+    def load_model(self, dtype=None, device="cpu"):
+        return self.model
+
+    def describe(self) -> str:
+        return f"{self.label} ({self.base.describe()})"

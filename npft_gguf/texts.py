@@ -29,10 +29,10 @@ def load_text(spec: str) -> tuple[str, str]:
         local = wikitext2_path()
         if local:
             return f"wikitext2 ({local})", local.read_text(encoding="utf-8")
-        rows = _hub("wikitext", "wikitext-2-raw-v1", "test", "text")
+        rows = hub_rows("wikitext", "wikitext-2-raw-v1", "test", "text")
         return "wikitext2 (hub)", "".join(rows)
     if spec == "c4":
-        rows = _hub("allenai/c4", "en", "validation", "text", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"})
+        rows = hub_rows("allenai/c4", "en", "validation", "text", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"})
         return "c4 validation shard 0 (hub)", "\n\n".join(rows[:1100])
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -43,7 +43,7 @@ def load_text(spec: str) -> tuple[str, str]:
         raise UsageError(f"{path} is not UTF-8 text") from None
 
 
-def _hub(name, config, split, column, **kw) -> list[str]:
+def hub_rows(name, config, split, column, **kw) -> list[str]:
     try:
         import datasets  # optional: only for hub texts
 

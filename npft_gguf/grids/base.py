@@ -68,6 +68,22 @@ class Grid:
         """Quantize then dequantize a 2-D weight (rows along dim 1); returns float32 of w's shape."""
         return self.decode(self.encode(self._blocks(w))).reshape(w.shape)
 
+    level_spacing: ClassVar[float] = 1.0  # distance between adjacent codes, in units of the scale d
+
+    def step(self, w: torch.Tensor) -> torch.Tensor:
+        """Per weight, the quantization step D of the block that holds it (NPFT's grid noise is
+        U[-D/2, D/2]): |d| times the code spacing; for grids without one scale per block (K-quants),
+        the block's range over its levels, an approximation."""
+        blocks = self._blocks(w)
+        codes = self.encode(blocks)
+        d = codes.get("d")
+        if d is not None and d.shape == (blocks.shape[0], 1):
+            step = as_f32(d).abs() * self.level_spacing
+        else:
+            levels = 2 ** int(self.bits_per_weight) - 1
+            step = (blocks.amax(1, keepdim=True) - blocks.amin(1, keepdim=True)) / levels
+        return step.expand(-1, blocks.shape[1]).reshape(w.shape)
+
     def pack(self, w: torch.Tensor) -> np.ndarray:
         """Quantize a 2-D weight to GGUF bytes: uint8 array (rows, row_bytes)."""
         codes = self.encode(self._blocks(w))

@@ -21,6 +21,9 @@ class _Float(Grid):
     def fakequant(self, w: torch.Tensor) -> torch.Tensor:
         return w.detach().to(self.dtype).to(torch.float32)
 
+    def step(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(w, dtype=torch.float32)
+
     def pack(self, w: torch.Tensor) -> np.ndarray:
         a = w.detach().to(self.dtype).cpu().contiguous()
         if self.dtype is torch.bfloat16:  # numpy has no bfloat16: hand over the raw bytes

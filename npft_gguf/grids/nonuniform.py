@@ -21,6 +21,7 @@ IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
 @dataclass(frozen=True)
 class IQ4_NL(Grid):
     ggml = T.IQ4_NL
+    level_spacing = (IQ4NL_LEVELS[-1] - IQ4NL_LEVELS[0]) / (len(IQ4NL_LEVELS) - 1)  # mean gap
 
     def encode(self, x: torch.Tensor) -> Codes:
         levels = torch.tensor(IQ4NL_LEVELS, dtype=torch.float32, device=x.device)

@@ -1,0 +1,125 @@
+"""Calibration data: random fixed-length token segments, deterministic for a seed.
+
+Sensitivity (Fisher), NPFT tuning, GPTQ and the Hessian-trace check all read the same tensor of
+token ids, shape (samples, length). Sources: local text files (several, comma-separated), the
+hub's WikiText-2 *train* split or C4 train (through `datasets`, when the hub is reachable), or
+`self`: text sampled from the model itself, for fully offline use. The WikiText-2 *test* text is
+the evaluation set and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .texts import hub_rows, wikitext2_path
+
+NAMED = ("wikitext2", "c4", "self")
+# wiki.test.raw as llama.cpp's scripts fetch it (../shared/docs/ASSETS.md); also matched by content
+WIKITEXT2_TEST_SHA256_EDGES = ("173c87a5", "dd08")
+WIKITEXT2_TEST_FIRST_LINE = " = Robert Boulter = "
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    calib: str = "c4"
+    samples: int = 128
+    length: int = 512
+    seed: int = 0
+
+
+def load_calibration(settings: CalibSettings, tokenizer, model=None, progress: bool = True) -> torch.Tensor:
+    """LongTensor (samples, length) of token ids; `model` is needed only for `self`."""
+    if settings.samples < 1 or settings.length < 2:
+        raise UsageError("--calib-samples must be >= 1 and --calib-len >= 2")
+    if settings.calib == "self":
+        if model is None:
+            raise UsageError("--calib self needs the model to sample from")
+        return sample_from_model(model, tokenizer, settings, progress=progress)
+    text = calibration_text(settings.calib)
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return random_segments(torch.tensor(ids, dtype=torch.long), settings)
+
+
+def calibration_text(spec: str) -> str:
+    """The raw text for 'wikitext2' (train split), 'c4' (train shard) or FILE[,FILE...]."""
+    if spec == "wikitext2":
+        return "\n\n".join(hub_rows("wikitext", "wikitext-2-raw-v1", "train", "text"))
+    if spec == "c4":
+        rows = hub_rows("allenai/c4", "en", "train", "text", data_files={"train": "en/c4-train.00000-of-01024.json.gz"})
+        return "\n\n".join(rows[:20000])
+    parts = []
+    for item in [s for s in spec.split(",") if s.strip()]:
+        path = Path(item.strip()).expanduser()
+        if not path.is_file():
+            raise UsageError(f"calibration text {item!r}: no such file; use {', '.join(NAMED)} or paths to UTF-8 text files")
+        try:
+            body = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"calibration text {path} is not UTF-8") from None
+        if is_evaluation_text(body):
+            raise UsageError(f"{path} holds WikiText-2 test text, the evaluation set; calibrate on other text "
+                             "(e.g. ../shared/data/calib/wiki_excerpt.txt, c4, or self)")
+        parts.append(body)
+    if not parts:
+        raise UsageError("--calib is empty; use wikitext2, c4, self or FILE[,FILE...]")
+    return "\n\n".join(parts)
+
+
+def is_evaluation_text(body: str) -> bool:
+    """True when `body` is, or contains a recognisable part of, the WikiText-2 test text."""
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    if digest.startswith(WIKITEXT2_TEST_SHA256_EDGES[0]) and digest.endswith(WIKITEXT2_TEST_SHA256_EDGES[1]):
+        return True
+    if WIKITEXT2_TEST_FIRST_LINE in body:
+        return True
+    test = wikitext2_path()
+    if test is None:
+        return False
+    long_lines = [ln for ln in test.read_text(encoding="utf-8").splitlines() if len(ln) > 300]
+    probes = long_lines[:: max(1, len(long_lines) // 20)][:20]
+    return any(p in body for p in probes)
+
+
+def random_segments(ids: torch.Tensor, settings: CalibSettings) -> torch.Tensor:
+    """`samples` windows of `length` tokens at seeded random offsets (GPTQ's loaders do the same)."""
+    n = ids.numel()
+    if n <= settings.length:
+        raise UsageError(f"the calibration text has {n} tokens, fewer than --calib-len {settings.length}; give more text")
+    g = torch.Generator().manual_seed(settings.seed)
+    starts = torch.randint(0, n - settings.length, (settings.samples,), generator=g)
+    return torch.stack([ids[s:s + settings.length] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def sample_from_model(model, tokenizer, settings: CalibSettings, batch: int = 16, progress: bool = True) -> torch.Tensor:
+    """Text the model writes itself (LLM-QAT's data-free recipe): a random first token, then sampling."""
+    from .progress import bar
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(settings.seed)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    out = []
+    n_batches = -(-settings.samples // batch)
+    for _ in bar(range(n_batches), desc="calib: sampling from the model", unit="batch", disable=not progress):
+        b = min(batch, settings.samples - sum(len(x) for x in out))
+        first = torch.randint(0, vocab, (b, 1), generator=g)
+        for i in range(b):
+            while int(first[i, 0]) in special:
+                first[i, 0] = int(torch.randint(0, vocab, (1,), generator=g))
+        x = first.to(device)
+        past = None
+        seq = [x]
+        for _ in range(settings.length - 1):
+            o = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = o.past_key_values
+            probs = torch.softmax(o.logits[:, -1].float(), -1).cpu()
+            x = torch.multinomial(probs, 1, generator=g).to(device)
+            seq.append(x)
+        out.append(torch.cat(seq, 1).cpu())
+    return torch.cat(out)[: settings.samples]

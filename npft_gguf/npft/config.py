@@ -1,0 +1,68 @@
+"""NPFT settings. Defaults are the paper's code for LLaMA (../shared/docs/METHOD.md)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # gate excluded, as in the code
+PERTURBED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class NPFTSettings:
+    # sensitivity
+    outlier_pct: float = 0.05          # percent of each module's weights, by Fisher score
+    fisher_samples: int | None = None  # calibration samples for the Fisher pass (None: all)
+    # noise
+    noise: str = "paper"               # paper | grid | none (none: plain LoRA on the same data, a control)
+    noise_scope: str = "outliers"      # outliers | all (grid noise on every weight; ours to try)
+    grid: str = "q4_0"                 # the target GGUF grid, for grid noise
+    resample: str = "step"             # step | epoch
+    clean_weight: float = 0.5          # lambda in L(W+z+BA) + lambda * L(W+BA); 0 drops the term
+    # LoRA (peft)
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+    perturbed: tuple[str, ...] = PERTURBED
+    # optimisation
+    lr: float = 5e-5
+    epochs: int = 3
+    batch: int = 2
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_steps_per_epoch: int | None = None  # short recipes and smoke tests
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    # the method's own claim, measured
+    trace_samples: int = 8
+    trace_probes: int = 2
+
+    def __post_init__(self):
+        checks = [
+            (self.noise in ("paper", "grid", "none"), "--noise must be paper, grid or none"),
+            (self.noise_scope in ("outliers", "all"), "--noise-scope must be outliers or all"),
+            (self.noise_scope == "outliers" or self.noise == "grid", "--noise-scope all needs --noise grid"),
+            (self.resample in ("step", "epoch"), "--resample must be step or epoch"),
+            (0 < self.outlier_pct <= 100, "--outlier-pct must be in (0, 100]"),
+            (self.clean_weight >= 0, "--clean-weight must be >= 0"),
+            (self.rank >= 1 and self.epochs >= 1 and self.batch >= 1 and self.grad_accum >= 1,
+             "--rank, --epochs, --batch and --grad-accum must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                from ..errors import UsageError
+
+                raise UsageError(message)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"], d["perturbed"] = list(self.targets), list(self.perturbed)
+        return d
+
+    def same_run(self, other: dict) -> list[str]:
+        """Names of settings that differ from a saved run's (a resume must not change them)."""
+        mine = self.as_dict()
+        return [k for k in mine if k in other and mine[k] != other[k]]

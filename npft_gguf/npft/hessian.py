@@ -1,0 +1,79 @@
+"""Hutchinson's estimate of the Hessian trace restricted to the outlier weights.
+
+NPFT's claim is that tuning under noise at the outliers lowers Tr(H_OO), the curvature of the
+loss along the outlier coordinates, which is what makes RTN's error there cheap. For a Rademacher
+probe v that is +-1 on the outlier positions and 0 elsewhere, E[v^T H v] = Tr(H_OO); H v comes from
+a second backward pass (a Hessian-vector product), so H itself is never formed. The same samples
+and probes (seeded) are used before and after tuning, so the two estimates are paired.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..progress import bar
+from ..sensitivity import Outliers
+
+
+def outlier_trace(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linear], found: dict[str, Outliers],
+                  probes: int = 2, seed: int = 0, progress: bool = True, desc: str = "hessian trace") -> dict:
+    """{'trace': mean estimate, 'se': its standard error, 'per_module': {name: mean}, 'n': estimates}."""
+    device = next(model.parameters()).device
+    names = list(linears)
+    weights = [linears[n].weight for n in names]
+    saved = [w.requires_grad for w in weights]
+    attn = getattr(model.config, "_attn_implementation", None)
+    was_training = model.training
+    model.eval()
+    _set_attn(model, "eager")  # fused attention kernels have no double backward
+    gen = torch.Generator().manual_seed(seed)
+    estimates, per_module = [], {n: 0.0 for n in names}
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        for i in bar(range(len(tokens)), desc=desc, unit="sample", disable=not progress):
+            x = tokens[i:i + 1].to(device)
+            loss = model(input_ids=x, labels=x).loss
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            for p in range(probes):
+                vs = []
+                for n, w in zip(names, weights):
+                    o = found[n]
+                    v = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+                    signs = torch.randint(0, 2, (len(o),), generator=gen).to(w.device, w.dtype) * 2 - 1
+                    v[o.rows.to(w.device), o.cols.to(w.device)] = signs
+                    vs.append(v)
+                dot = sum((g * v).sum() for g, v in zip(grads, vs))
+                hvs = torch.autograd.grad(dot, weights, retain_graph=p < probes - 1)
+                parts = [float((hv * v).sum()) for hv, v in zip(hvs, vs)]
+                for n, part in zip(names, parts):
+                    per_module[n] += part
+                estimates.append(sum(parts))
+            del grads
+    finally:
+        for w, s in zip(weights, saved):
+            w.requires_grad_(s)
+        _set_attn(model, attn)
+        model.train(was_training)
+    k = len(estimates)
+    mean = sum(estimates) / k
+    var = sum((e - mean) ** 2 for e in estimates) / max(1, k - 1)
+    return {"trace": mean, "se": math.sqrt(var / k), "n": k, "probes": probes, "samples": len(tokens),
+            "per_module": {n: v / k for n, v in per_module.items()}}
+
+
+def _set_attn(model, impl):
+    if impl is None:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(impl)
+            return
+        except Exception:  # noqa: BLE001 - older transformers, or wrapped models
+            pass
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = impl

@@ -1,0 +1,109 @@
+"""The perturbation z, added in the forward pass of each targeted linear as x @ z^T.
+
+No weight is copied or modified: a forward hook on the (frozen) linear adds the noise term to its
+output. Outlier noise is sparse (index vectors and values: out[..., r] += x[..., c] * z_rc), so a
+step costs a gather of 0.05% of the columns; grid noise on every weight (`noise_scope=all`) is a
+dense z, one extra matmul.
+
+Noise kinds (../shared/docs/METHOD.md):
+- paper: per output row holding outliers, z ~ U[min, max] of that row's outlier values,
+  mean-subtracted over the row, at the outlier positions only (a row with one outlier gets none);
+- grid:  z ~ U[-D/2, D/2], D the step of the target GGUF block holding the weight, so z has the
+  variance D^2/12 of the rounding error RTN will make there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..grids import get_grid
+from ..sensitivity import Outliers
+
+
+class Perturbation:
+    """Noise on one linear layer. `resample` draws a new z; the hook applies it while active."""
+
+    def __init__(self, linear: torch.nn.Linear, kind: str, scope: str, grid_name: str, found: Outliers | None):
+        w = linear.weight.detach().float()
+        self.kind, self.active = kind, False
+        self.dense = scope == "all"
+        if self.dense:
+            self.scale = get_grid(grid_name).step(w) if get_grid(grid_name).fits(w.shape[1]) else torch.zeros_like(w)
+            self.z = torch.zeros_like(w)
+        else:
+            self.rows, self.cols = found.rows.to(w.device), found.cols.to(w.device)
+            vals = w[self.rows, self.cols]
+            if kind == "paper":
+                n_rows = w.shape[0]
+                lo = torch.full((n_rows,), float("inf"), device=w.device).scatter_reduce(0, self.rows, vals, "amin")
+                hi = torch.full((n_rows,), float("-inf"), device=w.device).scatter_reduce(0, self.rows, vals, "amax")
+                self.lo, self.width = lo[self.rows], (hi - lo)[self.rows]
+                self.count = torch.zeros(n_rows, device=w.device).index_add(0, self.rows, torch.ones_like(vals))
+            else:
+                grid = get_grid(grid_name)
+                self.width = grid.step(w)[self.rows, self.cols] if grid.fits(w.shape[1]) else torch.zeros_like(vals)
+            self.z = torch.zeros_like(vals)
+        self.handle = linear.register_forward_hook(self._hook)
+
+    def resample(self, gen: torch.Generator):
+        u = torch.rand(self.z.shape, generator=gen).to(self.z.device)
+        if self.dense:
+            self.z = (u - 0.5) * self.scale
+        elif self.kind == "paper":
+            u = self.lo + self.width * u
+            mean = torch.zeros_like(self.count).index_add(0, self.rows, u) / self.count.clamp(min=1)
+            self.z = u - mean[self.rows]
+        else:
+            self.z = (u - 0.5) * self.width
+
+    def _hook(self, module, inputs, out):
+        if not self.active:
+            return out
+        x = inputs[0]
+        if self.dense:
+            return out + F.linear(x, self.z.to(x.dtype))
+        return out.index_add(-1, self.rows, x[..., self.cols] * self.z.to(x.dtype))
+
+    def remove(self):
+        self.handle.remove()
+
+
+class Perturbations:
+    """All layers' perturbations together: draw, switch on for the noisy loss, remove."""
+
+    def __init__(self, linears: dict, found: dict[str, Outliers] | None, kind: str, scope: str, grid_name: str,
+                 perturbed: tuple[str, ...]):
+        self.layers = {}
+        if kind == "none":
+            return
+        for name, lin in linears.items():
+            if name.rsplit(".", 1)[-1] in perturbed:
+                self.layers[name] = Perturbation(lin, kind, scope, grid_name, None if found is None else found[name])
+
+    def resample(self, gen: torch.Generator):
+        for p in self.layers.values():
+            p.resample(gen)
+
+    @contextlib.contextmanager
+    def on(self):
+        for p in self.layers.values():
+            p.active = True
+        try:
+            yield
+        finally:
+            for p in self.layers.values():
+                p.active = False
+
+    def remove(self):
+        for p in self.layers.values():
+            p.remove()
+        self.layers = {}
+
+    def rms(self) -> float:
+        """Root mean square of the current noise over the perturbed positions (for the report)."""
+        tot = sum(float(p.z.float().square().sum()) for p in self.layers.values())
+        n = sum(p.z.numel() for p in self.layers.values())
+        return (tot / n) ** 0.5 if n else 0.0

@@ -1,0 +1,100 @@
+"""Sensitivity: the Fisher diagonal of every targeted linear weight, and per-module outlier masks.
+
+The score of weight w is F_w = sum over calibration samples of (dL_sample/dw)^2, per sample (not
+the square of the batch mean), the diagonal of the empirical Fisher and NPFT's (and SqueezeLLM's)
+Hessian proxy. Outliers are the top p% of each module's weights by that score. When a LoRA
+adapter is active the gradients are those of the merged weights W + BA, which is what "outliers
+re-identified on the merged model" needs, without merging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .progress import bar
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def target_linears(model, suffixes=LINEARS) -> dict[str, torch.nn.Linear]:
+    """HF name of each decoder linear ('model.layers.0.self_attn.q_proj') -> its (base) nn.Linear.
+
+    Works on plain transformers models and on peft-wrapped ones (where the frozen weight lives in
+    `.base_layer`)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if name.endswith(".base_layer"):
+            continue
+        base = getattr(mod, "base_layer", mod)
+        if isinstance(base, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes and ".layers." in name:
+            clean = name[name.index("model.layers."):] if "model.layers." in name else name
+            out[clean] = base
+    return out
+
+
+def fisher_diagonal(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linear], progress: bool = True,
+                    desc: str = "fisher") -> dict[str, torch.Tensor]:
+    """Sum over samples of squared per-sample gradients, float32, on the weights' device."""
+    device = next(model.parameters()).device
+    fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in linears.items()}
+    saved = {n: m.weight.requires_grad for n, m in linears.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for m in linears.values():
+            m.weight.requires_grad_(True)
+        for i in bar(range(len(tokens)), desc=desc, unit="sample", disable=not progress):
+            x = tokens[i:i + 1].to(device)
+            loss = model(input_ids=x, labels=x).loss
+            grads = torch.autograd.grad(loss, [m.weight for m in linears.values()])
+            for n, g in zip(linears, grads):
+                fisher[n].add_(g.float().square())
+    finally:
+        for n, m in linears.items():
+            m.weight.requires_grad_(saved[n])
+        model.train(was_training)
+    return fisher
+
+
+@dataclass
+class Outliers:
+    """Positions of one module's outliers as (row, col) index vectors: 0.05% of a matrix is small."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    def __len__(self):
+        return int(self.rows.numel())
+
+    def mask(self, shape) -> torch.Tensor:
+        m = torch.zeros(shape, dtype=torch.bool, device=self.rows.device)
+        m[self.rows, self.cols] = True
+        return m
+
+
+def outliers(fisher: dict[str, torch.Tensor], pct: float) -> dict[str, Outliers]:
+    """Top `pct` percent of each module's weights by Fisher score (at least one per module)."""
+    out = {}
+    for name, f in fisher.items():
+        k = max(1, round(f.numel() * pct / 100.0))
+        idx = torch.topk(f.flatten(), k).indices
+        out[name] = Outliers(idx // f.shape[1], idx % f.shape[1])
+    return out
+
+
+def summary(linears: dict[str, torch.nn.Linear], fisher: dict[str, torch.Tensor], found: dict[str, Outliers]) -> list[dict]:
+    """Per module: outlier count, mean |w| of outliers and of the rest, and the mean-score ratio."""
+    rows = []
+    for name, o in found.items():
+        w = linears[name].weight.detach().float()
+        f = fisher[name]
+        m = o.mask(w.shape)
+        rest = (~m).sum().clamp(min=1)
+        rows.append({
+            "module": name, "n": int(w.numel()), "outliers": len(o),
+            "mean_abs_w_outliers": float(w.abs()[m].mean()), "mean_abs_w_rest": float((w.abs() * ~m).sum() / rest),
+            "score_ratio": float(f[m].mean() / ((f * ~m).sum() / rest).clamp(min=1e-30)),
+        })
+    return rows

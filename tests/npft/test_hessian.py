@@ -1,0 +1,39 @@
+"""Hutchinson's outlier trace against the exact second derivative (finite differences, float64)."""
+
+import torch
+
+from npft_gguf.npft.hessian import outlier_trace
+from npft_gguf.sensitivity import Outliers, target_linears
+
+
+def test_single_coordinate_equals_the_second_derivative(tiny_bpe):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_bpe).double()
+    lin = target_linears(model)
+    name = "model.layers.1.mlp.down_proj"
+    r, c = 3, 17
+    # one outlier in one module: every Rademacher probe gives v^T H v = H_ii exactly
+    found = {n: Outliers(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) for n in lin}
+    found[name] = Outliers(torch.tensor([r]), torch.tensor([c]))
+    x = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    got = outlier_trace(model, x, lin, found, probes=3, progress=False)
+    assert got["n"] == 3 and got["se"] < 1e-9
+
+    def loss(delta):
+        with torch.no_grad():
+            w = lin[name].weight
+            old = float(w[r, c])
+            w[r, c] = old + delta
+            logits = model(input_ids=x).logits[0, :-1]  # float64 (HF's own loss upcasts only to float32)
+            val = float(torch.nn.functional.cross_entropy(logits, x[0, 1:]))
+            w[r, c] = old
+            return val
+
+    def second(h):
+        return (loss(h) - 2 * loss(0.0) + loss(-h)) / h ** 2
+
+    fd = second(0.01)  # the rotary tables stay float32, so h cannot be tiny: agreement to a few percent
+    assert abs(got["trace"] - fd) <= 0.03 * abs(fd)
+    assert abs(got["per_module"][name] - fd) <= 0.03 * abs(fd)
+    assert lin[name].weight.requires_grad and model.config._attn_implementation != "eager"  # both restored

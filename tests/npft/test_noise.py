@@ -1,0 +1,82 @@
+"""The perturbation: where it lands, how large it is, and that the hook equals a perturbed weight."""
+
+import torch
+import torch.nn.functional as F
+
+from npft_gguf.grids import get_grid
+from npft_gguf.npft.noise import Perturbation
+from npft_gguf.sensitivity import Outliers
+
+
+def _setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(64, 6, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(6, 64, generator=g))
+    # row 0: three outliers, row 1: one (gets no noise), row 4: two
+    o = Outliers(torch.tensor([0, 0, 0, 1, 4, 4]), torch.tensor([3, 10, 40, 5, 0, 63]))
+    return lin, o
+
+
+def _dense(p, shape):
+    z = torch.zeros(shape)
+    if p.dense:
+        return p.z
+    z[p.rows, p.cols] = p.z
+    return z
+
+
+def test_paper_noise_rows_ranges_and_means():
+    lin, o = _setup()
+    p = Perturbation(lin, "paper", "outliers", "q4_0", o)
+    w = lin.weight.detach()
+    for seed in range(20):
+        p.resample(torch.Generator().manual_seed(seed))
+        z = _dense(p, w.shape)
+        assert torch.count_nonzero(z[[2, 3, 5]]) == 0 and torch.count_nonzero(z[1]) == 0  # one outlier: none
+        for r, cols in ((0, [3, 10, 40]), (4, [0, 63])):
+            assert abs(float(z[r, cols].sum())) < 1e-5  # mean-subtracted
+            width = float(w[r, cols].max() - w[r, cols].min())
+            assert float(z[r, cols].max() - z[r, cols].min()) <= width + 1e-6
+        mask = torch.zeros_like(z, dtype=torch.bool)
+        mask[o.rows, o.cols] = True
+        assert torch.count_nonzero(z[~mask]) == 0
+    p.remove()
+
+
+def test_grid_noise_is_within_half_a_step():
+    lin, o = _setup()
+    p = Perturbation(lin, "grid", "outliers", "q4_0", o)
+    step = get_grid("q4_0").step(lin.weight.detach())
+    p.resample(torch.Generator().manual_seed(0))
+    z = _dense(p, lin.weight.shape)
+    assert torch.all(z.abs() <= step / 2 + 1e-7)
+    assert torch.count_nonzero(z) == len(o)  # grid noise perturbs single-outlier rows too
+    # the step is the block's |d|: Q8_0 RTN error is about half of it (Q4_0 clamps its top code)
+    w = lin.weight.detach()
+    q8 = get_grid("q8_0")
+    assert torch.all((q8.fakequant(w) - w).abs() <= 0.6 * q8.step(w))  # d/2, plus fp16 rounding of d x 127
+    assert torch.all((get_grid("q4_0").fakequant(w) - w).abs() <= step + 1e-6)
+    dense = Perturbation(lin, "grid", "all", "q4_0", None)
+    dense.resample(torch.Generator().manual_seed(1))
+    assert torch.count_nonzero(dense.z) == w.numel() and torch.all(dense.z.abs() <= step / 2 + 1e-7)
+    p.remove()
+    dense.remove()
+
+
+def test_hook_equals_the_perturbed_weight_and_leaves_the_weight_alone():
+    lin, o = _setup()
+    before = lin.weight.detach().clone()
+    x = torch.randn(2, 5, 64)
+    for kind, scope, found in (("paper", "outliers", o), ("grid", "outliers", o), ("grid", "all", None)):
+        p = Perturbation(lin, kind, scope, "q4_0", found)
+        p.resample(torch.Generator().manual_seed(3))
+        clean = lin(x)
+        p.active = True
+        noisy = lin(x)
+        p.active = False
+        torch.testing.assert_close(noisy, F.linear(x, before + _dense(p, before.shape)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clean, F.linear(x, before))
+        assert not torch.equal(noisy, clean)
+        p.remove()
+    assert torch.equal(lin.weight, before)

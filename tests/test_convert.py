@@ -1,0 +1,74 @@
+"""The one-command pipeline on a tiny model, through the real console script: calibrate, tune,
+merge, RTN, GGUF, and the closing llama.cpp evaluation beside plain RTN and the float model;
+finetune's Hugging Face checkpoint exports like any other source; bad input fails in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gguf import GGUFReader
+
+from tests.conftest import calib_text
+from tests.test_cli import assert_fails, cli
+
+TINY = ["--recipe", "short", "--calib-samples", "6", "--calib-len", "32", "--fisher-samples", "2",
+        "--trace-samples", "1", "--lr", "1e-3", "--outlier-pct", "1", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("texts")
+    (d / "calib.txt").write_text(calib_text(40_000))
+    (d / "eval.txt").write_text(calib_text(200_000)[-30_000:])
+    return d
+
+
+def test_convert_writes_tuned_gguf_and_compares(tiny_bpe, texts, tmp_path):
+    out = tmp_path / "tiny-npft-q4_0.gguf"
+    r = cli("convert", tiny_bpe, "-o", out, "--bits", "4", "--calib", texts / "calib.txt", *TINY,
+            "--eval-text", texts / "eval.txt", "--ctx", "64", "--chunks", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert "quick CPU recipe" in r.stderr
+    rows = {row["file"].rsplit("/", 1)[-1]: row for row in rec["comparison"]["rows"]}
+    assert set(rows) == {"float-f32.gguf", "rtn-q4_0.gguf", out.name}
+    assert rows["float-f32.gguf"]["kld_mean"] == 0.0 and rows[out.name]["kld_mean"] > 0
+    t = rec["tune"]
+    assert t["trace_before"]["n"] == 2 and t["trace_after"]["n"] == 2 and len(t["history"]) >= 1
+    # the GGUF is RTN Q4_0 of the tuned weights, with the method in its provenance
+    meta = GGUFReader(out).fields
+    assert bytes(meta["general.npft.method"].parts[-1]).decode() == "npft"
+    assert '"noise": "paper"' in bytes(meta["general.npft.settings"].parts[-1]).decode()
+    run = out.with_name(out.stem + ".npft-run")
+    assert (run / "report.md").read_text().count("Hessian trace") == 1 and (run / "checkpoint.pt").exists()
+    # a second run without --force or --resume refuses to touch either
+    again = cli("convert", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none")
+    assert_fails(again, 2, "exists", "--force")
+
+
+def test_finetune_checkpoint_exports(tiny_bpe, texts, tmp_path):
+    out = tmp_path / "tuned"
+    r = cli("finetune", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--noise", "grid")
+    assert r.returncode == 0, r.stderr
+    assert "outlier Hessian trace" in r.stdout
+    assert (out / "config.json").exists() and (out / "report.json").exists() and not list(out.glob(".partial-*"))
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["tune"]["settings"]["noise"] == "grid" and rep["tune"]["fisher_summary"]
+    e = cli("export", out, "-o", tmp_path / "tuned.gguf", "--type", "q8_0")
+    assert e.returncode == 0, e.stderr
+    again = cli("finetune", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY)
+    assert_fails(again, 2, "already holds a model", "--force")
+
+
+def test_convert_bad_input(tiny_bpe, texts, tmp_path):
+    from npft_gguf.texts import wikitext2_path
+
+    out = tmp_path / "x.gguf"
+    if wikitext2_path():
+        assert_fails(cli("convert", tiny_bpe, "-o", out, "--calib", wikitext2_path(), *TINY), 2, "evaluation set")
+    assert_fails(cli("convert", tiny_bpe, "-o", out, "--calib", tmp_path / "missing.txt", *TINY), 2, "no such file")
+    assert_fails(cli("convert", tiny_bpe, "-o", out, "--bits", "7"), 2, "--bits")
+    assert_fails(cli("convert", tiny_bpe, "-o", out, "--bits", "3", *TINY), 2, "no 3-bit GGUF type fits")
+    assert_fails(cli("convert", tiny_bpe, "-o", out, "--noise-scope", "all", *TINY), 2, "--noise grid")
+    assert not out.exists()
