@@ -61,7 +61,17 @@ def outlier_trace(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linea
     mean = sum(estimates) / k
     var = sum((e - mean) ** 2 for e in estimates) / max(1, k - 1)
     return {"trace": mean, "se": math.sqrt(var / k), "n": k, "probes": probes, "samples": len(tokens),
-            "per_module": {n: v / k for n, v in per_module.items()}}
+            "estimates": estimates, "per_module": {n: v / k for n, v in per_module.items()}}
+
+
+def paired_change(before: dict, after: dict) -> dict:
+    """after - before over the same (sample, probe) pairs, with the standard error of that mean:
+    pairing removes most of the probe noise that the two estimates' own errors carry."""
+    d = [a - b for a, b in zip(after.get("estimates", []), before.get("estimates", []))]
+    if len(d) < 2:
+        return {"diff": after["trace"] - before["trace"], "se": float("nan")}
+    mean = sum(d) / len(d)
+    return {"diff": mean, "se": math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))}
 
 
 def _set_attn(model, impl):

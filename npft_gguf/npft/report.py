@@ -32,12 +32,15 @@ def markdown(d: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in t.get("settings", {}).items()]
     b, a = t.get("trace_before"), t.get("trace_after")
     if b and a:
-        change = 100.0 * (a["trace"] - b["trace"]) / abs(b["trace"]) if b["trace"] else float("nan")
+        from .hessian import paired_change
+
+        pc = paired_change(b, a)
+        change = 100.0 * pc["diff"] / abs(b["trace"]) if b["trace"] else float("nan")
         lines += ["", "## Hessian trace at the outliers (Hutchinson)", "",
                   f"{b['n']} estimates ({b['samples']} samples x {b['probes']} Rademacher probes), the same before and after.", "",
                   "| | Tr(H_outliers) | std. error |", "|---|---|---|",
                   f"| before | {b['trace']:.4g} | {b['se']:.2g} |", f"| after | {a['trace']:.4g} | {a['se']:.2g} |",
-                  f"| change | {change:+.1f} % | |"]
+                  f"| change (paired) | {pc['diff']:+.4g} ({change:+.1f} %) | {pc['se']:.2g} |"]
     hist = t.get("history", [])
     if hist:
         lines += ["", "## Loss", "", "| step | epoch | L(W+z+BA) | L(W+BA) | lr |", "|---|---|---|---|---|"]

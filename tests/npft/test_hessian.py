@@ -37,3 +37,12 @@ def test_single_coordinate_equals_the_second_derivative(tiny_bpe):
     assert abs(got["trace"] - fd) <= 0.03 * abs(fd)
     assert abs(got["per_module"][name] - fd) <= 0.03 * abs(fd)
     assert lin[name].weight.requires_grad and model.config._attn_implementation != "eager"  # both restored
+
+
+def test_paired_change_removes_shared_probe_noise():
+    from npft_gguf.npft.hessian import paired_change
+
+    before = {"trace": 10.0, "estimates": [5.0, 15.0, 8.0, 12.0]}
+    after = {"trace": 9.0, "estimates": [4.0, 14.1, 6.9, 11.0]}  # each pair drops by about 1
+    pc = paired_change(before, after)
+    assert abs(pc["diff"] + 1.0) < 1e-9 and pc["se"] < 0.05  # unpaired, the SE would be about 2
