@@ -53,9 +53,14 @@ def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: 
 
 
 def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
-         logits_all: bool = True, flash_attn: bool = False, n_batch: int | None = None,
+         logits_all: bool = False, flash_attn: bool = False, n_batch: int | None = None,
          vocab_only: bool = False):
-    """A llama_cpp.Llama for the file; errors become one line."""
+    """A llama_cpp.Llama for the file; errors become one line.
+
+    llama.cpp loads first: a file it cannot load is then read with gguf-py (slow on a large
+    vocabulary, so only on failure) to say whether it is truncated or corrupt. `logits_all` only
+    matters to llama-cpp-python's own `eval`/`scores`; `logits()` below asks for what it needs.
+    """
     lib = _lib()
     kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch or n_ctx, n_ubatch=n_batch or n_ctx,
               logits_all=logits_all, verbose=False, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
@@ -67,19 +72,71 @@ def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layer
         with _quiet():
             return lib.Llama(**kw)
     except Exception as e:  # noqa: BLE001 - llama-cpp-python raises ValueError/RuntimeError
-        raise NpftError(f"llama.cpp could not load {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    from .sources import read_gguf
+
+    read_gguf(Path(path))  # raises the one-line "truncated or corrupt" error when that is the cause
+    raise NpftError(f"llama.cpp could not load {path} ({why})")
 
 
 def tokenize(llm, text: str, add_bos: bool = False) -> list[int]:
-    return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+    """llama.cpp's tokenization of `text` in one `llama_tokenize` call (no special-token parsing)."""
+    lib = _lib()
+    vocab = lib.llama_model_get_vocab(llm.model)
+    data = text.encode("utf-8")
+    cap = len(data) + 2  # a token holds at least one byte; room for BOS and a space prefix
+    for _ in range(2):
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(vocab, data, len(data), buf, cap, add_bos, False)
+        if n >= 0:
+            return buf[:n]
+        cap = -n  # it says how many it needs
+    raise NpftError(f"llama.cpp could not tokenize the text ({len(data)} bytes)")
 
 
-def logits(llm, tokens: list[int]) -> np.ndarray:
-    """Per-position logits (n_tokens, n_vocab) from a fresh cache."""
-    llm.reset()
-    llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
-    llm.eval(tokens)
-    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+class Batch:
+    """One reusable `llama_batch` over numpy arrays: a single sequence at positions 0..n-1."""
+
+    def __init__(self, capacity: int):
+        lib = _lib()
+        i32 = ctypes.POINTER(ctypes.c_int32)
+        self.capacity = capacity
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.arange(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, np.int32)
+        self.seq0 = np.zeros(1, np.int32)
+        self.seq_ids = (i32 * capacity)(*([self.seq0.ctypes.data_as(i32)] * capacity))
+        self.want = np.zeros(capacity, np.int8)
+        self.batch = lib.llama_batch(
+            n_tokens=0, token=self.token.ctypes.data_as(i32), embd=None, pos=self.pos.ctypes.data_as(i32),
+            n_seq_id=self.n_seq_id.ctypes.data_as(i32), seq_id=ctypes.cast(self.seq_ids, ctypes.POINTER(i32)),
+            logits=self.want.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
+
+    def decode(self, llm, tokens, first: int = 0) -> np.ndarray:
+        """Logits (len - first, n_vocab) for positions first..len-1 of `tokens`, from an empty cache.
+
+        Only those positions are computed; the array is llama.cpp's own output buffer, valid
+        until the next decode on this context (copy it to keep it).
+        """
+        lib = _lib()
+        n = len(tokens)
+        if not 0 <= first < n <= self.capacity:
+            raise NpftError(f"cannot decode {n} tokens from position {first} in a batch of {self.capacity}")
+        self.token[:n] = tokens
+        self.want[:first] = 0
+        self.want[first:n] = 1
+        self.batch.n_tokens = n
+        ctx = llm.ctx
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        rc = lib.llama_decode(ctx, self.batch)
+        if rc != 0:
+            raise NpftError(f"llama_decode failed (code {rc}) on a window of {n} tokens")
+        return np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(n - first, llm.n_vocab()))
+
+
+def logits(llm, tokens: list[int], first: int = 0) -> np.ndarray:
+    """Per-position logits (len - first, n_vocab) for positions first..len-1, from a fresh cache (a copy)."""
+    return Batch(len(tokens)).decode(llm, tokens, first).copy()
 
 
 def gpu_offload_supported() -> bool:

@@ -246,3 +246,16 @@ def test_inspect_missing_file(tmp_path):
 def test_inspect_corrupt_file(corrupt_gguf):
     r = cli("inspect", corrupt_gguf)
     assert_fails(r, 2, "corrupt.gguf", "not a readable GGUF")
+
+
+# --- eval / bench: files llama.cpp cannot load -------------------------------------------------
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_truncated_gguf_gives_one_line(command, truncated_gguf):
+    r = cli(command, truncated_gguf)
+    assert_fails(r, 2, "truncated.gguf", "truncated")
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_corrupt_gguf_gives_one_line(command, corrupt_gguf):
+    r = cli(command, corrupt_gguf)
+    assert_fails(r, 2, "corrupt.gguf", "not a readable GGUF")

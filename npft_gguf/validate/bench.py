@@ -47,9 +47,6 @@ def bench(path: Path, settings: BenchSettings, progress: bool = True) -> BenchRe
     if settings.n_gpu_layers and not llamacpp.gpu_offload_supported():
         raise UsageError("--n-gpu-layers asks for GPU offload, but this llama-cpp-python build has no GPU backend; "
                          "reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (see README) or drop --n-gpu-layers")
-    from ..sources import read_gguf
-
-    read_gguf(path)
     threads = settings.threads or default_threads()
     n_ctx = max(settings.pp, settings.tg) + 8
     llm = llamacpp.load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=settings.n_gpu_layers,

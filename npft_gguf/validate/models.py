@@ -1,17 +1,22 @@
 """Two ways to get next-token logits for a token window: llama.cpp on a GGUF file, torch on a model.
 
 Both expose the same few things the protocol needs: the vocabulary, whether it adds BOS, the
-training context, a tokenizer, and `logits(tokens)` from a fresh cache.
+training context, a tokenizer, and `logits(tokens, first)`: from a fresh cache, the logits of
+positions first..len-1 only (llama.cpp computes no others).
+
+torch is imported only where a torch model runs (it costs about a second of start-up).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import llamacpp
 from ..errors import UsageError
@@ -29,11 +34,32 @@ class Backend:
     def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
+    def logits(self, tokens: list[int], first: int = 0) -> np.ndarray:
+        """(len - first, n_vocab) float32 logits for positions first..len-1, from a fresh cache.
+
+        The array may be the backend's own buffer, valid until its next call."""
         raise NotImplementedError
 
     def vocab_fingerprint(self, n: int = 256) -> tuple:
         raise NotImplementedError
+
+
+def prefetch_torch() -> None:
+    """Import torch on a background thread (the NLL needs it), overlapping llama.cpp's work in C.
+
+    ctypes calls release the GIL, so tokenizing a long text hides most of torch's import time; a
+    later `import torch` waits for this one to finish.
+    """
+    if "torch" in sys.modules:
+        return
+
+    def run():
+        try:
+            importlib.import_module("torch")
+        except Exception:  # noqa: BLE001 - the main thread's own import reports it
+            pass
+
+    threading.Thread(target=run, name="import-torch", daemon=True).start()
 
 
 def default_threads() -> int:
@@ -45,11 +71,11 @@ class LlamaCppBackend(Backend):
         path = Path(path)
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
-        from ..sources import read_gguf
-
-        read_gguf(path)  # one-line errors for truncated or corrupt files, before llama.cpp sees them
         threads = threads or default_threads()
+        # a truncated or corrupt file fails here with one line (llamacpp.load reads it with gguf-py then)
         self.llm = llamacpp.load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+        self.batch = llamacpp.Batch(n_ctx)
+        prefetch_torch()
         m = self.llm._model
         lib = llamacpp._lib()
         vocab = lib.llama_model_get_vocab(m.model)
@@ -63,8 +89,8 @@ class LlamaCppBackend(Backend):
     def tokenize(self, text):
         return llamacpp.tokenize(self.llm, text, add_bos=self.add_bos)
 
-    def logits(self, tokens):
-        return llamacpp.logits(self.llm, tokens)
+    def logits(self, tokens, first=0):
+        return self.batch.decode(self.llm, tokens, first)
 
     def vocab_fingerprint(self, n=256):
         return tuple(self.llm.detokenize([i]) for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
@@ -86,10 +112,12 @@ class TorchBackend(Backend):
     def tokenize(self, text):
         return self.tok(text, add_special_tokens=self.add_bos)["input_ids"]
 
-    @torch.no_grad()
-    def logits(self, tokens):
-        x = torch.tensor([tokens], device=self.device)
-        return self.model(x).logits[0].float().cpu().numpy()
+    def logits(self, tokens, first=0):
+        import torch
+
+        with torch.no_grad():
+            x = torch.tensor([tokens], device=self.device)
+            return self.model(x).logits[0, first:].float().cpu().numpy()
 
     def vocab_fingerprint(self, n=256):
         return tuple(self.tok.decode([i]).encode("utf-8", "replace") for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
@@ -97,6 +125,8 @@ class TorchBackend(Backend):
 
 def fake_quantize_(model, type_name: str) -> dict:
     """Replace every decoder linear weight by its RTN fake-quant on the named grid (in place)."""
+    import torch
+
     from ..grids import get_grid
 
     grid = get_grid(type_name)

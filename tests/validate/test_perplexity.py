@@ -110,3 +110,37 @@ def test_missing_files_give_one_line(args):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no such file" in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_scored_logits_are_the_full_windows_rows(tiny, wiki_text):
+    """llama.cpp asked for positions first.. only gives the same rows as asking for all of them."""
+    from npft_gguf import llamacpp
+
+    _, d = tiny
+    b = LlamaCppBackend(d / "f32.gguf", CTX)
+    ids = b.tokenize(wiki_text[:5_000])[:CTX]
+    full = llamacpp.logits(b.llm, ids)
+    assert full.shape == (CTX, b.n_vocab)
+    part = b.logits(ids, CTX // 2)
+    assert part.shape == (CTX - CTX // 2, b.n_vocab)
+    np.testing.assert_allclose(part, full[CTX // 2:], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(b.logits(ids[:CTX - 5], 3), full[3:CTX - 5], rtol=0, atol=1e-4)  # fresh cache each call
+
+
+def test_one_call_tokenizer_matches_llama_cpp_python(tiny, wiki_text):
+    from npft_gguf import llamacpp
+
+    _, d = tiny
+    b = LlamaCppBackend(d / "f32.gguf", CTX)
+    for text in (wiki_text[:30_000], " x", "", "\u00e9\u4e2d \U0001f600"):
+        assert llamacpp.tokenize(b.llm, text, add_bos=b.add_bos) == b.llm.tokenize(text.encode(), add_bos=b.add_bos)
+
+
+def test_float32_nll_matches_float64_log_softmax():
+    from npft_gguf.validate.perplexity import log_softmax, nll
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((64, 49_152)) * 4 + 10).astype(np.float32)
+    targets = rng.integers(0, x.shape[1], 64)
+    ref = -log_softmax(x)[torch.arange(64), torch.from_numpy(targets)]
+    assert float((nll(x, targets).double() - ref).abs().max()) < 1e-5
