@@ -4,7 +4,7 @@ plain RTN Q4_0, a plain-LoRA control (same data, no noise) and the float model.
 Every variant is one `npft-gguf convert` command (printed and stored in the JSON), run with the
 short CPU recipe on ../shared/data/calib/wiki_excerpt.txt; then one `npft-gguf compare` evaluates
 all files on the first --chunks windows of WikiText-2 test (ctx 512, llama.cpp, fa off) with KLD
-against the F32 export. Output: evals/out/npft_smollm2.{json,md}.
+against the F32 export. Output: evals/out/npft_smollm2-TAG.{json,md}.
 
     .venv/bin/python evals/npft_smollm2.py                      # all variants
     .venv/bin/python evals/npft_smollm2.py --only paper,control  # a subset
@@ -32,6 +32,8 @@ VARIANTS = {  # name -> extra convert options (on top of --recipe short)
     "paper-nolambda": ["--noise", "paper", "--clean-weight", "0"],
     "grid": ["--noise", "grid", "--clean-weight", "0.5"],
     "grid-all": ["--noise", "grid", "--noise-scope", "all", "--clean-weight", "0.5"],
+    "rtn": ["--noise", "rtn", "--clean-weight", "0.5"],
+    "rtn-nolambda": ["--noise", "rtn", "--clean-weight", "0"],
     "control": ["--noise", "none", "--clean-weight", "0"],
 }
 
@@ -51,13 +53,15 @@ def main():
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", default="", help="extra convert options for every variant, e.g. '--epochs 2'")
+    ap.add_argument("--tag", default="short", help="names this round's files: evals/out/npft_smollm2-TAG.{json,md}")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(VARIANTS)
     OUT.mkdir(parents=True, exist_ok=True)
-    record = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": _machine(), "variants": {}}
+    record = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": _machine(), "tag": a.tag,
+              "extra": a.extra, "variants": {}}
     files = []
     for name in names:
-        out = OUT / f"smollm2-{name}-q4_0.gguf"
+        out = OUT / f"smollm2-{a.tag}-{name}-q4_0.gguf"
         cmd = [*CLI, "convert", "smollm2-135m", "--bits", "4", "--recipe", "short", "--calib", str(CALIB),
                *VARIANTS[name], *shlex.split(a.extra), "--threads", str(a.threads), "--eval-text", "none",
                "-o", str(out), "--force", "--json"]
@@ -72,21 +76,20 @@ def main():
             "file": str(out),
         }
         files.append(out)
-        run_dir = out.with_name(out.stem + ".npft-run")
-        ref, rtn = run_dir / "float-f32.gguf", OUT / "smollm2-rtn-q4_0.gguf"
+    ref, rtn = OUT / "smollm2-f32.gguf", OUT / "smollm2-rtn-q4_0.gguf"
     if not ref.exists():
         run([*CLI, "export", "smollm2-135m", "--type", "f32", "-o", str(ref)])
     if not rtn.exists():
         run([*CLI, "export", "smollm2-135m", "--type", "q4_0", "-o", str(rtn)])
-    report = OUT / "compare.md"
+    report = OUT / f"compare-{a.tag}.md"
     cmd = [*CLI, "compare", str(rtn), *map(str, files), "--ref", str(ref), "--chunks", str(a.chunks),
            "--threads", str(a.threads), "--no-bench", "-o", str(report)]
     seconds, _ = run(cmd)
     record["compare_command"] = shlex.join(cmd)
     record["compare"] = json.loads(report.with_suffix(".json").read_text())
-    (ROOT / "evals" / "out" / "npft_smollm2.json").write_text(json.dumps(record, indent=2))
+    (ROOT / "evals" / "out" / f"npft_smollm2-{a.tag}.json").write_text(json.dumps(record, indent=2))
     md = markdown(record)
-    (ROOT / "evals" / "out" / "npft_smollm2.md").write_text(md)
+    (ROOT / "evals" / "out" / f"npft_smollm2-{a.tag}.md").write_text(md)
     print(md)
 
 

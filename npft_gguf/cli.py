@@ -256,8 +256,9 @@ def npft_options(f):
         click.option("--seed", default=0, show_default=True, type=int, help="Seed for data, noise, dropout and LoRA init."),
         click.option("--outlier-pct", default=0.05, show_default=True, type=float, help="Outliers per module, percent, by Fisher score."),
         click.option("--fisher-samples", type=click.IntRange(min=1), help="Samples for each Fisher pass [recipe: all]."),
-        click.option("--noise", type=click.Choice(["paper", "grid", "none"]), default="paper", show_default=True,
-                     help="paper: U[min,max] of the row's outliers, mean-subtracted; grid: U[-D/2,D/2] of the target block's step; none: a plain-LoRA control."),
+        click.option("--noise", type=click.Choice(["paper", "grid", "rtn", "none"]), default="paper", show_default=True,
+                     help="paper: U[min,max] of the row's outliers, mean-subtracted; grid: U[-D/2,D/2] of the target block's step; "
+                          "rtn (ours): the exact RTN error of W+BA on every weight, straight-through; none: a plain-LoRA control."),
         click.option("--noise-scope", type=click.Choice(["outliers", "all"]), default="outliers", show_default=True,
                      help="Perturb only the outliers (the method) or every weight (grid noise only)."),
         click.option("--resample", type=click.Choice(["step", "epoch"]), default="step", show_default=True, help="Draw new noise every step or once per epoch."),

@@ -14,7 +14,7 @@ class NPFTSettings:
     outlier_pct: float = 0.05          # percent of each module's weights, by Fisher score
     fisher_samples: int | None = None  # calibration samples for the Fisher pass (None: all)
     # noise
-    noise: str = "paper"               # paper | grid | none (none: plain LoRA on the same data, a control)
+    noise: str = "paper"               # paper | grid | rtn | none (rtn: the exact RTN error, ours; none: a plain-LoRA control)
     noise_scope: str = "outliers"      # outliers | all (grid noise on every weight; ours to try)
     grid: str = "q4_0"                 # the target GGUF grid, for grid noise
     resample: str = "step"             # step | epoch
@@ -41,10 +41,11 @@ class NPFTSettings:
 
     def __post_init__(self):
         checks = [
-            (self.noise in ("paper", "grid", "none"), "--noise must be paper, grid or none"),
+            (self.noise in ("paper", "grid", "rtn", "none"), "--noise must be paper, grid, rtn or none"),
             (self.noise_scope in ("outliers", "all"), "--noise-scope must be outliers or all"),
             (self.noise_scope == "outliers" or self.noise == "grid", "--noise-scope all needs --noise grid"),
             (self.resample in ("step", "epoch"), "--resample must be step or epoch"),
+            (self.noise != "rtn" or self.resample == "step", "--noise rtn follows the adapter: it needs --resample step"),
             (0 < self.outlier_pct <= 100, "--outlier-pct must be in (0, 100]"),
             (self.clean_weight >= 0, "--clean-weight must be >= 0"),
             (self.rank >= 1 and self.epochs >= 1 and self.batch >= 1 and self.grad_accum >= 1,

@@ -9,7 +9,10 @@ Noise kinds (../shared/docs/METHOD.md):
 - paper: per output row holding outliers, z ~ U[min, max] of that row's outlier values,
   mean-subtracted over the row, at the outlier positions only (a row with one outlier gets none);
 - grid:  z ~ U[-D/2, D/2], D the step of the target GGUF block holding the weight, so z has the
-  variance D^2/12 of the rounding error RTN will make there.
+  variance D^2/12 of the rounding error RTN will make there;
+- rtn (ours, every weight): z = RTN(W + BA) - (W + BA), the error the final RTN will actually make,
+  recomputed from the current adapter at each draw and held constant in the backward pass (a
+  straight-through estimator), so L(W + BA + z) is the loss of the quantized merged model.
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ from ..sensitivity import Outliers
 class Perturbation:
     """Noise on one linear layer. `resample` draws a new z; the hook applies it while active."""
 
-    def __init__(self, linear: torch.nn.Linear, kind: str, scope: str, grid_name: str, found: Outliers | None):
+    def __init__(self, linear: torch.nn.Linear, kind: str, scope: str, grid_name: str, found: Outliers | None,
+                 merged=None):
         w = linear.weight.detach().float()
         self.kind, self.active = kind, False
-        self.dense = scope == "all"
-        if self.dense:
+        self.dense = scope == "all" or kind == "rtn"
+        if kind == "rtn":
+            self.grid = get_grid(grid_name)
+            self.merged = merged or (lambda: linear.weight.detach())
+            self.z = torch.zeros_like(w)
+        elif self.dense:
             self.scale = get_grid(grid_name).step(w) if get_grid(grid_name).fits(w.shape[1]) else torch.zeros_like(w)
             self.z = torch.zeros_like(w)
         else:
@@ -48,7 +56,12 @@ class Perturbation:
             self.z = torch.zeros_like(vals)
         self.handle = linear.register_forward_hook(self._hook)
 
+    @torch.no_grad()
     def resample(self, gen: torch.Generator):
+        if self.kind == "rtn":
+            w = self.merged().float()
+            self.z = self.grid.fakequant(w) - w if self.grid.fits(w.shape[1]) else torch.zeros_like(w)
+            return
         u = torch.rand(self.z.shape, generator=gen).to(self.z.device)
         if self.dense:
             self.z = (u - 0.5) * self.scale
@@ -75,13 +88,14 @@ class Perturbations:
     """All layers' perturbations together: draw, switch on for the noisy loss, remove."""
 
     def __init__(self, linears: dict, found: dict[str, Outliers] | None, kind: str, scope: str, grid_name: str,
-                 perturbed: tuple[str, ...]):
+                 perturbed: tuple[str, ...], adapters: dict | None = None):
         self.layers = {}
         if kind == "none":
             return
         for name, lin in linears.items():
             if name.rsplit(".", 1)[-1] in perturbed:
-                self.layers[name] = Perturbation(lin, kind, scope, grid_name, None if found is None else found[name])
+                merged = (adapters or {}).get(name)
+                self.layers[name] = Perturbation(lin, kind, scope, grid_name, None if found is None else found[name], merged)
 
     def resample(self, gen: torch.Generator):
         for p in self.layers.values():
@@ -107,3 +121,18 @@ class Perturbations:
         tot = sum(float(p.z.float().square().sum()) for p in self.layers.values())
         n = sum(p.z.numel() for p in self.layers.values())
         return (tot / n) ** 0.5 if n else 0.0
+
+
+def merged_weights(peft_model) -> dict:
+    """HF linear name -> a function giving W + BA (scaled) for the peft LoRA layers, no copy kept."""
+    out = {}
+    for name, mod in peft_model.named_modules():
+        if hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight") and "model.layers." in name:
+            clean = name[name.index("model.layers."):]
+
+            def merged(mod=mod):
+                w = mod.base_layer.weight.detach()
+                return w + mod.get_delta_weight("default").detach().to(w.dtype)
+
+            out[clean] = merged
+    return out

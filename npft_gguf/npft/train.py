@@ -31,7 +31,7 @@ from ..progress import bar
 from ..sensitivity import fisher_diagonal, outliers, summary, target_linears
 from .config import NPFTSettings
 from .hessian import outlier_trace
-from .noise import Perturbations
+from .noise import Perturbations, merged_weights
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -126,7 +126,8 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
                 result.trace_before = outlier_trace(peft_model, trace_tokens, linears, found, settings.trace_probes,
                                                     settings.seed, progress, desc="hessian trace (before)")
         del fisher
-        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed)
+        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
+                              merged_weights(peft_model))
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
         finally:

@@ -80,3 +80,20 @@ def test_hook_equals_the_perturbed_weight_and_leaves_the_weight_alone():
         assert not torch.equal(noisy, clean)
         p.remove()
     assert torch.equal(lin.weight, before)
+
+
+def test_rtn_noise_makes_the_layer_its_quantized_merged_self():
+    lin, _ = _setup()
+    w = lin.weight.detach().clone()
+    delta = (torch.randn(6, 64) * 0.01).requires_grad_(True)
+    p = Perturbation(lin, "rtn", "all", "q4_0", None, merged=lambda: w + delta.detach())
+    p.resample(torch.Generator())
+    x = torch.randn(3, 64)
+    p.active = True
+    out = lin(x) + F.linear(x, delta)  # what a LoRA layer computes: base + BA
+    q = get_grid("q4_0").fakequant(w + delta.detach())
+    torch.testing.assert_close(out, F.linear(x, q), rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()  # straight through: z is a constant, the adapter's gradient sees Q
+    expect = 2 * F.linear(x, q).t() @ x
+    torch.testing.assert_close(delta.grad, expect, rtol=1e-4, atol=1e-4)
+    p.remove()
