@@ -304,6 +304,17 @@ def _tuning_settings(kw: dict, grid: str = "q4_0"):
     return calib, npft
 
 
+def _convert_type(value):
+    if value is None or value.lower() in TYPES:
+        return value
+    from .methods.simulate import parse_simulated
+
+    if parse_simulated(value):
+        return value
+    raise click.BadParameter(f"{value!r} is neither a GGUF type ({', '.join(TYPES)}) nor a simulated quantizer (rtn3, rtn4, rtn4g128)",
+                             param_hint="'--type'")
+
+
 SHORT_NOTE = "note: --recipe short is the quick CPU recipe, not the paper's full one (the default, for real models on a GPU)"
 
 
@@ -355,8 +366,14 @@ def finetune(source, output, grid, force, as_json, **kw):
 @click.argument("source")
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="GGUF file to write [default: <name>-<method>-<type>.gguf].")
 @click.option("--bits", default=4, show_default=True, type=int, help="Pick the best pure-RTN GGUF type of this width the shapes allow (4 -> q4_0).")
-@click.option("--type", "type_", type=click.Choice(TYPES, case_sensitive=False), help="Override --bits with this tensor type.")
-@click.option("--method", default="npft", show_default=True, type=click.Choice(["npft", "rtn"]), help="npft: tune, merge, then RTN; rtn: RTN only.")
+@click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
+              help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "
+                   "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF).")
+@click.option("--method", default="npft", show_default=True, type=click.Choice(["npft", "rtn", "gptq", "npft+gptq", "owq"]),
+              help="npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
+                   "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it).")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option("--owq-fraction", default=0.01, show_default=True, type=float, help="OWQ: fraction of each linear's input columns kept in fp16.")
 @click.option("--eval-text", default="wikitext2", show_default=True, help="Text for the closing evaluation (wikitext2, c4, FILE) or 'none'.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Evaluation context.")
 @click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
@@ -364,7 +381,7 @@ def finetune(source, output, grid, force, as_json, **kw):
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT, and start over instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @npft_options
-def convert(source, output, bits, type_, method, eval_text, ctx, chunks, run_dir, force, as_json, **kw):
+def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_text, ctx, chunks, run_dir, force, as_json, **kw):
     """Calibrate, tune (NPFT), merge, quantize (RTN) and write SOURCE as GGUF, then measure it.
 
     \b
@@ -380,6 +397,8 @@ def convert(source, output, bits, type_, method, eval_text, ctx, chunks, run_dir
       npft-gguf convert meta-llama/Llama-2-7b-hf --bits 4 --calib c4 -o llama2-npft-q4_0.gguf
       npft-gguf convert ./model --type q5_0 --noise grid --clean-weight 0
       npft-gguf convert ./model --method rtn --bits 4   # the baseline alone
+      npft-gguf convert ./model --method gptq --type q4_0 --calib c4
+      npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
     from .convert import ConvertSettings
     from .convert import convert as run_convert
@@ -391,7 +410,8 @@ def convert(source, output, bits, type_, method, eval_text, ctx, chunks, run_dir
         stem = Path(source.rstrip("/")).name.removesuffix(".gguf") or "model"
         output = Path(f"{stem}-{method}-{target or f'{bits}bit'}.gguf")
     calib, npft = _tuning_settings(kw, target or "q4_0")
-    settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks, threads=kw["threads"])
+    settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks,
+                               threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction)
     try:
         record = run_convert(source, output, settings, calib, npft, device=kw["device"], run_dir=run_dir, force=force,
                              resume=kw["resume"], log=lambda m: click.echo(m, err=True), notice=_notice(kw))

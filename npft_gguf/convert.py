@@ -25,7 +25,7 @@ from .npft.report import write_report
 from .sources import ModelSource, Source, open_source
 
 BITS = {2: ("q2_k",), 3: ("q3_k",), 4: ("q4_0",), 5: ("q5_0",), 6: ("q6_k", "q8_0"), 8: ("q8_0",)}
-METHODS = ("npft", "rtn")
+METHODS = ("npft", "rtn", "gptq", "npft+gptq", "owq")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,15 @@ class ConvertSettings:
     ctx: int = 512
     chunks: int | None = None
     threads: int | None = None
+    act_order: bool = False        # GPTQ
+    owq_fraction: float = 0.01     # OWQ: weak columns kept in fp16, per linear
+
+    @property
+    def simulated(self):
+        """A per-channel min-max quantizer ('rtn4', 'rtn3', 'rtn4g128'): torch only, no GGUF."""
+        from .methods.simulate import parse_simulated
+
+        return parse_simulated(self.type) if self.type else None
 
 
 def type_for_bits(bits: int, source: Source) -> str:
@@ -63,17 +72,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def tuned_model(source: Source, calib: CalibSettings, npft: NPFTSettings, device: str, run_dir: Path,
-                resume: bool, progress: bool, log, notice: str | None = None):
-    """Load, calibrate, tune and merge. CUDA keeps bf16 base weights (the adapters train in fp32)."""
+def calibrated_model(source: Source, calib: CalibSettings, device: str, progress: bool, log, notice: str | None = None,
+                     dtype=None):
+    """The model on its device (CUDA: bf16 base weights; the adapters train in fp32) and its
+    calibration tokens."""
     import torch
 
     dev = resolve_device(device)
-    model = source.load_model(dtype=torch.bfloat16 if dev == "cuda" else torch.float32, device=dev)
+    model = source.load_model(dtype=dtype or (torch.bfloat16 if dev == "cuda" else torch.float32), device=dev)
     tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
     log(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.calib}")
     if notice:
         log(notice)
+    return model, tokens
+
+
+def tuned_model(source: Source, calib: CalibSettings, npft: NPFTSettings, device: str, run_dir: Path,
+                resume: bool, progress: bool, log, notice: str | None = None):
+    """Load, calibrate, tune and merge."""
+    model, tokens = calibrated_model(source, calib, device, progress, log, notice)
     return tune(model, tokens, npft, run_dir, resume=resume, progress=progress, log=log)
 
 
@@ -141,28 +158,106 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
         raise UsageError(f"--method {settings.method!r}: choose one of {', '.join(METHODS)}")
     check_target(out, force)
     run_dir = Path(run_dir) if run_dir else out.with_name(out.stem + ".npft-run")
-    if settings.method != "rtn":
+    if "npft" in settings.method:
         check_run_dir(run_dir, force, resume)
     source = open_source(spec)
     type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
+    if not settings.simulated:
+        from .grids import get_grid
+
+        get_grid(type_name)
     record: dict = {"source": spec, "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
                     "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                     "convert": asdict(settings) | {"type": type_name}}
-    if settings.method == "rtn":
+    if settings.method == "rtn" and not settings.simulated:
         report = export(source, out, ExportSettings(type=type_name), force=force, progress=progress)
+        record["output"] = report.__dict__
+        log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method rtn)")
     else:
-        result = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
-        record.update(run_record(spec, calib, result))
-        tuned = ModelSource(source, result.model, "npft")
-        provenance = {"method": "npft", "npft": npft.as_dict(), "calibration": asdict(calib)}
+        import torch
+
+        dtype = torch.float32 if settings.method != "npft" else None  # GPTQ/OWQ want float32 Hessians
+        if "npft" in settings.method:
+            result = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
+            record.update(run_record(spec, calib, result))
+            model = result.model.float()
+            tokens = None
+        else:
+            model, tokens = calibrated_model(source, calib, device, progress, log, notice, dtype=dtype)
+        if settings.method in ("gptq", "npft+gptq", "owq"):
+            if tokens is None:
+                tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
+            record["quantizer"] = apply_gptq_family(model, tokens, settings, type_name, progress, log)
+        elif settings.simulated:
+            from .methods.simulate import fake_quantize_minmax_
+
+            q = settings.simulated
+            record["quantizer"] = fake_quantize_minmax_(model, q.bits, q.group)
+        if settings.simulated or settings.method == "owq":
+            from .methods.owq import OWQ_WARNING
+
+            log("note: " + (OWQ_WARNING if settings.method == "owq" else
+                            f"{type_name} is a simulated per-channel quantizer with no GGUF form; nothing is written, "
+                            "the model is evaluated in torch"))
+            if settings.eval_text != "none":
+                record["comparison"] = evaluate_in_torch(source, model, f"{settings.method} {type_name}", settings, progress)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_report(record | {"evaluation": record.get("comparison", {}).get("markdown")}, run_dir)
+            return record
+        provenance = {"method": settings.method, "calibration": asdict(calib)}
+        if "npft" in settings.method:
+            provenance["npft"] = npft.as_dict()
+        if "quantizer" in record:
+            provenance["quantizer"] = {k: v for k, v in record["quantizer"].items() if k != "linears"}
+        tuned = ModelSource(source, model, settings.method)
         report = export(tuned, out, ExportSettings(type=type_name), force=force, provenance=provenance, progress=progress)
-    record["output"] = report.__dict__
-    log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
+        record["output"] = report.__dict__
+        log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
     if settings.eval_text != "none":
         record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, progress, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_report(record | {"evaluation": record.get("comparison", {}).get("markdown")}, run_dir)
     return record
+
+
+def apply_gptq_family(model, tokens, settings: ConvertSettings, type_name: str, progress: bool, log) -> dict:
+    """GPTQ (onto the GGUF grid or the simulated quantizer) or OWQ, in place; returns its summary."""
+    from .methods import GPTQSettings, OWQSettings, gptq_model_, owq_model_
+
+    g = GPTQSettings(target=type_name, act_order=settings.act_order)
+    g.quantizer()  # an unsupported target fails before any work
+    log(f"{settings.method}: layer by layer on {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
+    if settings.method == "owq":
+        from .methods.owq import mean_bits
+
+        rep = owq_model_(model, tokens, OWQSettings(gptq=g, weak_fraction=settings.owq_fraction), progress=progress)
+        return {"method": "owq", "target": type_name, "weak_fraction": settings.owq_fraction, "bits_per_weight": mean_bits(rep),
+                "seconds": rep.seconds}
+    rep = gptq_model_(model, tokens, g, progress=progress)
+    return {"method": "gptq", "target": type_name, "act_order": settings.act_order, "seconds": rep.seconds}
+
+
+def evaluate_in_torch(source: Source, model, label: str, settings: ConvertSettings, progress: bool) -> dict:
+    """Simulated quantizers: the same perplexity/KLD protocol in torch, against the float model."""
+    import torch
+
+    from .texts import load_text
+    from .validate.models import TorchBackend
+    from .validate.perplexity import EvalSettings, evaluate
+
+    text_name, body = load_text(settings.eval_text)
+    es = EvalSettings(ctx=settings.ctx, chunks=settings.chunks)
+    dev = str(next(model.parameters()).device)
+    tok = source.tokenizer()
+    ref = TorchBackend(source.load_model(dtype=torch.float32, device=dev), tok, label="float (torch)", device=dev)
+    ref_r = evaluate(ref, body, text_name, es, progress=progress)
+    r = evaluate(TorchBackend(model.eval(), tok, label=label, device=dev), body, text_name, es, ref=ref, progress=progress)
+    rows = [("float (torch)", ref_r.ppl, ref_r.ppl_se, 0.0, 100.0), (label, r.ppl, r.ppl_se, r.kld["mean"], r.kld["same_top1_pct"])]
+    md = ["| model | PPL | delta-PPL % | mean KLD | same top-1 % |", "|---|---|---|---|---|"]
+    md += [f"| {n} | {p:.4f} ± {se:.4f} | {100 * (p / ref_r.ppl - 1):+.2f} | {k:.5f} | {t:.2f} |" for n, p, se, k, t in rows]
+    md = f"torch, {text_name}, ctx {settings.ctx}, {r.chunks} chunks\n\n" + "\n".join(md) + "\n"
+    return {"backend": "torch", "rows": [dict(zip(("model", "ppl", "ppl_se", "kld_mean", "same_top1_pct"), x)) for x in rows],
+            "ppl_float": ref_r.ppl, "ppl": r.ppl, "kld": r.kld, "chunks": r.chunks, "markdown": md}
 
 
 def evaluate_beside_baselines(source: Source, out: Path, type_name: str, settings: ConvertSettings, run_dir: Path,

@@ -72,3 +72,33 @@ def test_convert_bad_input(tiny_bpe, texts, tmp_path):
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--bits", "3", *TINY), 2, "no 3-bit GGUF type fits")
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--noise-scope", "all", *TINY), 2, "--noise grid")
     assert not out.exists()
+
+
+def test_baseline_methods_through_convert(tiny_bpe, texts, tmp_path):
+    from gguf.quants import dequantize
+
+    from npft_gguf.grids import get_grid
+
+    calib = ["--calib", texts / "calib.txt", "--calib-samples", "6", "--calib-len", "32", "--threads", "2"]
+    out = tmp_path / "tiny-gptq.gguf"
+    r = cli("convert", tiny_bpe, "-o", out, "--method", "gptq", "--type", "q4_0", *calib, "--eval-text", "none", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quantizer"]["method"] == "gptq"
+    t = next(t for t in GGUFReader(out).tensors if t.name == "blk.0.ffn_down.weight")
+    w = dequantize(t.data, t.tensor_type)
+    # GPTQ's output sits on the Q4_0 grid: RTN of the file's weights gives them back unchanged
+    import torch
+
+    wt = torch.from_numpy(w.reshape(-1, 128).copy())
+    assert torch.equal(get_grid("q4_0").fakequant(wt), wt)
+    # OWQ and the simulated per-channel quantizer write no GGUF and are measured in torch
+    for extra, label in ((["--method", "owq", "--type", "q4_0"], "owq"), (["--method", "rtn", "--type", "rtn3"], "rtn3")):
+        o = tmp_path / f"tiny-{label}.gguf"
+        r = cli("convert", tiny_bpe, "-o", o, *extra, *calib, "--eval-text", texts / "eval.txt", "--ctx", "64", "--chunks", "3", "--json")
+        assert r.returncode == 0, r.stderr
+        rec = json.loads(r.stdout)
+        assert not o.exists()
+        assert "no GGUF" in r.stderr or "GGUF cannot hold" in r.stderr
+        c = rec["comparison"]
+        assert c["backend"] == "torch" and c["kld"]["mean"] > 0 and c["ppl"] > 0
+    assert_fails(cli("convert", tiny_bpe, "-o", tmp_path / "y.gguf", "--type", "q9_9"), 2, "--type")
