@@ -240,7 +240,7 @@ def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out):
 RECIPES = {
     "paper": dict(calib_samples=128, calib_len=512, epochs=3, lr=5e-5, batch=2, rank=16, alpha=32,
                   fisher_samples=None, max_steps=None, trace_samples=8),
-    "short": dict(calib_samples=32, calib_len=256, epochs=1, lr=2e-4, batch=4, rank=16, alpha=32,
+    "short": dict(calib_samples=64, calib_len=256, epochs=2, lr=5e-4, batch=4, rank=16, alpha=32,
                   fisher_samples=16, max_steps=None, trace_samples=2),
 }
 

