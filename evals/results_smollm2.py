@@ -50,7 +50,12 @@ def main():
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from RESULTS.json (and the NPFT rounds)")
     a = ap.parse_args()
+    if a.render:
+        rec = json.loads((ROOT / "evals" / "RESULTS.json").read_text())
+        (ROOT / "evals" / "RESULTS.md").write_text(markdown(rec))
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     log: list = []
     calib = ["--calib", CALIB, "--calib-samples", a.calib_samples, "--calib-len", 512, "--threads", a.threads]
@@ -126,7 +131,22 @@ def markdown(rec: dict) -> str:
               "per-column mixed precision, so it has no file, size or llama.cpp speed.", "", "## Commands", "", "```"]
     lines += [f"{x['command']}   # {x['seconds']:.0f} s" for x in rec["commands"]]
     lines += ["```", ""]
+    lines += npft_rounds()
     return "\n".join(lines)
+
+
+def npft_rounds() -> list[str]:
+    """The NPFT variant rounds of evals/npft_smollm2.py, where they have been run."""
+    out = []
+    for path in sorted((ROOT / "evals" / "out").glob("npft_smollm2-*.json")):
+        r = json.loads(path.read_text())
+        md = path.with_suffix(".md")
+        out += [f"## NPFT variants, round `{r.get('tag', path.stem)}`", "",
+                f"`.venv/bin/python evals/npft_smollm2.py --tag {r.get('tag')} --extra \"{r.get('extra', '')}\"` "
+                f"({r['date']}, {r['machine']}); each variant is one `npft-gguf convert`:", "", "```"]
+        out += [v["command"].replace(str(ROOT) + "/", "") for v in r["variants"].values()]
+        out += ["```", "", md.read_text() if md.exists() else "", ""]
+    return out
 
 
 def fmt(x):

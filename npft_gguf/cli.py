@@ -273,6 +273,8 @@ def npft_options(f):
         click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps."),
         click.option("--max-steps", type=click.IntRange(min=1), help="Stop each epoch after this many optimizer steps."),
         click.option("--trace-samples", type=click.IntRange(min=0), help="Samples for the Hutchinson trace before/after (0: skip) [recipe: 8]."),
+        click.option("--trace-probes", default=2, show_default=True, type=click.IntRange(min=1), help="Rademacher probes per trace sample."),
+        click.option("--trace-len", type=click.IntRange(min=8), help="Tokens per trace sample [default: --calib-len]."),
         click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory (large models on GPU)."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and llama.cpp."),
@@ -300,6 +302,7 @@ def _tuning_settings(kw: dict, grid: str = "q4_0"):
         dropout=kw["dropout"], targets=tuple(t.strip() for t in kw["targets"].split(",") if t.strip()), lr=pick("lr"),
         epochs=pick("epochs"), batch=pick("batch"), grad_accum=kw["grad_accum"], max_steps_per_epoch=pick("max_steps"),
         seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], trace_samples=pick("trace_samples"),
+        trace_probes=kw["trace_probes"], trace_len=kw["trace_len"],
     )
     return calib, npft
 

@@ -38,6 +38,7 @@ class NPFTSettings:
     # the method's own claim, measured
     trace_samples: int = 8
     trace_probes: int = 2
+    trace_len: int | None = None       # tokens per trace sample (None: the calibration length)
 
     def __post_init__(self):
         checks = [

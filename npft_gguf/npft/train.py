@@ -91,7 +91,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, steps_per_epoch * settings.epochs)
     result = TuneResult(model=None, settings=settings.as_dict(), device=str(device))
-    trace_tokens = tokens[: settings.trace_samples]
+    trace_tokens = tokens[: settings.trace_samples, : settings.trace_len or tokens.shape[1]]
     fisher_tokens = tokens[: settings.fisher_samples] if settings.fisher_samples else tokens
     digest = tokens_digest(tokens)
 
