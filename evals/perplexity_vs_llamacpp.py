@@ -22,7 +22,8 @@ Steps (idempotent; downloads and builds are cached under `npft_gguf.demo.cache_d
 
 llama-perplexity runs with its defaults otherwise (n_batch 2048, so 4 windows of 512 share one
 decode; n_ubatch 512; f16 KV cache); `npft-gguf eval` decodes one window at a time (n_batch =
-n_ubatch = ctx, f16 KV cache). Both score positions ctx/2 .. ctx-2 of each window.
+n_ubatch = ctx, f16 KV cache). Both ask llama.cpp for the logits of positions ctx/2 .. ctx-1 only
+and score ctx/2 .. ctx-2 of each window.
 
     python evals/perplexity_vs_llamacpp.py [--chunks 40] [--ctx 512] [--out-dir evals/out]
                                            [--threads T] [--repeat R]
