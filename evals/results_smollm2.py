@@ -163,15 +163,17 @@ def extra_checks() -> list[str]:
                 f"first epoch's outliers: Tr(H_outliers) {b['trace']:.1f} before, {a['trace']:.1f} after; paired change "
                 f"{mean:+.1f} ± {se:.1f} ({100 * mean / b['trace']:+.1f} %, {abs(mean) / se:.1f} standard errors). "
                 f"Wall time {t['seconds']:.0f} s (contended machine).", ""]
-    ev = EXTRA / "short-b-grid-eval.json"
-    if ev.exists():
+    for name, noise, title in (("grid", "--noise grid --clean-weight 0.5", "Grid noise at the outliers"),
+                               ("paper-nolambda", "--noise paper --clean-weight 0", "Paper noise without the clean term (lambda 0, as the public code)")):
+        ev = EXTRA / f"short-b-{name}-eval.json"
+        if not ev.exists():
+            continue
         e = json.loads(ev.read_text())
-        out += ["## Grid noise at the outliers (round `short`'s recipe)", "", "```",
-                "npft-gguf convert smollm2-135m --bits 4 --recipe short --calib ../shared/data/calib/wiki_excerpt.txt --noise grid "
-                "--clean-weight 0.5 --calib-samples 32 --epochs 1 --lr 2e-4 --threads 2 --eval-text none "
-                "-o evals/out/npft/smollm2-short-b-grid-q4_0.gguf --force",
-                "npft-gguf eval evals/out/npft/smollm2-short-b-grid-q4_0.gguf --ref evals/out/results/smollm2-f32.gguf --chunks 40 "
-                "--threads 2 --json evals/out/npft/short-b-grid-eval.json", "```", "",
+        out += [f"## {title} (round `short`'s recipe)", "", "```",
+                f"npft-gguf convert smollm2-135m --bits 4 --recipe short --calib ../shared/data/calib/wiki_excerpt.txt {noise} "
+                f"--calib-samples 32 --epochs 1 --lr 2e-4 --threads 2 --eval-text none -o evals/out/npft/smollm2-short-b-{name}-q4_0.gguf --force",
+                f"npft-gguf eval evals/out/npft/smollm2-short-b-{name}-q4_0.gguf --ref evals/out/results/smollm2-f32.gguf --chunks 40 "
+                f"--threads 2 --json evals/out/npft/short-b-{name}-eval.json", "```", "",
                 f"PPL {e['ppl']:.4f} ± {e['ppl_se']:.4f}, mean KLD {e['kld']['mean']:.4f}, same top-1 {e['kld']['same_top1_pct']:.2f} %.", ""]
     return out
 
