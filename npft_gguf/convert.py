@@ -11,8 +11,8 @@ interrupted run continues with --resume and a repeated evaluation reuses what it
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
-import platform
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,9 +89,9 @@ def calibrated_model(source: Source, calib: CalibSettings, device: str, progress
 
 def tuned_model(source: Source, calib: CalibSettings, npft: NPFTSettings, device: str, run_dir: Path,
                 resume: bool, progress: bool, log, notice: str | None = None):
-    """Load, calibrate, tune and merge."""
+    """Load, calibrate, tune and merge; returns the tuning result and the calibration tokens."""
     model, tokens = calibrated_model(source, calib, device, progress, log, notice)
-    return tune(model, tokens, npft, run_dir, resume=resume, progress=progress, log=log)
+    return tune(model, tokens, npft, run_dir, resume=resume, progress=progress, log=log), tokens
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool):
@@ -115,7 +115,7 @@ def finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings,
     run_dir = out_dir / "npft-run"
     check_run_dir(run_dir, force, resume)
     source = open_source(spec)
-    result = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
+    result, _ = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
     save_checkpoint(result.model, source.tokenizer(), out_dir)
     report = run_record(spec, calib, result)
     write_report(report, out_dir)
@@ -138,12 +138,15 @@ def save_checkpoint(model, tokenizer, out_dir: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_header(spec: str) -> dict:
+    from .validate.compare import machine_label
+
+    return {"source": spec, "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine_label()}
+
+
 def run_record(spec: str, calib: CalibSettings, result) -> dict:
-    return {
-        "source": spec, "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "calibration": asdict(calib),
-        "tune": result.as_dict(),
-    }
+    return {**run_header(spec), "calibration": asdict(calib), "tune": result.as_dict()}
 
 
 def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
@@ -166,9 +169,7 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
         from .grids import get_grid
 
         get_grid(type_name)
-    record: dict = {"source": spec, "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
-                    "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                    "convert": asdict(settings) | {"type": type_name}}
+    record: dict = {**run_header(spec), "convert": asdict(settings) | {"type": type_name}}
     if settings.method == "rtn" and not settings.simulated:
         report = export(source, out, ExportSettings(type=type_name), force=force, progress=progress)
         record["output"] = report.__dict__
@@ -176,17 +177,13 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
     else:
         import torch
 
-        dtype = torch.float32 if settings.method != "npft" else None  # GPTQ/OWQ want float32 Hessians
         if "npft" in settings.method:
-            result = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
+            result, tokens = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
             record.update(run_record(spec, calib, result))
             model = result.model.float()
-            tokens = None
-        else:
-            model, tokens = calibrated_model(source, calib, device, progress, log, notice, dtype=dtype)
+        else:  # GPTQ/OWQ want float32 Hessians
+            model, tokens = calibrated_model(source, calib, device, progress, log, notice, dtype=torch.float32)
         if settings.method in ("gptq", "npft+gptq", "owq"):
-            if tokens is None:
-                tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
             record["quantizer"] = apply_gptq_family(model, tokens, settings, type_name, progress, log)
         elif settings.simulated:
             from .methods.simulate import fake_quantize_minmax_
@@ -270,7 +267,7 @@ def evaluate_beside_baselines(source: Source, out: Path, type_name: str, setting
 
     text_name, body = load_text(settings.eval_text)
     run_dir.mkdir(parents=True, exist_ok=True)
-    n_params = sum(_numel(s) for s in source.shapes().values())
+    n_params = sum(math.prod(s) for s in source.shapes().values())
     ref_type = "f32" if n_params < 2e9 else "f16"
     ref = run_dir / f"float-{ref_type}.gguf"
     files = [out]
@@ -287,10 +284,3 @@ def evaluate_beside_baselines(source: Source, out: Path, type_name: str, setting
                      settings.threads, progress=progress)
     report["markdown"] = markdown(report)
     return report
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

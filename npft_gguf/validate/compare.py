@@ -15,6 +15,11 @@ from .perplexity import EvalSettings, evaluate
 COLUMNS = ["file", "type mix", "size MB", "bits/weight", "PPL", "delta-PPL %", "mean KLD", "same top-1 %", "pp t/s", "tg t/s"]
 
 
+def machine_label() -> str:
+    """The machine a report was measured on, as reports print it."""
+    return f"{platform.machine()} {platform.processor() or ''}".strip()
+
+
 def compare(files: list[Path], ref: Path, text: str, text_name: str, settings: EvalSettings,
             bench_settings: BenchSettings | None, threads: int | None = None, progress: bool = True) -> dict:
     ref_backend = LlamaCppBackend(ref, settings.ctx, threads)
@@ -38,7 +43,7 @@ def compare(files: list[Path], ref: Path, text: str, text_name: str, settings: E
             "eval_settings": r.settings,
         })
     return {
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_label(),
         "text": text_name, "ctx": settings.ctx, "chunks": ref_result.chunks, "ref": str(ref), "rows": rows,
         "bench": bench_settings.__dict__ if bench_settings else None,
     }
