@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,28 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
     return items
 
 
+def _packed(source: Source, t: PlannedTensor) -> np.ndarray:
+    """One tensor's GGUF bytes; its float copy is freed on return, before the next one is loaded."""
+    w = source.arch.to_gguf_layout(t.hf_name, source.load(t.hf_name), source.config)
+    data = t.choice.grid.pack(w)
+    assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
+    return data
+
+
+@contextmanager
+def _one_torch_thread():
+    """Grid.pack runs many small elementwise ops on cache-sized chunks: one thread is faster there
+    than torch's thread pool, which also stalls badly when another process holds a core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def export(source: Source, out: Path, settings: ExportSettings, force: bool = False,
            provenance: dict | None = None, progress: bool = True) -> ExportReport:
     """Write `source` as a GGUF file at `out` (atomically). Returns what was written."""
@@ -113,11 +136,9 @@ def export(source: Source, out: Path, settings: ExportSettings, force: bool = Fa
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in bar(tensors, desc=f"export {settings.type}", unit="tensor", disable=not progress):
-            w = source.arch.to_gguf_layout(t.hf_name, source.load(t.hf_name), source.config)
-            data = t.choice.grid.pack(w)
-            assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
-            writer.write_tensor_data(data)
+        with _one_torch_thread():
+            for t in bar(tensors, desc=f"export {settings.type}", unit="tensor", disable=not progress):
+                writer.write_tensor_data(_packed(source, t))
         writer.close()
     report = ExportReport(str(out), settings.type, settings.pure, len(tensors), out.stat().st_size)
     for t in tensors:
