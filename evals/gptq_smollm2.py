@@ -1,6 +1,6 @@
 """GPTQ onto Q4_0 on SmolLM2-135M, exported as an ordinary GGUF and measured in llama.cpp.
 
-    nice .venv/bin/python evals/gptq_smollm2.py [--act-order] [--samples 128] [--out-dir evals/out]
+    nice .venv/bin/python evals/gptq_smollm2.py [--no-act-order] [--samples 128] [--out-dir evals/out]
 
 1. the demo model (`smollm2-135m`, float32 in torch);
 2. calibration: 128 random 512-token segments (seed 0) of ../shared/data/calib/wiki_excerpt.txt,
@@ -47,7 +47,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--type", default="q4_0")
-    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--true-sequential", action="store_true")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--length", type=int, default=512)
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--threads", type=int, help="llama.cpp threads for the eval (default: all cores)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "evals" / "out")
     args = ap.parse_args()
-    tag = f"gptq-{args.type}" + ("-ao" if args.act_order else "") + ("-ts" if args.true_sequential else "")
+    tag = f"gptq-{args.type}" + ("" if args.act_order else "-natural") + ("-ts" if args.true_sequential else "")
     work = args.out_dir / tag
     work.mkdir(parents=True, exist_ok=True)
 

@@ -375,7 +375,8 @@ def finetune(source, output, grid, force, as_json, **kw):
 @click.option("--method", default="npft", show_default=True, type=click.Choice(["npft", "rtn", "gptq", "npft+gptq", "owq"]),
               help="npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
                    "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it).")
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations).")
 @click.option("--owq-fraction", default=0.01, show_default=True, type=float, help="OWQ: fraction of each linear's input columns kept in fp16.")
 @click.option("--eval-text", default="wikitext2", show_default=True, help="Text for the closing evaluation (wikitext2, c4, FILE) or 'none'.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Evaluation context.")

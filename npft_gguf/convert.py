@@ -37,7 +37,7 @@ class ConvertSettings:
     ctx: int = 512
     chunks: int | None = None
     threads: int | None = None
-    act_order: bool = False        # GPTQ
+    act_order: bool = True         # GPTQ/OWQ (see methods/gptq.py)
     owq_fraction: float = 0.01     # OWQ: weak columns kept in fp16, per linear
 
     @property
