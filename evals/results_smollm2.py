@@ -76,9 +76,9 @@ def main():
                 "--clean-weight", "0", "--trace-samples", "0", "--threads", a.threads, "--force", log=log)
     t_ce, _ = sh("export", control, "--type", "q4_0", "-o", f["lora-control-q4_0"], "--force", log=log)
     wall["lora-control-q4_0"] = t_c + t_ce
-    wall["gptq-q4_0"], _ = sh("convert", "smollm2-135m", "--method", "gptq", "--type", "q4_0", *calib, "--eval-text", "none",
+    wall["gptq-q4_0"], _ = sh("convert", "smollm2-135m", "--method", "gptq", "--act-order", "--type", "q4_0", *calib, "--eval-text", "none",
                               "-o", f["gptq-q4_0"], "--force", log=log)
-    t_g, _ = sh("convert", tuned, "--method", "gptq", "--type", "q4_0", *calib, "--eval-text", "none",
+    t_g, _ = sh("convert", tuned, "--method", "gptq", "--act-order", "--type", "q4_0", *calib, "--eval-text", "none",
                 "-o", f["npft-gptq-q4_0"], "--force", log=log)
     wall["npft-gptq-q4_0"] = t_tune + t_g
     for t in ("q4_0", "q4_k_m", "iq4_nl"):
@@ -88,7 +88,7 @@ def main():
     sh("compare", *[f[k] for k in f if k != "f32"], "--ref", f["f32"], "--chunks", a.chunks, "--threads", a.threads,
        "--reps", a.reps, "-o", report, "--plot", OUT / "compare.png", log=log)
     cmp = json.loads(report.with_suffix(".json").read_text())
-    t_owq, owq_out = sh("convert", "smollm2-135m", "--method", "owq", "--type", "q4_0", *calib, "--chunks", a.chunks,
+    t_owq, owq_out = sh("convert", "smollm2-135m", "--method", "owq", "--act-order", "--type", "q4_0", *calib, "--chunks", a.chunks,
                         "-o", OUT / "smollm2-owq.gguf", "--force", "--json", log=log)
     owq = json.loads(owq_out)
     rec = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "commands": log, "wall": wall,
@@ -200,18 +200,28 @@ def standing(c: dict, oc: dict | None) -> list[str]:
         return []
     gap = p["rtn-q4_0"] - p["f32"]
     closed = lambda k: 100 * (p["rtn-q4_0"] - p[k]) / gap  # noqa: E731
-    text = [
-        "", "**Standing.** "
-        f"RTN+NPFT closes {closed('npft-q4_0'):.0f} % of the RTN Q4_0 gap to F32 ({p['rtn-q4_0']:.2f} -> {p['npft-q4_0']:.2f}); "
+    def vs(a: str, b: float, name_b: str) -> str:
+        """'below', 'above' or 'level with' (within 1 %), from two perplexities."""
+        r = p[a] / b - 1
+        return f"level with {name_b}" if abs(r) < 0.01 else f"{'below' if r < 0 else 'above'} {name_b}"
+
+    npft, gptq = p["npft-q4_0"], p["gptq-q4_0"]
+    both = p.get("npft-gptq-q4_0")
+    parts = [
+        f"RTN+NPFT closes {closed('npft-q4_0'):.0f} % of the RTN Q4_0 gap to F32 ({p['rtn-q4_0']:.2f} -> {npft:.2f}); "
         f"the same LoRA recipe without noise closes {closed('lora-control-q4_0'):.0f} % (fine-tuning on Wikipedia text helps a "
-        "WikiText-2 score by itself), so the noise accounts for the rest. "
-        f"GPTQ Q4_0 ({p['gptq-q4_0']:.2f}) is {'below' if p['gptq-q4_0'] < p['rtn-q4_0'] else 'ABOVE'} RTN here"
-        + ("" if p["gptq-q4_0"] < p["rtn-q4_0"] else ", against the published pattern, although its KLD is lower: not understood yet")
-        + f"; NPFT beats GPTQ {'and' if p['npft-q4_0'] < p['gptq-q4_0'] else 'but not'} GPTQ+NPFT. "
-        f"llama.cpp's Q4_K_M ({p['llamacpp-q4_k_m']:.2f}, a larger mostly-Q5_0 file on this model) stays ahead of NPFT at Q4_0's size."
-        + (f" Simulated OWQ ({oc['ppl']:.2f}, not expressible in GGUF) is level with NPFT in perplexity and far lower in KLD." if oc else ""),
-        "The NPFT row uses our `--noise rtn` variant (the exact RTN error as the perturbation); the paper's own noise is in the rounds below.",
+        "WikiText-2 score by itself), so the noise accounts for the rest.",
+        f"GPTQ Q4_0 ({gptq:.2f}) closes {closed('gptq-q4_0'):.0f} % of the gap; RTN+NPFT is {vs('npft-q4_0', gptq, 'GPTQ')}"
+        + (f", and GPTQ of the NPFT-tuned model ({both:.2f}) is {vs('npft-gptq-q4_0', npft, 'RTN+NPFT')}." if both else "."),
+        f"llama.cpp's Q4_K_M ({p['llamacpp-q4_k_m']:.2f}, a larger mostly-Q5_0 file on this model) is "
+        f"{vs('llamacpp-q4_k_m', npft, 'RTN+NPFT')} at Q4_0's size.",
     ]
+    if oc:
+        r = oc["ppl"] / npft - 1
+        parts.append(f"Simulated OWQ ({oc['ppl']:.2f}, not expressible in GGUF) is "
+                     + ("level with" if abs(r) < 0.01 else "below" if r < 0 else "above") + " RTN+NPFT in perplexity.")
+    text = ["", "**Standing.** " + " ".join(parts),
+            "The NPFT row uses our `--noise rtn` variant (the exact RTN error as the perturbation); the paper's own noise is in the rounds below."]
     return text
 
 
