@@ -50,12 +50,15 @@ def main():
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from RESULTS.json (and the NPFT rounds)")
+    ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from RESULTS.json")
+    ap.add_argument("--rounds", action="store_true", help="only rewrite NPFT_ROUNDS.md from the rounds' JSON under evals/out/")
     a = ap.parse_args()
     if a.render:
         rec = json.loads((ROOT / "evals" / "RESULTS.json").read_text())
         (ROOT / "evals" / "RESULTS.md").write_text(markdown(rec))
         return
+    if a.rounds:
+        return write_rounds()
     OUT.mkdir(parents=True, exist_ok=True)
     log: list = []
     calib = ["--calib", CALIB, "--calib-samples", a.calib_samples, "--calib-len", 512, "--threads", a.threads]
@@ -136,9 +139,25 @@ def markdown(rec: dict) -> str:
     lines += ["", "OWQ's row is measured in torch against the float model in torch (same protocol, same tokens); GGUF has no",
               "per-column mixed precision, so it has no file, size or llama.cpp speed.", "", "## Commands", "", "```"]
     lines += [f"{x['command']}   # {x['seconds']:.0f} s" for x in rec["commands"]]
-    lines += ["```", ""]
-    lines += npft_rounds() + extra_checks()
+    lines += ["```", "", "NPFT variants (paper vs grid noise, the clean term on and off, the outlier Hessian trace): "
+              "[evals/NPFT_ROUNDS.md](NPFT_ROUNDS.md).", ""]
     return "\n".join(lines)
+
+
+ROUNDS_HEAD = """# NPFT variants on SmolLM2-135M: paper vs grid noise, lambda on/off, the outlier trace
+
+Built by `.venv/bin/python evals/results_smollm2.py --rounds` from the JSON that `evals/npft_smollm2.py` and the
+commands below leave under evals/out/; each section names its commands, machine and date. The evaluation is the one
+of evals/RESULTS.md (WikiText-2 test, ctx 512, first 40 chunks, llama.cpp, KLD against the F32 export).
+"""
+
+
+def write_rounds() -> None:
+    """evals/NPFT_ROUNDS.md from the rounds' JSON; refuses to replace it with nothing."""
+    body = npft_rounds() + extra_checks()
+    if not body:
+        sys.exit("no NPFT rounds under evals/out/ (run evals/npft_smollm2.py first); evals/NPFT_ROUNDS.md left as it is")
+    (ROOT / "evals" / "NPFT_ROUNDS.md").write_text(ROUNDS_HEAD + "\n" + "\n".join(body))
 
 
 EXTRA = ROOT / "evals" / "out" / "npft"
