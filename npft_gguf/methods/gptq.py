@@ -8,8 +8,7 @@ Act-order processes columns by decreasing H_ii. It is the default because llama-
 have massive activations: on SmolLM2-135M the first token's input to some down_proj layers holds
 one channel near 3000 (99.8% of tr H in layer 11). In natural order GPTQ still lowers every
 layer's own loss, yet WikiText-2 perplexity ends above plain RTN; with act-order it ends well
-below (evals/gptq_smollm2.md has the numbers). Leaving the first token out of H is worse still:
-that token's outputs matter.
+below (evals/gptq_smollm2.md has the numbers; evals/massive_activations.py finds the channels).
 
 Groups (GGUF's 32-weight blocks along the row) are contiguous in the original column order. A
 group's parameters are fitted, by the target grid's own rule, from the group's error-updated
