@@ -97,6 +97,10 @@ class Arch:
         return None
 
     # --- RoPE row order ------------------------------------------------------------------------
+    def permutes(self, hf_name: str) -> bool:
+        """Whether the tensor's rows are in a different order in GGUF than in HF (q/k projections)."""
+        return any(f".{proj}." in hf_name for proj in self.rope_permute)
+
     def _heads(self, hf_name: str, config) -> int | None:
         for proj, attr in self.rope_permute.items():
             if f".{proj}." in hf_name:

@@ -9,8 +9,11 @@ whole model as a torch module (for tuning and evaluation).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -46,6 +49,11 @@ class Source:
     def load(self, name: str) -> "torch.Tensor":
         """One tensor, HF layout, in its stored float dtype (quantized GGUF tensors: float32)."""
         raise NotImplementedError
+
+    def row_chunks(self, name: str, rows: int) -> Iterator["torch.Tensor"]:
+        """A 2-D tensor as `load` gives it, `rows` rows at a time. This default loads it whole;
+        sources that can read part of a tensor override it, so a large one is never whole in memory."""
+        yield from self.load(name).split(rows)
 
     def tokenizer(self):
         raise NotImplementedError
@@ -90,38 +98,59 @@ class HFDirSource(Source):
             raise UsageError(f"{self.path} has a config but no weights (*.safetensors or pytorch_model*.bin)")
         out = {}
         for f in files:
-            for k in self._open(f).keys():
-                out[k] = f
+            with self._handle(f) as h:
+                out.update((k, f) for k in h.keys())
         return out
 
-    def _open(self, f: Path):
-        cache = self.__dict__.setdefault("_handles", {})
+    @contextmanager
+    def _handle(self, f: Path):
+        """A safetensors handle, opened for this use only: tensors read through it are views of the
+        mapped file, and every page they touched stays resident while the handle lives, so one
+        handle kept open for a whole export would end up holding the whole model in memory.
+        (A tensor outlives its handle; its pages go when it does.) pytorch_model*.bin files are
+        loaded once, memory-mapped."""
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as h:
+                yield h
+            return
+        cache = self.__dict__.setdefault("_bins", {})
         if f not in cache:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
+            import torch
 
-                cache[f] = safe_open(str(f), framework="pt")
-            else:
-                import torch
-
-                cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        return cache[f]
+            cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        yield cache[f]
 
     def shapes(self):
         out = {}
         tied = getattr(self.config, "tie_word_embeddings", False)
-        for name, f in self._files.items():
-            if SKIPPED.search(name) or (tied and name == "lm_head.weight"):
-                continue
-            if self.arch.gguf_name(name) is None:
-                raise UsageError(f"tensor {name!r} has no GGUF name in the {self.arch.name} table; is this really a {self.arch.name} model?")
-            h = self._open(f)
-            out[name] = tuple(h.get_slice(name).get_shape()) if hasattr(h, "get_slice") else tuple(h[name].shape)
+        with ExitStack() as stack:
+            handles = {f: stack.enter_context(self._handle(f)) for f in set(self._files.values())}
+            for name, f in self._files.items():
+                if SKIPPED.search(name) or (tied and name == "lm_head.weight"):
+                    continue
+                if self.arch.gguf_name(name) is None:
+                    raise UsageError(f"tensor {name!r} has no GGUF name in the {self.arch.name} table; is this really a {self.arch.name} model?")
+                h = handles[f]
+                out[name] = tuple(h.get_slice(name).get_shape()) if hasattr(h, "get_slice") else tuple(h[name].shape)
         return out
 
     def load(self, name):
-        h = self._open(self._files[name])
-        return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        with self._handle(self._files[name]) as h:
+            return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+
+    def row_chunks(self, name, rows):
+        f = self._files[name]
+        if f.suffix != ".safetensors":
+            yield from super().row_chunks(name, rows)
+            return
+        with self._handle(f) as h:
+            n = h.get_slice(name).get_shape()[0]
+        for r in range(0, n, rows):
+            with self._handle(f) as h:  # a handle per chunk, so each chunk's pages go with it
+                chunk = h.get_slice(name)[r : r + rows]
+            yield chunk
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -147,18 +176,19 @@ class HFDirSource(Source):
 
 # ---------------------------------------------------------------------------------------------
 class GGUFSource(Source):
-    """A .gguf file, read tensor by tensor (memory-mapped) and dequantized to float32."""
+    """A .gguf file: its header read once (gguf_header), each tensor read from the file when asked
+    for and dequantized to float32, whole or in row chunks; nothing of the file stays mapped."""
 
     kind = "gguf"
 
     def __init__(self, spec: str, path: Path):
         super().__init__(spec, path)
-        self.reader = read_gguf(path)
+        self.header = _read_header(path)
         arch_name = self.meta("general.architecture")
         self._arch = arch_for_gguf(arch_name)
         self.config = self._config()
         self._tensors = {}
-        for t in self.reader.tensors:
+        for t in self.header.tensors:
             hf = self._arch.hf_name(t.name)
             if hf is None:
                 raise UsageError(f"{path}: tensor {t.name!r} has no Hugging Face name in the {arch_name} table")
@@ -169,8 +199,8 @@ class GGUFSource(Source):
         return self._arch
 
     def meta(self, key: str, default=None):
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        f = self.header.fields.get(key)
+        return default if f is None else f.value
 
     def _config(self):
         from transformers import AutoConfig
@@ -188,7 +218,7 @@ class GGUFSource(Source):
             kw["rope_parameters"] = {"rope_type": "default", "rope_theta": float(self.meta(f"{a}.rope.freq_base"))}
         if self.meta(f"{a}.attention.key_length") is not None:
             kw["head_dim"] = self.meta(f"{a}.attention.key_length")
-        kw["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.reader.tensors)
+        kw["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.header.tensors)
         for role in ("bos", "eos", "padding"):
             tid = self.meta(f"tokenizer.ggml.{role}_token_id")
             if tid is not None:
@@ -196,16 +226,32 @@ class GGUFSource(Source):
         return AutoConfig.for_model(**kw)
 
     def shapes(self):
-        return {hf: tuple(int(n) for n in reversed(t.shape.tolist())) for hf, t in self._tensors.items()}
+        return {hf: t.shape for hf, t in self._tensors.items()}
 
     def load(self, name):
+        (w,) = self._stored_rows(name)
+        return self._arch.to_hf_layout(name, w.reshape(self._tensors[name].shape), self.config)
+
+    def row_chunks(self, name, rows):
+        if self._arch.permutes(name):  # the stored row order is not HF's
+            return super().row_chunks(name, rows)
+        return self._stored_rows(name, rows)
+
+    def _stored_rows(self, name: str, rows: int | None = None) -> Iterator["torch.Tensor"]:
+        """The tensor in its stored row order, float32, `rows` rows at a time (default: all at once),
+        read from the file as it goes, so each chunk's bytes are freed with it."""
         import torch
         from gguf.quants import dequantize
 
         t = self._tensors[name]
-        data = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = torch.from_numpy(np.array(data, copy=True).reshape(self.shapes()[name]))
-        return self._arch.to_hf_layout(name, w, self.config)
+        nrows = math.prod(t.shape[:-1])
+        row_bytes = t.n_bytes // nrows
+        with open(self.path, "rb") as f:
+            f.seek(t.data_offset)
+            for r in range(0, nrows, rows or nrows):
+                n = min(rows or nrows, nrows - r)
+                raw = np.fromfile(f, np.uint8, n * row_bytes).reshape(n, row_bytes)
+                yield torch.from_numpy(dequantize(raw, t.type).astype(np.float32, copy=False))
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -215,7 +261,7 @@ class GGUFSource(Source):
         return tok
 
     def tokenizer_fields(self):
-        return gguf_fields(self.reader)
+        return gguf_fields(self.header.fields)
 
     def load_model(self, dtype=None, device="cpu"):
         """Build the HF model uninitialised, then fill it one tensor at a time (one copy in memory)."""
@@ -241,12 +287,32 @@ def read_gguf(path: Path):
     try:
         reader = GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - GGUFReader raises ValueError, struct.error, IndexError...
-        raise UsageError(f"{path} is not a readable GGUF file ({_first_line(e)}); is it truncated or corrupt?") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise UsageError(f"{path} ends before the data of tensor {t.name!r}: the file is truncated; fetch it again")
+        raise _unreadable(path, e) from None
+    _check_complete(path, reader.tensors)
     return reader
+
+
+def _read_header(path: Path):
+    """gguf_header.read_header with the same one-line errors as read_gguf."""
+    from .gguf_header import read_header
+
+    try:
+        header = read_header(path)
+    except Exception as e:  # noqa: BLE001 - ValueError, struct.error, UnicodeDecodeError, OSError...
+        raise _unreadable(path, e) from None
+    _check_complete(path, header.tensors)
+    return header
+
+
+def _unreadable(path: Path, e: BaseException) -> UsageError:
+    return UsageError(f"{path} is not a readable GGUF file ({_first_line(e)}); is it truncated or corrupt?")
+
+
+def _check_complete(path: Path, tensors) -> None:
+    size = path.stat().st_size
+    for t in tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise UsageError(f"{path} ends before the data of tensor {t.name!r}: the file is truncated; fetch it again")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,11 +181,6 @@ def sentencepiece_fields(tokenizer, model_file: Path, n_vocab: int) -> list[Fiel
     ] + _common(tokenizer)
 
 
-def gguf_fields(reader) -> list[Field]:
-    """The tokenizer.* fields of a GGUF source, copied as they are."""
-    out = []
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer."):
-            vtype = f.types[0]
-            out.append(Field(key, f.contents(), vtype, f.types[1] if vtype == V.ARRAY else None))
-    return out
+def gguf_fields(fields) -> list[Field]:
+    """The tokenizer.* fields of a GGUF source (gguf_header values by key), copied as they are."""
+    return [Field(k, f.value, f.type, f.sub_type) for k, f in fields.items() if k.startswith("tokenizer.")]

@@ -1,6 +1,6 @@
-"""Streaming GGUF writer: plan every tensor's type from shapes alone, write the header, then load,
-convert and write one tensor at a time, so peak memory stays near one tensor plus the source's
-own storage (memory-mapped for safetensors and GGUF sources)."""
+"""Streaming GGUF writer: plan every tensor's type from shapes alone, write the header, then read,
+convert and write one tensor at a time, 2-D weights in row chunks, so peak memory stays near one
+packed tensor beside the libraries and the tokenizer metadata."""
 
 from __future__ import annotations
 
@@ -93,9 +93,14 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
 
 
 def _packed(source: Source, t: PlannedTensor) -> np.ndarray:
-    """One tensor's GGUF bytes; its float copy is freed on return, before the next one is loaded."""
-    w = source.arch.to_gguf_layout(t.hf_name, source.load(t.hf_name), source.config)
-    data = t.choice.grid.pack(w)
+    """One tensor's GGUF bytes. A 2-D weight whose rows keep their order streams from the source
+    in row chunks, so it is never whole in memory as floats; q/k projections (rows reordered within
+    heads) and 1-D tensors are loaded whole, and freed on return, before the next one is loaded."""
+    grid = t.choice.grid
+    if len(t.shape) == 2 and not source.arch.permutes(t.hf_name):
+        data = grid.pack_rows(source.row_chunks(t.hf_name, grid.chunk_rows(t.shape[1])), t.shape)
+    else:
+        data = grid.pack(source.arch.to_gguf_layout(t.hf_name, source.load(t.hf_name), source.config))
     assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
     return data
 

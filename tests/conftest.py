@@ -132,6 +132,9 @@ class SliceSource:
     def load(self, name):
         return self._src.load(name)
 
+    def row_chunks(self, name, rows):
+        return self._src.row_chunks(name, rows)
+
     def tokenizer_fields(self):
         return self._src.tokenizer_fields()
 

@@ -7,6 +7,7 @@ gguf-py's independent dequantizers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -88,19 +89,32 @@ class Grid:
             step = (blocks.amax(1, keepdim=True) - blocks.amin(1, keepdim=True)) / levels
         return step.expand(-1, blocks.shape[1]).reshape(w.shape)
 
-    def pack(self, w: torch.Tensor) -> np.ndarray:
-        """Quantize a 2-D weight to GGUF bytes: uint8 array (rows, row_bytes).
+    def chunk_rows(self, ncols: int) -> int:
+        """Rows per chunk for pack_rows: about PACK_CHUNK weights."""
+        return max(1, PACK_CHUNK // ncols)
 
-        Blocks never cross rows, so row chunks pack independently and the result is the same as
-        packing the whole tensor; chunks of about PACK_CHUNK weights keep the encoder's temporaries
-        small and in cache (several times faster on CPU than whole-tensor passes)."""
+    def pack(self, w: torch.Tensor) -> np.ndarray:
+        """Quantize a 2-D weight to GGUF bytes: uint8 array (rows, row_bytes)."""
         self._check(w)
-        out = np.empty((w.shape[0], self.row_bytes(w.shape[1])), np.uint8)
-        step = max(1, PACK_CHUNK // w.shape[1])
-        for r in range(0, w.shape[0], step):
-            chunk = w[r : r + step]
-            out[r : r + step] = self.pack_blocks(self.encode(self._blocks(chunk))).reshape(chunk.shape[0], -1)
+        return self.pack_rows(w.split(self.chunk_rows(w.shape[1])), tuple(w.shape))
+
+    def pack_rows(self, chunks: Iterable[torch.Tensor], shape: tuple[int, int]) -> np.ndarray:
+        """GGUF bytes, uint8 (rows, row_bytes), of a 2-D weight of `shape` given as consecutive row
+        chunks. Blocks never cross rows, so chunks pack independently into the same bytes as the
+        whole tensor; chunks of about PACK_CHUNK weights keep the encoder's temporaries small and
+        in cache (several times faster on CPU than whole-tensor passes), and a source can read
+        the weight chunk by chunk instead of whole."""
+        out = np.empty((shape[0], self.row_bytes(shape[1])), np.uint8)
+        r = 0
+        for chunk in chunks:
+            out[r : r + chunk.shape[0]] = self._pack_chunk(chunk)
+            r += chunk.shape[0]
+        if r != shape[0]:
+            raise ValueError(f"row chunks hold {r} rows of a weight of {shape[0]}")
         return out
+
+    def _pack_chunk(self, w: torch.Tensor) -> np.ndarray:
+        return self.pack_blocks(self.encode(self._blocks(w))).reshape(w.shape[0], -1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class _Float(Grid):
             return a.view(torch.int16).numpy().view(np.uint8)
         return a.numpy()
 
+    def _pack_chunk(self, w: torch.Tensor) -> np.ndarray:
+        return self.pack(w).view(np.uint8).reshape(w.shape[0], -1)
+
 
 @dataclass(frozen=True)
 class F32(_Float):

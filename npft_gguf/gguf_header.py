@@ -1,0 +1,108 @@
+"""A lean reader of a GGUF file's header: metadata as plain Python values, and where each tensor's
+data lies. gguf-py's GGUFReader builds a numpy view for every string and array item (about 160 MB
+and 2.5 s for a 49k-token vocabulary) and maps the whole file; an export needs only the values,
+and reads each tensor's bytes itself."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGUFValueType as V
+
+ALIGNMENT = 32  # GGUF's default, unless general.alignment says otherwise
+SCALARS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
+           V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
+
+
+class Value(NamedTuple):
+    value: object  # str, int, float, bool, or a list of them
+    type: V
+    sub_type: V | None = None  # the item type of an ARRAY
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # numpy order: shape[-1] is the row length
+    type: GGMLQuantizationType
+    data_offset: int  # from the start of the file
+    n_bytes: int
+
+
+class Header(NamedTuple):
+    fields: dict[str, Value]
+    tensors: list[TensorInfo]
+
+
+class _Cursor:
+    """Little-endian reads from a buffer; struct.error when the buffer ends too early."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str) -> tuple:
+        out = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize("<" + fmt)
+        return out
+
+    def string(self) -> str:
+        (n,) = self.take("Q")
+        return self.take(f"{n}s")[0].decode("utf-8")
+
+    def value(self, vtype: V) -> Value:
+        if vtype == V.STRING:
+            return Value(self.string(), vtype)
+        if vtype == V.ARRAY:
+            values, item = self.array()
+            return Value(values, vtype, item)
+        return Value(self.take(SCALARS[vtype])[0], vtype)
+
+    def array(self) -> tuple[list, V]:
+        """An array's values and item type (nested arrays come back as lists of lists)."""
+        item, n = self.take("IQ")
+        item = V(item)
+        if item == V.STRING:
+            return [self.string() for _ in range(n)], item
+        if item == V.ARRAY:
+            return [self.array()[0] for _ in range(n)], item
+        return list(self.take(f"{n}{SCALARS[item]}")), item
+
+
+def read_header(path: Path) -> Header:
+    """The header of a GGUF file (versions 2 and 3, little-endian). ValueError, struct.error or
+    UnicodeDecodeError where the file is not one."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        c = _Cursor(buf)
+        magic, version, n_tensors, n_kv = c.take("4sIQQ")
+        if magic != b"GGUF":
+            raise ValueError("no GGUF magic")
+        if version not in (2, 3):  # a big-endian file reads as a huge version
+            raise ValueError(f"GGUF version {version} (or byte order) is not supported")
+        fields: dict[str, Value] = {}
+        for _ in range(n_kv):
+            key = c.string()
+            if key in fields:
+                raise ValueError(f"duplicate key {key!r}")
+            fields[key] = c.value(V(c.take("I")[0]))
+        raw = []
+        for _ in range(n_tensors):
+            name = c.string()
+            (n_dims,) = c.take("I")
+            dims = c.take(f"{n_dims}Q")
+            ggml_type, offset = c.take("IQ")
+            raw.append((name, dims, GGMLQuantizationType(ggml_type), offset))
+        align = fields["general.alignment"].value if "general.alignment" in fields else ALIGNMENT
+        start = -(-c.pos // align) * align
+    tensors = []
+    for name, dims, ggml_type, offset in raw:
+        block, size = GGML_QUANT_SIZES[ggml_type]
+        n = 1
+        for d in dims:
+            n *= d
+        tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, start + offset, n // block * size))
+    if len({t.name for t in tensors}) != len(tensors):
+        raise ValueError("duplicate tensor names")
+    return Header(fields, tensors)
