@@ -147,10 +147,11 @@ class HFDirSource(Source):
             return
         with self._handle(f) as h:
             n = h.get_slice(name).get_shape()[0]
-        for r in range(0, n, rows):
-            with self._handle(f) as h:  # a handle per chunk, so each chunk's pages go with it
-                chunk = h.get_slice(name)[r : r + rows]
-            yield chunk
+        step = rows * 16  # a handle per 16 chunks (opening one costs about 0.3 ms), so their pages go with them
+        for r in range(0, n, step):
+            with self._handle(f) as h:
+                block = h.get_slice(name)[r : r + step]
+            yield from block.split(rows)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
