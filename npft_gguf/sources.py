@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class Source:
     def __init__(self, spec: str, path: Path):
         self.spec, self.path = spec, path
 
-    config = None  # transformers PretrainedConfig
+    config = None  # transformers PretrainedConfig, or for GGUF sources a plain namespace of the same names
 
     @cached_property
     def arch(self) -> Arch:
@@ -204,8 +205,24 @@ class GGUFSource(Source):
         return default if f is None else f.value
 
     def _config(self):
+        """The HF config the file's metadata describes. Where the file states every hyperparameter
+        an export reads, a plain namespace of them serves, so a plain export does not import
+        transformers (about 2 s and 100 MB); `hf_config` builds the transformers config."""
+        kw = self._config_kwargs()
+        stated = [src for src, _ in self._arch.hparams.values() if not callable(src)] + ["rope_parameters"]
+        return SimpleNamespace(**kw) if all(k in kw for k in stated) else self._hf_config(kw)
+
+    def hf_config(self):
+        """The transformers config (a PretrainedConfig), for building the model."""
+        return self.config if not isinstance(self.config, SimpleNamespace) else self._hf_config(vars(self.config))
+
+    @staticmethod
+    def _hf_config(kw: dict):
         from transformers import AutoConfig
 
+        return AutoConfig.for_model(**kw)
+
+    def _config_kwargs(self) -> dict:
         a = self._arch.name
         kw = {"model_type": a, "architectures": [self._arch.hf_classes[0]]}
         for key, (src, _) in self._arch.hparams.items():
@@ -224,7 +241,7 @@ class GGUFSource(Source):
             tid = self.meta(f"tokenizer.ggml.{role}_token_id")
             if tid is not None:
                 kw[{"padding": "pad"}.get(role, role) + "_token_id"] = int(tid)
-        return AutoConfig.for_model(**kw)
+        return kw
 
     def shapes(self):
         return {hf: t.shape for hf, t in self._tensors.items()}
@@ -271,7 +288,7 @@ class GGUFSource(Source):
         from transformers.initialization import no_init_weights
 
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype or torch.float32)
+            model = AutoModelForCausalLM.from_config(self.hf_config(), dtype=dtype or torch.float32)
         params = dict(model.named_parameters())
         for name in self._tensors:
             with torch.no_grad():
