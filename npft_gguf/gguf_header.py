@@ -5,6 +5,7 @@ and reads each tensor's bytes itself."""
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -95,14 +96,13 @@ def read_header(path: Path) -> Header:
             ggml_type, offset = c.take("IQ")
             raw.append((name, dims, GGMLQuantizationType(ggml_type), offset))
         align = fields["general.alignment"].value if "general.alignment" in fields else ALIGNMENT
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
         start = -(-c.pos // align) * align
     tensors = []
     for name, dims, ggml_type, offset in raw:
         block, size = GGML_QUANT_SIZES[ggml_type]
-        n = 1
-        for d in dims:
-            n *= d
-        tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, start + offset, n // block * size))
+        tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, start + offset, math.prod(dims) // block * size))
     if len({t.name for t in tensors}) != len(tensors):
         raise ValueError("duplicate tensor names")
     return Header(fields, tensors)
