@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -91,6 +92,7 @@ def main():
     sh("compare", *[f[k] for k in f if k != "f32"], "--ref", f["f32"], "--chunks", a.chunks, "--threads", a.threads,
        "--reps", a.reps, "-o", report, "--plot", OUT / "compare.png", log=log)
     cmp = json.loads(report.with_suffix(".json").read_text())
+    shutil.copyfile(OUT / "compare.png", ROOT / "evals" / "RESULTS.png")  # the plot, kept beside the table
     t_owq, owq_out = sh("convert", "smollm2-135m", "--method", "owq", "--act-order", "--type", "q4_0", *calib, "--chunks", a.chunks,
                         "-o", OUT / "smollm2-owq.gguf", "--force", "--json", log=log)
     owq = json.loads(owq_out)
@@ -136,6 +138,7 @@ def markdown(rec: dict) -> str:
     else:
         lines.append("| OWQ Q4_0 (simulated, torch) | not measured in this run | | | | | | | | | |")
     lines += standing(c, oc)
+    lines += ["", "![WikiText-2 perplexity against file size](RESULTS.png)"]
     lines += ["", "OWQ's row is measured in torch against the float model in torch (same protocol, same tokens); GGUF has no",
               "per-column mixed precision, so it has no file, size or llama.cpp speed.", "", "## Commands", "", "```"]
     lines += [f"{x['command']}   # {x['seconds']:.0f} s" for x in rec["commands"]]
@@ -232,15 +235,15 @@ def standing(c: dict, oc: dict | None) -> list[str]:
         "WikiText-2 score by itself), so the noise accounts for the rest.",
         f"GPTQ Q4_0 ({gptq:.2f}) closes {closed('gptq-q4_0'):.0f} % of the gap; RTN+NPFT is {vs('npft-q4_0', gptq, 'GPTQ')}"
         + (f", and GPTQ of the NPFT-tuned model ({both:.2f}) is {vs('npft-gptq-q4_0', npft, 'RTN+NPFT')}." if both else "."),
-        f"llama.cpp's Q4_K_M ({p['llamacpp-q4_k_m']:.2f}, a larger mostly-Q5_0 file on this model) is "
-        f"{vs('llamacpp-q4_k_m', npft, 'RTN+NPFT')} at Q4_0's size.",
+        f"llama.cpp's Q4_K_M ({p['llamacpp-q4_k_m']:.2f}; on this model a mostly-Q5_0 mix, the larger file) is "
+        f"{vs('llamacpp-q4_k_m', npft, 'RTN+NPFT')} (a Q4_0 file).",
     ]
     if oc:
         r = oc["ppl"] / npft - 1
         parts.append(f"Simulated OWQ ({oc['ppl']:.2f}, not expressible in GGUF) is "
                      + ("level with" if abs(r) < 0.01 else "below" if r < 0 else "above") + " RTN+NPFT in perplexity.")
     text = ["", "**Standing.** " + " ".join(parts),
-            "The NPFT row uses our `--noise rtn` variant (the exact RTN error as the perturbation); the paper's own noise is in the rounds below."]
+            "The NPFT row uses our `--noise rtn` variant (the exact RTN error as the perturbation); the paper's own noise and the other variants are in evals/NPFT_ROUNDS.md."]
     return text
 
 
