@@ -181,6 +181,8 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
             result, tokens = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
             record.update(run_record(spec, calib, result))
             model = result.model.float()
+        elif settings.method == "rtn":  # a simulated RTN needs no calibration text
+            model = source.load_model(dtype=torch.float32, device=resolve_device(device))
         else:  # GPTQ/OWQ want float32 Hessians
             model, tokens = calibrated_model(source, calib, device, progress, log, notice, dtype=torch.float32)
         if settings.method in ("gptq", "npft+gptq", "owq"):

@@ -92,9 +92,10 @@ def test_baseline_methods_through_convert(tiny_bpe, texts, tmp_path):
     wt = torch.from_numpy(w.reshape(-1, 128).copy())
     assert torch.equal(get_grid("q4_0").fakequant(wt), wt)
     # OWQ and the simulated per-channel quantizer write no GGUF and are measured in torch
-    for extra, label in ((["--method", "owq", "--type", "q4_0"], "owq"), (["--method", "rtn", "--type", "rtn3"], "rtn3")):
+    # (plain RTN, simulated or not, needs no calibration: the default c4, absent here, is not asked for)
+    for extra, label in ((["--method", "owq", "--type", "q4_0", *calib], "owq"), (["--method", "rtn", "--type", "rtn3"], "rtn3")):
         o = tmp_path / f"tiny-{label}.gguf"
-        r = cli("convert", tiny_bpe, "-o", o, *extra, *calib, "--eval-text", texts / "eval.txt", "--ctx", "64", "--chunks", "3", "--json")
+        r = cli("convert", tiny_bpe, "-o", o, *extra, "--eval-text", texts / "eval.txt", "--ctx", "64", "--chunks", "3", "--json")
         assert r.returncode == 0, r.stderr
         rec = json.loads(r.stdout)
         assert not o.exists()
