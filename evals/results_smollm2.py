@@ -222,9 +222,9 @@ def standing(c: dict, oc: dict | None) -> list[str]:
         return []
     gap = p["rtn-q4_0"] - p["f32"]
     closed = lambda k: 100 * (p["rtn-q4_0"] - p[k]) / gap  # noqa: E731
-    def vs(a: str, b: float, name_b: str) -> str:
-        """'below', 'above' or 'level with' (within 1 %), from two perplexities."""
-        r = p[a] / b - 1
+    def vs(a: float, b: float, name_b: str) -> str:
+        """'below', 'above' or 'level with' (within 1 %) name_b, from two perplexities."""
+        r = a / b - 1
         return f"level with {name_b}" if abs(r) < 0.01 else f"{'below' if r < 0 else 'above'} {name_b}"
 
     npft, gptq = p["npft-q4_0"], p["gptq-q4_0"]
@@ -233,15 +233,13 @@ def standing(c: dict, oc: dict | None) -> list[str]:
         f"RTN+NPFT closes {closed('npft-q4_0'):.0f} % of the RTN Q4_0 gap to F32 ({p['rtn-q4_0']:.2f} -> {npft:.2f}); "
         f"the same LoRA recipe without noise closes {closed('lora-control-q4_0'):.0f} % (fine-tuning on Wikipedia text helps a "
         "WikiText-2 score by itself), so the noise accounts for the rest.",
-        f"GPTQ Q4_0 ({gptq:.2f}) closes {closed('gptq-q4_0'):.0f} % of the gap; RTN+NPFT is {vs('npft-q4_0', gptq, 'GPTQ')}"
-        + (f", and GPTQ of the NPFT-tuned model ({both:.2f}) is {vs('npft-gptq-q4_0', npft, 'RTN+NPFT')}." if both else "."),
+        f"GPTQ Q4_0 ({gptq:.2f}) closes {closed('gptq-q4_0'):.0f} % of the gap; RTN+NPFT is {vs(npft, gptq, 'GPTQ')}"
+        + (f", and GPTQ of the NPFT-tuned model ({both:.2f}) is {vs(both, npft, 'RTN+NPFT')}." if both else "."),
         f"llama.cpp's Q4_K_M ({p['llamacpp-q4_k_m']:.2f}; on this model a mostly-Q5_0 mix, the larger file) is "
-        f"{vs('llamacpp-q4_k_m', npft, 'RTN+NPFT')} (a Q4_0 file).",
+        f"{vs(p['llamacpp-q4_k_m'], npft, 'RTN+NPFT')} (a Q4_0 file).",
     ]
     if oc:
-        r = oc["ppl"] / npft - 1
-        parts.append(f"Simulated OWQ ({oc['ppl']:.2f}, not expressible in GGUF) is "
-                     + ("level with" if abs(r) < 0.01 else "below" if r < 0 else "above") + " RTN+NPFT in perplexity.")
+        parts.append(f"Simulated OWQ ({oc['ppl']:.2f}, not expressible in GGUF) is {vs(oc['ppl'], npft, 'RTN+NPFT')} in perplexity.")
     text = ["", "**Standing.** " + " ".join(parts),
             "The NPFT row uses our `--noise rtn` variant (the exact RTN error as the perturbation); the paper's own noise and the other variants are in evals/NPFT_ROUNDS.md."]
     return text
