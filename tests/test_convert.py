@@ -93,7 +93,10 @@ def test_baseline_methods_through_convert(tiny_bpe, texts, tmp_path):
     assert torch.equal(get_grid("q4_0").fakequant(wt), wt)
     # OWQ and the simulated per-channel quantizer write no GGUF and are measured in torch
     # (plain RTN, simulated or not, needs no calibration: the default c4, absent here, is not asked for)
-    for extra, label in ((["--method", "owq", "--type", "q4_0", *calib], "owq"), (["--method", "rtn", "--type", "rtn3"], "rtn3")):
+    # NPFT tuned against the simulated quantizer itself: --noise rtn draws rtn3's own error
+    npft3 = ["--method", "npft", "--type", "rtn3", "--noise", "rtn", "--calib", texts / "calib.txt", *TINY]
+    for extra, label in ((["--method", "owq", "--type", "q4_0", *calib], "owq"), (["--method", "rtn", "--type", "rtn3"], "rtn3"),
+                         (npft3, "npft-rtn3")):
         o = tmp_path / f"tiny-{label}.gguf"
         r = cli("convert", tiny_bpe, "-o", o, *extra, "--eval-text", texts / "eval.txt", "--ctx", "64", "--chunks", "3", "--json")
         assert r.returncode == 0, r.stderr
@@ -102,4 +105,6 @@ def test_baseline_methods_through_convert(tiny_bpe, texts, tmp_path):
         assert "no GGUF" in r.stderr or "GGUF cannot hold" in r.stderr
         c = rec["comparison"]
         assert c["backend"] == "torch" and c["kld"]["mean"] > 0 and c["ppl"] > 0
+        if label == "npft-rtn3":
+            assert rec["tune"]["settings"]["grid"] == "rtn3" and rec["quantizer"]["fake_quant"] == "minmax3"
     assert_fails(cli("convert", tiny_bpe, "-o", tmp_path / "y.gguf", "--type", "q9_9"), 2, "--type")

@@ -43,6 +43,16 @@ class MinMax:
         q = torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
         return scale * (q - zero)
 
+    def fits(self, ncols: int) -> bool:
+        return not self.group or ncols % self.group == 0
+
+    def step(self, w: torch.Tensor) -> torch.Tensor:
+        """Per weight, the scale of the channel (or group) that holds it: NPFT's grid noise for this
+        quantizer is U[-scale/2, scale/2], as for a GGUF block's step (grids/base.py)."""
+        w = w.detach().to(torch.float32)
+        blocks = w.reshape(-1, self.group or w.shape[1])
+        return self.fit(blocks)["scale"][:, None].expand_as(blocks).reshape(w.shape)
+
     def fakequant(self, w: torch.Tensor) -> torch.Tensor:
         """RTN of a 2-D weight (rows along dim 1); float32 of w's shape."""
         w = w.detach().to(torch.float32)

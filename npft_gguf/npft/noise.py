@@ -9,7 +9,8 @@ Noise kinds (../shared/docs/METHOD.md):
 - paper: per output row holding outliers, z ~ U[min, max] of that row's outlier values,
   mean-subtracted over the row, at the outlier positions only (a row with one outlier gets none);
 - grid:  z ~ U[-D/2, D/2], D the step of the target GGUF block holding the weight, so z has the
-  variance D^2/12 of the rounding error RTN will make there;
+  variance D^2/12 of the rounding error RTN will make there (for a simulated target such as rtn3,
+  the scale of the weight's channel or group);
 - rtn (ours, every weight): z = RTN(W + BA) - (W + BA), the error the final RTN will actually make,
   recomputed from the current adapter at each draw and held constant in the backward pass (a
   straight-through estimator), so L(W + BA + z) is the loss of the quantized merged model.
@@ -23,7 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from ..grids import get_grid
+from ..methods.simulate import parse_simulated
 from ..sensitivity import Outliers
+
+
+def target_quantizer(name: str):
+    """The quantizer the tuned model will meet: a GGUF grid ('q4_0') or a simulated per-channel
+    one ('rtn3'); both offer fits, step and fakequant."""
+    return parse_simulated(name) or get_grid(name)
 
 
 class Perturbation:
@@ -35,11 +43,12 @@ class Perturbation:
         self.kind, self.active = kind, False
         self.dense = scope == "all" or kind == "rtn"
         if kind == "rtn":
-            self.grid = get_grid(grid_name)
+            self.grid = target_quantizer(grid_name)
             self.merged = merged or (lambda: linear.weight.detach())
             self.z = torch.zeros_like(w)
         elif self.dense:
-            self.scale = get_grid(grid_name).step(w) if get_grid(grid_name).fits(w.shape[1]) else torch.zeros_like(w)
+            grid = target_quantizer(grid_name)
+            self.scale = grid.step(w) if grid.fits(w.shape[1]) else torch.zeros_like(w)
             self.z = torch.zeros_like(w)
         else:
             self.rows, self.cols = found.rows.to(w.device), found.cols.to(w.device)
@@ -51,7 +60,7 @@ class Perturbation:
                 self.lo, self.width = lo[self.rows], (hi - lo)[self.rows]
                 self.count = torch.zeros(n_rows, device=w.device).index_add(0, self.rows, torch.ones_like(vals))
             else:
-                grid = get_grid(grid_name)
+                grid = target_quantizer(grid_name)
                 self.width = grid.step(w)[self.rows, self.cols] if grid.fits(w.shape[1]) else torch.zeros_like(vals)
             self.z = torch.zeros_like(vals)
         self.handle = linear.register_forward_hook(self._hook)

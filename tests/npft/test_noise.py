@@ -97,3 +97,26 @@ def test_rtn_noise_makes_the_layer_its_quantized_merged_self():
     expect = 2 * F.linear(x, q).t() @ x
     torch.testing.assert_close(delta.grad, expect, rtol=1e-4, atol=1e-4)
     p.remove()
+
+
+def test_noise_for_a_simulated_per_channel_target():
+    """`--type rtn3`: rtn noise is that quantizer's own error, grid noise half its channel scale."""
+    from npft_gguf.methods.simulate import MinMax
+
+    lin, o = _setup()
+    w = lin.weight.detach().clone()
+    q3 = MinMax(3)
+    step = q3.step(w)
+    assert step.shape == w.shape and torch.all(step == step[:, :1])  # one scale per output channel
+    assert torch.all((q3.fakequant(w) - w).abs() <= step / 2 + 1e-6)
+    p = Perturbation(lin, "rtn", "all", "rtn3", None)
+    p.resample(torch.Generator())
+    torch.testing.assert_close(w + p.z, q3.fakequant(w))
+    g = Perturbation(lin, "grid", "outliers", "rtn3", o)
+    g.resample(torch.Generator().manual_seed(0))
+    z = _dense(g, w.shape)
+    assert torch.count_nonzero(z) == len(o) and torch.all(z.abs() <= step / 2 + 1e-7)
+    grouped = MinMax(3, 32).step(w)
+    assert not torch.equal(grouped[:, 0], grouped[:, 32])  # a scale per group of 32 columns
+    p.remove()
+    g.remove()
