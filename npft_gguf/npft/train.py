@@ -21,6 +21,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                      target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(settings.seed)  # LoRA A's initialisation
-    peft_model = get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, cfg)
     linears = target_linears(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -197,7 +200,7 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
 
 def _check(loss: torch.Tensor, epoch: int, micro: int):
     if not torch.isfinite(loss):
-        raise NpftError(f"the loss became {float(loss)} at epoch {epoch + 1}, batch {micro + 1}; the last good "
+        raise NpftError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}, batch {micro + 1}; the last good "
                         "checkpoint is kept; lower --lr (and start over with --force) or check the data")
 
 
