@@ -307,7 +307,7 @@ def _tuning_settings(kw: dict, grid: str = "q4_0"):
     return calib, npft
 
 
-def _convert_type(value):
+def _convert_type(value, hint="'--type'"):
     if value is None or value.lower() in TYPES:
         return value
     from .methods.simulate import parse_simulated
@@ -315,7 +315,7 @@ def _convert_type(value):
     if parse_simulated(value):
         return value
     raise click.BadParameter(f"{value!r} is neither a GGUF type ({', '.join(TYPES)}) nor a simulated quantizer (rtn3, rtn4, rtn4g128)",
-                             param_hint="'--type'")
+                             param_hint=hint)
 
 
 SHORT_NOTE = "note: --recipe short is the quick CPU recipe, not the paper's full one (the default, for real models on a GPU)"
@@ -332,7 +332,9 @@ def _interrupted_run(run_dir: Path):
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Directory for the merged Hugging Face checkpoint.")
-@click.option("--grid", default="q4_0", show_default=True, type=click.Choice(TYPES, case_sensitive=False), help="Target grid for --noise grid.")
+@click.option("--grid", default="q4_0", show_default=True, callback=lambda c, p, v: _convert_type(v, "'--grid'"),
+              help="The quantizer the model is tuned for (--noise grid or rtn): a GGUF type (" + " ".join(TYPES) + ") "
+                   "or a simulated per-channel rtn3 / rtn4 / rtn4g128.")
 @click.option("--force", is_flag=True, help="Overwrite a model in OUTPUT, or start over instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @npft_options

@@ -61,6 +61,17 @@ def test_finetune_checkpoint_exports(tiny_bpe, texts, tmp_path):
     assert_fails(again, 2, "already holds a model", "--force")
 
 
+def test_finetune_for_a_simulated_quantizer(tiny_bpe, texts, tmp_path):
+    # tuned once for rtn4, the checkpoint can then meet RTN and GPTQ at rtn4 through convert
+    out = tmp_path / "tuned4"
+    r = cli("finetune", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--noise", "rtn", "--grid", "rtn4")
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((out / "report.json").read_text())["tune"]["settings"]
+    assert settings["grid"] == "rtn4" and settings["noise"] == "rtn"
+    assert_fails(cli("finetune", tiny_bpe, "-o", tmp_path / "bad", "--grid", "rtn9x", *TINY), 2, "--grid", "rtn9x")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_convert_bad_input(tiny_bpe, texts, tmp_path):
     from npft_gguf.texts import wikitext2_path
 
