@@ -30,6 +30,7 @@ def outlier_trace(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linea
     _set_attn(model, "eager")  # fused attention kernels have no double backward
     gen = torch.Generator().manual_seed(seed)
     estimates, per_module = [], {n: 0.0 for n in names}
+    at = [(found[n].rows.to(w.device), found[n].cols.to(w.device)) for n, w in zip(names, weights)]
     try:
         for w in weights:
             w.requires_grad_(True)
@@ -38,16 +39,13 @@ def outlier_trace(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linea
             loss = model(input_ids=x, labels=x).loss
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             for p in range(probes):
-                vs = []
-                for n, w in zip(names, weights):
-                    o = found[n]
-                    v = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
-                    signs = torch.randint(0, 2, (len(o),), generator=gen).to(w.device, w.dtype) * 2 - 1
-                    v[o.rows.to(w.device), o.cols.to(w.device)] = signs
-                    vs.append(v)
-                dot = sum((g * v).sum() for g, v in zip(grads, vs))
+                # v is zero off the outliers, so g.v and v.Hv only read the outlier positions
+                signs = [torch.randint(0, 2, (len(found[n]),), generator=gen).to(w.device, w.dtype) * 2 - 1
+                         for n, w in zip(names, weights)]
+                dot = sum((g[r, c] * s).sum() for g, (r, c), s in zip(grads, at, signs))
                 hvs = torch.autograd.grad(dot, weights, retain_graph=p < probes - 1)
-                parts = [float((hv * v).sum()) for hv, v in zip(hvs, vs)]
+                parts = [float((hv[r, c] * s).sum()) for hv, (r, c), s in zip(hvs, at, signs)]
+                del hvs
                 for n, part in zip(names, parts):
                     per_module[n] += part
                 estimates.append(sum(parts))

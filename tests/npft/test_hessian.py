@@ -46,3 +46,33 @@ def test_paired_change_removes_shared_probe_noise():
     after = {"trace": 9.0, "estimates": [4.0, 14.1, 6.9, 11.0]}  # each pair drops by about 1
     pc = paired_change(before, after)
     assert abs(pc["diff"] + 1.0) < 1e-9 and pc["se"] < 0.05  # unpaired, the SE would be about 2
+
+
+def test_each_probe_is_the_curvature_along_its_sign_vector(tiny_bpe):
+    """Two outliers in one module: v^T H v = H11 + H22 + 2 s1 s2 H12, so every estimate is the
+    second derivative along (1, 1) or along (1, -1); the cross term must be there."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_bpe).double()
+    lin = target_linears(model)
+    name = "model.layers.0.mlp.down_proj"
+    rows, cols = torch.tensor([2, 2]), torch.tensor([5, 9])  # same row: strongly coupled weights
+    found = {n: Outliers(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) for n in lin}
+    found[name] = Outliers(rows, cols)
+    x = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    got = outlier_trace(model, x, lin, found, probes=6, progress=False)
+
+    def loss(d1, d2):
+        w = lin[name].weight
+        with torch.no_grad():
+            old = w[rows, cols].clone()
+            w[rows, cols] = old + torch.tensor([d1, d2], dtype=w.dtype)
+            val = float(torch.nn.functional.cross_entropy(model(input_ids=x).logits[0, :-1], x[0, 1:]))
+            w[rows, cols] = old
+        return val
+
+    h = 0.01
+    along = [(loss(h, s * h) - 2 * loss(0.0, 0.0) + loss(-h, -s * h)) / h ** 2 for s in (1, -1)]
+    assert abs(along[0] - along[1]) > 0.1 * max(map(abs, along))  # the cross term is not negligible here
+    for e in got["estimates"]:
+        assert min(abs(e - a) for a in along) <= 0.03 * max(map(abs, along)), (e, along)

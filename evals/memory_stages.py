@@ -1,0 +1,88 @@
+"""Peak resident memory of each NPFT stage on SmolLM2-135M, CPU, with the short recipe's shapes
+(256-token samples, LoRA rank 16 on the default targets, batch 4). A thread samples VmRSS every
+20 ms; each line is the peak since the previous line. Per-sample stages (Fisher, the Hutchinson
+trace) do not grow with the sample count, so a few samples show their peak.
+
+    .venv/bin/python evals/memory_stages.py [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+CALIB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "calib" / "wiki_excerpt.txt"
+
+
+def rss_mb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+class Peaks:
+    def __init__(self):
+        self.peak, self.rows = rss_mb(), []
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while True:
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.02)
+
+    def stage(self, name: str):
+        now = rss_mb()
+        self.rows.append({"stage": name, "peak_mb": max(self.peak, now), "after_mb": now})
+        print(f"{name:34s} peak {self.rows[-1]['peak_mb']:6d} MB   after {now:6d} MB", flush=True)
+        self.peak = now
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    peaks = Peaks()
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.convert import calibrated_model
+    from npft_gguf.npft.config import NPFTSettings
+    from npft_gguf.npft.hessian import outlier_trace
+    from npft_gguf.sensitivity import fisher_diagonal, outliers, target_linears
+    from npft_gguf.sources import open_source
+
+    torch.set_num_threads(2)
+    peaks.stage("imports")
+    calib = CalibSettings(calib=str(CALIB) if CALIB.exists() else "self", samples=8, length=256, seed=0)
+    model, tokens = calibrated_model(open_source("smollm2-135m"), calib, "cpu", False, lambda m: None)
+    peaks.stage("load + calibrate (8 x 256)")
+    s = NPFTSettings()
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(s.targets), task_type="CAUSAL_LM"))
+    linears = target_linears(peft_model)
+    peaks.stage("peft wrap (rank 16)")
+    fisher = fisher_diagonal(peft_model, tokens[:4], linears, False)
+    peaks.stage("fisher (4 samples)")
+    found = outliers(fisher, s.outlier_pct)
+    del fisher
+    peaks.stage("outliers, fisher freed")
+    outlier_trace(peft_model, tokens[:1], linears, found, probes=2, progress=False)
+    peaks.stage("hessian trace (1 sample, 2 probes)")
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    for i in range(2):
+        x = tokens[i * 4:(i + 1) * 4]
+        peft_model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peaks.stage("train 2 steps (batch 4)")
+    if args.json:
+        args.json.write_text(json.dumps(peaks.rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
