@@ -128,6 +128,9 @@ def save_checkpoint(model, tokenizer, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its one-shard "Writing model shards" bar only adds noise to our log
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -135,6 +138,7 @@ def save_checkpoint(model, tokenizer, out_dir: Path):
         for f in files:
             os.replace(f, out_dir / f.name)
     finally:
+        hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
