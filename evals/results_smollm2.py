@@ -143,7 +143,8 @@ def markdown(rec: dict) -> str:
               "per-column mixed precision, so it has no file, size or llama.cpp speed.", "", "## Commands", "", "```"]
     lines += [f"{x['command']}   # {x['seconds']:.0f} s" for x in rec["commands"]]
     lines += ["```", "", "NPFT variants (paper vs grid noise, the clean term on and off, the outlier Hessian trace): "
-              "[evals/NPFT_ROUNDS.md](NPFT_ROUNDS.md).", ""]
+              "[evals/NPFT_ROUNDS.md](NPFT_ROUNDS.md). The paper's simulated per-channel RTN at 3 and 4 bits (RTN, GPTQ, "
+              "NPFT and both, in torch): [evals/README.md](README.md#simulated-per-channel-rtn-at-3-and-4-bits-issue-5-item-4).", ""]
     return "\n".join(lines)
 
 
@@ -240,6 +241,12 @@ def standing(c: dict, oc: dict | None) -> list[str]:
     ]
     if oc:
         parts.append(f"Simulated OWQ ({oc['ppl']:.2f}, not expressible in GGUF) is {vs(oc['ppl'], npft, 'RTN+NPFT')} in perplexity.")
+    kld = {Path(r["file"]).stem.removeprefix("smollm2-"): (r["kld_mean"], r["same_top1_pct"]) for r in c["rows"]}
+    (kn, tn), (kg, tg), (kr, _), (kk, _) = (kld[k] for k in ("npft-q4_0", "gptq-q4_0", "rtn-q4_0", "llamacpp-q4_k_m"))
+    parts.append(f"Against the F32 model's own predictions the order is not the same: mean KLD RTN+NPFT {kn:.3f}, GPTQ {kg:.3f}, "
+                 f"RTN {kr:.3f}, Q4_K_M {kk:.3f} (same top-1 {tn:.1f} % for RTN+NPFT, {tg:.1f} % for GPTQ)"
+                 + ("; GPTQ stays closer to the float model, while part of NPFT's perplexity gain is the tuning's fit to "
+                    "Wikipedia-like text." if kn > kg else "."))
     text = ["", "**Standing.** " + " ".join(parts),
             "The NPFT row uses our `--noise rtn` variant (the exact RTN error as the perturbation); the paper's own noise and the other variants are in evals/NPFT_ROUNDS.md."]
     return text
