@@ -4,6 +4,11 @@
 trace) do not grow with the sample count, so a few samples show their peak.
 
     .venv/bin/python evals/memory_stages.py [--json OUT.json]
+
+With --cli, it runs one npft-gguf command in-process instead and prints the Python stack (our,
+peft's and transformers' frames) at the process's highest RSS:
+
+    .venv/bin/python evals/memory_stages.py --cli finetune smollm2-135m -o /tmp/ft --recipe short ...
 """
 
 from __future__ import annotations
@@ -41,10 +46,41 @@ class Peaks:
         self.peak = now
 
 
+def peak_stack(cli_args: list[str]):
+    """Run `npft-gguf CLI_ARGS` here; keep the main thread's stack whenever RSS sets a new high."""
+    import sys
+    import traceback
+
+    main_id, best = threading.get_ident(), {"mb": 0, "stack": []}
+
+    def sample():
+        while True:
+            mb = rss_mb()
+            if mb > best["mb"]:
+                frame = sys._current_frames().get(main_id)
+                stack = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)]
+                best.update(mb=mb, stack=[x for x in stack if any(k in x for k in ("npft_gguf", "peft", "transformers"))])
+            time.sleep(0.01)
+
+    threading.Thread(target=sample, daemon=True).start()
+    from npft_gguf.cli import main as cli
+
+    try:
+        cli(cli_args, prog_name="npft-gguf")
+    except SystemExit as e:
+        if e.code:
+            raise
+    finally:
+        print(f"peak RSS {best['mb']} MB, reached in:", *best["stack"][-8:], sep="\n  ", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--cli", nargs=argparse.REMAINDER, help="an npft-gguf command line to run and profile instead")
     args = ap.parse_args()
+    if args.cli:
+        return peak_stack(args.cli)
     peaks = Peaks()
     import torch
     from peft import LoraConfig, get_peft_model
@@ -53,6 +89,7 @@ def main():
     from npft_gguf.convert import calibrated_model
     from npft_gguf.npft.config import NPFTSettings
     from npft_gguf.npft.hessian import outlier_trace
+    from npft_gguf.npft.noise import Perturbations, merged_weights
     from npft_gguf.sensitivity import fisher_diagonal, outliers, target_linears
     from npft_gguf.sources import open_source
 
@@ -79,7 +116,22 @@ def main():
         peft_model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
-    peaks.stage("train 2 steps (batch 4)")
+    peaks.stage("train 2 steps (batch 4), no noise")
+    noise = Perturbations(linears, found, "rtn", "outliers", "q4_0", s.perturbed, merged_weights(peft_model))
+    noise.resample(torch.Generator().manual_seed(0))
+    peaks.stage("rtn noise set up (q4_0)")
+    for i in range(2):  # as npft/train.py: the noisy loss, then lambda times the clean one
+        x = tokens[i * 4:(i + 1) * 4]
+        with noise.on():
+            peft_model(input_ids=x, labels=x).loss.backward()
+        (0.5 * peft_model(input_ids=x, labels=x).loss).backward()
+        opt.step()
+        opt.zero_grad()
+        noise.resample(torch.Generator().manual_seed(i + 1))
+    noise.remove()
+    peaks.stage("train 2 steps with rtn noise")
+    outlier_trace(peft_model, tokens[:1], linears, found, probes=2, progress=False)
+    peaks.stage("hessian trace again (after tuning)")
     if args.json:
         args.json.write_text(json.dumps(peaks.rows, indent=1))
 
