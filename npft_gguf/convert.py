@@ -125,11 +125,12 @@ def finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings,
 def save_checkpoint(model, tokenizer, out_dir: Path):
     """save_pretrained into a scratch folder, then move files in; config.json last, so a folder
     with a config.json is a complete model."""
+    from transformers.utils import logging as hf_logging
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as hf_logging
-
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its one-shard "Writing model shards" bar only adds noise to our log
     try:
         model.save_pretrained(tmp)
@@ -138,7 +139,8 @@ def save_checkpoint(model, tokenizer, out_dir: Path):
         for f in files:
             os.replace(f, out_dir / f.name)
     finally:
-        hf_logging.enable_progress_bar()
+        if bars_were_on:  # give back the caller's setting, not ours
+            hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -5,6 +5,7 @@ finetune's Hugging Face checkpoint exports like any other source; bad input fail
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
@@ -121,3 +122,25 @@ def test_baseline_methods_through_convert(tiny_bpe, texts, tmp_path):
         if label == "npft-rtn3":
             assert rec["tune"]["settings"]["grid"] == "rtn3" and rec["quantizer"]["fake_quant"] == "minmax3"
     assert_fails(cli("convert", tiny_bpe, "-o", tmp_path / "y.gguf", "--type", "q9_9"), 2, "--type")
+
+
+@pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # huggingface_hub, when the test env disables them
+def test_save_checkpoint_keeps_the_callers_progress_bar_setting(tmp_path):
+    """Turning HF's bars back on unasked would override HF_HUB_DISABLE_PROGRESS_BARS (and warn)."""
+    from transformers.utils import logging as hf_logging
+
+    from npft_gguf.convert import save_checkpoint
+
+    class Saves:
+        def save_pretrained(self, d):
+            Path(d).mkdir(exist_ok=True)
+            (Path(d) / "config.json").write_text("{}")
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        for on in (False, True):
+            (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+            save_checkpoint(Saves(), Saves(), tmp_path / str(on))
+            assert hf_logging.is_progress_bar_enabled() is on and (tmp_path / str(on) / "config.json").exists()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
