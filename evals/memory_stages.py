@@ -1,6 +1,6 @@
 """Peak resident memory of each NPFT stage on SmolLM2-135M, CPU, with the short recipe's shapes
 (256-token samples, LoRA rank 16 on the default targets, batch 4). A thread samples VmRSS every
-20 ms; each line is the peak since the previous line. Per-sample stages (Fisher, the Hutchinson
+10 ms; each line is the peak since the previous line. Per-sample stages (Fisher, the Hutchinson
 trace) do not grow with the sample count, so a few samples show their peak.
 
     .venv/bin/python evals/memory_stages.py [--json OUT.json]
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
-CALIB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "calib" / "wiki_excerpt.txt"
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ROOT.parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
 
 
 def rss_mb() -> int:
@@ -30,14 +33,27 @@ def rss_mb() -> int:
 
 
 class Peaks:
-    def __init__(self):
+    """Samples RSS in a thread: the peak since the last `stage`, and (with stacks) the main
+    thread's stack when the run's overall high was set."""
+
+    def __init__(self, stacks: bool = False):
         self.peak, self.rows = rss_mb(), []
+        self.high, self.high_stack, self.stacks = self.peak, [], stacks
+        self.main_id = threading.get_ident()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self):
         while True:
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.02)
+            mb = rss_mb()
+            self.peak = max(self.peak, mb)
+            if self.stacks and mb > self.high:
+                self.high, self.high_stack = mb, self._main_stack()
+            time.sleep(0.01)
+
+    def _main_stack(self) -> list[str]:
+        frame = sys._current_frames().get(self.main_id)
+        stack = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)]
+        return [x for x in stack if any(k in x for k in ("npft_gguf", "peft", "transformers"))]
 
     def stage(self, name: str):
         now = rss_mb()
@@ -47,22 +63,8 @@ class Peaks:
 
 
 def peak_stack(cli_args: list[str]):
-    """Run `npft-gguf CLI_ARGS` here; keep the main thread's stack whenever RSS sets a new high."""
-    import sys
-    import traceback
-
-    main_id, best = threading.get_ident(), {"mb": 0, "stack": []}
-
-    def sample():
-        while True:
-            mb = rss_mb()
-            if mb > best["mb"]:
-                frame = sys._current_frames().get(main_id)
-                stack = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)]
-                best.update(mb=mb, stack=[x for x in stack if any(k in x for k in ("npft_gguf", "peft", "transformers"))])
-            time.sleep(0.01)
-
-    threading.Thread(target=sample, daemon=True).start()
+    """Run `npft-gguf CLI_ARGS` here and say where RSS reached its high."""
+    peaks = Peaks(stacks=True)
     from npft_gguf.cli import main as cli
 
     try:
@@ -71,7 +73,7 @@ def peak_stack(cli_args: list[str]):
         if e.code:
             raise
     finally:
-        print(f"peak RSS {best['mb']} MB, reached in:", *best["stack"][-8:], sep="\n  ", flush=True)
+        print(f"peak RSS {peaks.high} MB, reached in:", *peaks.high_stack[-8:], sep="\n  ", flush=True)
 
 
 def main():

@@ -109,6 +109,11 @@ LABELS = {"f32": "F32", "rtn-q4_0": "RTN Q4_0", "npft-q4_0": "RTN+NPFT Q4_0", "l
           "llamacpp-iq4_nl": "llama.cpp IQ4_NL"}
 
 
+def row_key(row: dict) -> str:
+    """A comparison row's file as the commands name it: 'smollm2-npft-q4_0.gguf' -> 'npft-q4_0'."""
+    return Path(row["file"]).stem.removeprefix("smollm2-")
+
+
 def markdown(rec: dict) -> str:
     c = rec["compare"]
     lines = [
@@ -124,7 +129,7 @@ def markdown(rec: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in c["rows"]:
-        key = Path(r["file"]).stem.removeprefix("smollm2-")
+        key = row_key(r)
         mix = ", ".join(f"{k.lower()} x{v}" for k, v in sorted(r["types"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {LABELS.get(key, key)} | {mix} | {r['size_mb']:.1f} | {r['bits_per_weight']:.2f} | {r['ppl']:.4f} ± {r['ppl_se']:.4f} | "
                      f"{r['delta_ppl_pct']:+.2f} | {r['kld_mean']:.4f} | {r['same_top1_pct']:.2f} | {fmt(r['pp_tps'])} | {fmt(r['tg_tps'])} | "
@@ -217,7 +222,8 @@ def npft_rounds() -> list[str]:
 
 def standing(c: dict, oc: dict | None) -> list[str]:
     """NPFT's standing against RTN, the control, GPTQ and Q4_K_M, said plainly from this run's numbers."""
-    p = {Path(r["file"]).stem.removeprefix("smollm2-"): r["ppl"] for r in c["rows"]}
+    rows = {row_key(r): r for r in c["rows"]}
+    p = {k: r["ppl"] for k, r in rows.items()}
     need = ("f32", "rtn-q4_0", "npft-q4_0", "lora-control-q4_0", "gptq-q4_0", "llamacpp-q4_k_m")
     if not all(k in p for k in need):
         return []
@@ -241,8 +247,8 @@ def standing(c: dict, oc: dict | None) -> list[str]:
     ]
     if oc:
         parts.append(f"Simulated OWQ ({oc['ppl']:.2f}, not expressible in GGUF) is {vs(oc['ppl'], npft, 'RTN+NPFT')} in perplexity.")
-    kld = {Path(r["file"]).stem.removeprefix("smollm2-"): (r["kld_mean"], r["same_top1_pct"]) for r in c["rows"]}
-    (kn, tn), (kg, tg), (kr, _), (kk, _) = (kld[k] for k in ("npft-q4_0", "gptq-q4_0", "rtn-q4_0", "llamacpp-q4_k_m"))
+    (kn, tn), (kg, tg), (kr, _), (kk, _) = ((rows[k]["kld_mean"], rows[k]["same_top1_pct"])
+                                            for k in ("npft-q4_0", "gptq-q4_0", "rtn-q4_0", "llamacpp-q4_k_m"))
     parts.append(f"Against the F32 model's own predictions the order is not the same: mean KLD RTN+NPFT {kn:.3f}, GPTQ {kg:.3f}, "
                  f"RTN {kr:.3f}, Q4_K_M {kk:.3f} (same top-1 {tn:.1f} % for RTN+NPFT, {tg:.1f} % for GPTQ)"
                  + ("; GPTQ stays closer to the float model, while part of NPFT's perplexity gain is the tuning's fit to "
