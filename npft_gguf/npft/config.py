@@ -1,4 +1,4 @@
-"""NPFT settings. Defaults are the paper's code for LLaMA (../shared/docs/METHOD.md)."""
+"""NPFT settings. Defaults are the paper's code for LLaMA (docs/METHOD.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class NPFTSettings:
     grid: str = "q4_0"                 # the target GGUF grid, for grid noise
     resample: str = "step"             # step | epoch
     clean_weight: float = 0.5          # lambda in L(W+z+BA) + lambda * L(W+BA); 0 drops the term
+    objective: str = "ce"              # what L measures: ce | kl | ce+kl (objective.py)
     # LoRA (peft)
     rank: int = 16
     alpha: int = 32
@@ -49,6 +50,7 @@ class NPFTSettings:
             (self.noise != "rtn" or self.resample == "step", "--noise rtn follows the adapter: it needs --resample step"),
             (0 < self.outlier_pct <= 100, "--outlier-pct must be in (0, 100]"),
             (self.clean_weight >= 0, "--clean-weight must be >= 0"),
+            (self.objective in ("ce", "kl", "ce+kl"), "--objective must be ce, kl or ce+kl"),
             (self.rank >= 1 and self.epochs >= 1 and self.batch >= 1 and self.grad_accum >= 1,
              "--rank, --epochs, --batch and --grad-accum must be >= 1"),
             (self.lr > 0, "--lr must be > 0"),

@@ -28,6 +28,10 @@ def markdown(d: dict) -> str:
               + ", ".join(f"{k} {v:.0f} MiB" for k, v in t.get("peak_memory_mb", {}).items()), ""]
     if t.get("resumed_at_epoch") is not None:
         lines += [f"Resumed after epoch {t['resumed_at_epoch']}.", ""]
+    if t.get("losses"):
+        lines += ["## Losses", "", "| stage | loss |", "|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {v} |" for k, v in t["losses"].items()]
+        lines += [""]
     lines += ["## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in t.get("settings", {}).items()]
     b, a = t.get("trace_before"), t.get("trace_after")

@@ -4,6 +4,7 @@
         Fisher diagonal on the current (LoRA-merged) weights -> top-p% outliers per module
         perturbations on those positions of the ORIGINAL weights
         for each batch:  loss = L(W + z + BA) + lambda * L(W + BA);  step the LoRA factors only
+                         (L: next-token CE, or KL from the float model, objective.py)
                          (z drawn afresh each step, or once per epoch)
         checkpoint (adapter, optimizer, schedule, history) so an interrupted run resumes exactly
     Hutchinson trace over the first epoch's outliers, before and after
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import resource
 import time
 import warnings
@@ -27,12 +27,15 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_output
 from ..errors import NpftError, UsageError
 from ..progress import bar
 from ..sensitivity import fisher_diagonal, outliers, summary, target_linears
 from .config import NPFTSettings
 from .hessian import outlier_trace
 from .noise import Perturbations, merged_weights
+from .objective import SENSITIVITY_LOSS, TRACE_LOSS, get_objective, teacher_hidden
+from .objective import loss as objective_loss
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -50,6 +53,7 @@ class TuneResult:
     peak_memory_mb: dict = field(default_factory=dict)
     resumed_at_epoch: int | None = None
     device: str = "cpu"
+    losses: dict = field(default_factory=dict)  # what each stage's loss is, for the report
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "model"}
@@ -93,7 +97,9 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, steps_per_epoch * settings.epochs)
-    result = TuneResult(model=None, settings=settings.as_dict(), device=str(device))
+    objective = get_objective(settings.objective)
+    result = TuneResult(model=None, settings=settings.as_dict(), device=str(device),
+                        losses={"tuning": objective.summary, "fisher": SENSITIVITY_LOSS, "hessian_trace": TRACE_LOSS})
     trace_tokens = tokens[: settings.trace_samples, : settings.trace_len or tokens.shape[1]]
     fisher_tokens = tokens[: settings.fisher_samples] if settings.fisher_samples else tokens
     digest = tokens_digest(tokens)
@@ -135,14 +141,14 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
         finally:
             noise.remove()
-        torch.save({
-            "epoch_done": epoch + 1, "adapter": get_peft_model_state_dict(peft_model), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
-            "first_outliers": first_outliers, "history": result.history, "fisher_summary": result.fisher_summary,
-            "outliers_per_epoch": result.outliers_per_epoch, "trace_before": result.trace_before,
-            "seconds": elapsed_before + time.time() - t0,
-        }, run_dir / (CHECKPOINT + ".part"))
-        os.replace(run_dir / (CHECKPOINT + ".part"), ckpt_path)
+        with atomic_output(ckpt_path, force=True) as tmp:  # .checkpoint.pt.npft-PID.part until complete
+            torch.save({
+                "epoch_done": epoch + 1, "adapter": get_peft_model_state_dict(peft_model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
+                "first_outliers": first_outliers, "history": result.history, "fisher_summary": result.fisher_summary,
+                "outliers_per_epoch": result.outliers_per_epoch, "trace_before": result.trace_before,
+                "seconds": elapsed_before + time.time() - t0,
+            }, tmp)
 
     if settings.trace_samples and first_outliers is not None:
         result.trace_after = outlier_trace(peft_model, trace_tokens, linears, first_outliers, settings.trace_probes,
@@ -160,6 +166,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
 def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Perturbations, opt, sched,
                  n_micro: int, result: TuneResult, progress: bool, on_step):
     device = next(model.parameters()).device
+    objective = get_objective(settings.objective)
     torch.manual_seed(_seed(settings, epoch, 0))  # dropout
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(_seed(settings, epoch, 1)))
     gen = torch.Generator().manual_seed(_seed(settings, epoch, 2))
@@ -171,13 +178,14 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
         x = tokens[order[micro * settings.batch:(micro + 1) * settings.batch]].to(device)
         if settings.resample == "step" and micro % settings.grad_accum == 0 and micro:
             noise.resample(gen)
+        teacher = _teacher(model, x) if objective.needs_teacher else None
         with noise.on():
-            noisy = model(input_ids=x, labels=x).loss
+            noisy = objective_loss(objective, model, x, teacher)
         _check(noisy, epoch, micro)
         (noisy / settings.grad_accum).backward()
         sums["noisy"] += noisy.item()
         if settings.clean_weight > 0:
-            clean = model(input_ids=x, labels=x).loss
+            clean = objective_loss(objective, model, x, teacher)
             _check(clean, epoch, micro)
             (settings.clean_weight * clean / settings.grad_accum).backward()
             sums["clean"] += clean.item()
@@ -196,6 +204,15 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
             if on_step is not None:
                 on_step(row)
     model.eval()
+
+
+def _teacher(model, x):
+    """The float model's hidden states for `x`, in eval mode (no dropout), noise off."""
+    model.eval()
+    try:
+        return teacher_hidden(model, x)
+    finally:
+        model.train()
 
 
 def _check(loss: torch.Tensor, epoch: int, micro: int):

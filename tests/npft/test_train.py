@@ -6,27 +6,13 @@ import torch
 from npft_gguf.errors import NpftError, UsageError
 from npft_gguf.npft import NPFTSettings, tune
 from npft_gguf.npft.train import CHECKPOINT
+from tests.npft.conftest import tiny_model
 
 FAST = dict(epochs=2, lr=2e-3, batch=2, outlier_pct=1.0, trace_samples=0, rank=4, alpha=8)
 
 
 def _model(tiny_bpe):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_bpe).float()
-
-
-@pytest.fixture(scope="module")
-def tokens(tiny_bpe):
-    from transformers import AutoTokenizer
-
-    from npft_gguf.calib import CalibSettings, load_calibration
-    from tests.conftest import calib_text
-
-    tok = AutoTokenizer.from_pretrained(tiny_bpe)
-    path = tiny_bpe / "calib.txt"
-    path.write_text(calib_text(50_000))
-    return load_calibration(CalibSettings(calib=str(path), samples=8, length=32), tok)
+    return tiny_model(tiny_bpe)
 
 
 def _state(model):

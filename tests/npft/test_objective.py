@@ -1,0 +1,115 @@
+"""Tuning objectives: the chunked KL equals the plain one (value and gradient), the teacher is the
+untuned model, and a KL-tuned model ends closer to the float model under the noise it was tuned for."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npft_gguf.errors import UsageError
+from npft_gguf.npft import NPFTSettings, tune
+from npft_gguf.npft.objective import OBJECTIVES, get_objective, kl_from_hidden, loss, teacher_hidden
+from tests.npft.conftest import tiny_model
+
+FAST = dict(epochs=2, lr=2e-3, batch=2, outlier_pct=1.0, trace_samples=0, rank=4, alpha=8)
+
+
+def _model(tiny_bpe):
+    return tiny_model(tiny_bpe)
+
+
+def _peft(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+
+
+def _plain_kl(lm, hs, ht):
+    head = lm.get_output_embeddings()
+    log_q = F.log_softmax(head(hs).float(), -1)
+    log_p = F.log_softmax(head(ht).float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 2 * 400 * 5, 2**30])  # one position, 5 positions, all at once
+def test_chunked_kl_equals_the_plain_kl_and_its_gradient(tiny_bpe, tokens, chunk_bytes):
+    lm = _model(tiny_bpe)
+    x = tokens[:2]
+    with torch.no_grad():
+        ht = lm.get_decoder()(input_ids=x).last_hidden_state
+    torch.manual_seed(1)
+    hs = (ht + 0.3 * torch.randn_like(ht)).requires_grad_(True)
+    ref = _plain_kl(lm, hs, ht)
+    (g_ref,) = torch.autograd.grad(ref, hs)
+    got = kl_from_hidden(lm, hs, ht, chunk_bytes=chunk_bytes)
+    (g_got,) = torch.autograd.grad(got, hs)
+    assert ref.item() > 0.01
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_is_the_untuned_model_and_kl_starts_at_zero(tiny_bpe, tokens):
+    base = _model(tiny_bpe)
+    x = tokens[:2]
+    with torch.no_grad():
+        want = base.get_decoder()(input_ids=x).last_hidden_state
+    model = _peft(base)
+    with torch.no_grad():  # move the adapter away from zero, so the student differs from the teacher
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()
+    t = teacher_hidden(model, x)
+    torch.testing.assert_close(t, want)
+    kl = get_objective("kl")
+    assert loss(kl, model, x, t).item() > 1e-3  # the adapter moved the student
+    with model.disable_adapter():
+        assert abs(loss(kl, model, x, t).item()) < 1e-6
+
+
+def test_ce_objective_is_the_models_own_loss_and_ce_plus_kl_adds_them(tiny_bpe, tokens):
+    model = _peft(_model(tiny_bpe)).eval()
+    x = tokens[:2]
+    t = teacher_hidden(model, x)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        ce = loss(get_objective("ce"), model, x, None)
+        kl = loss(get_objective("kl"), model, x, t)
+        both = loss(get_objective("ce+kl"), model, x, t)
+    torch.testing.assert_close(ce, model(input_ids=x, labels=x).loss)
+    torch.testing.assert_close(both, ce + kl, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_tuning_brings_the_quantized_model_closer_to_the_float_model(tiny_bpe, tokens, tmp_path):
+    """Tuned with rtn noise for q4_0 (the tiny model's rows are 64 and 128 wide), the KL objective
+    must leave the fake-quantized merged model nearer the float model than it started."""
+    from npft_gguf.grids import get_grid
+    from npft_gguf.sensitivity import target_linears
+
+    def quantized_kl(m):
+        q = _model(tiny_bpe)
+        q.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            for lin in target_linears(q).values():
+                lin.weight.copy_(get_grid("q4_0").fakequant(lin.weight.float()))
+            ref = _model(tiny_bpe)
+            lp = F.log_softmax(ref(input_ids=tokens).logits.float(), -1)
+            lq = F.log_softmax(q(input_ids=tokens).logits.float(), -1)
+            return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+    before = quantized_kl(_model(tiny_bpe))
+    s = NPFTSettings(**{**FAST, "epochs": 4, "noise": "rtn", "objective": "kl"})
+    r = tune(_model(tiny_bpe), tokens, s, tmp_path, progress=False)
+    assert r.settings["objective"] == "kl" and "KL" in r.losses["tuning"] and "cross-entropy" in r.losses["fisher"]
+    assert r.history[-1]["loss_noisy"] < r.history[0]["loss_noisy"]
+    assert quantized_kl(r.model) < 0.9 * before
+
+
+def test_objectives_are_checked():
+    assert set(OBJECTIVES) == {"ce", "kl", "ce+kl"}
+    with pytest.raises(UsageError, match="--objective"):
+        get_objective("mse")
+    with pytest.raises(UsageError, match="--objective"):
+        NPFTSettings(objective="mse")
