@@ -25,13 +25,16 @@ test: setup
 # The main job on the built-in demo: NPFT with the short CPU recipe, then Q4_0, then llama.cpp
 # measures it beside plain RTN Q4_0 and the float model. The noise is our `rtn` variant (the exact
 # RTN error, straight-through), which evals/RESULTS.md shows working where the paper's noise does
-# not on this model. Calibration text: ../shared's Wikipedia excerpt where it exists, else text
-# sampled from the model itself (fully offline).
-CALIB ?= $(if $(wildcard ../shared/data/calib/wiki_excerpt.txt),../shared/data/calib/wiki_excerpt.txt,self)
+# not on this model. Nothing beside the clone is needed: the calibration text is `wiki`, the
+# Wikipedia articles fetched from PyPI (gensim's test data); the evaluation text is WikiText-2's
+# test split where $NPFT_GGUF_WIKITEXT2 names a local copy, else `wiki-heldout`, the articles of
+# the same dump that calibration never sees (docs/METHOD.md, "Texts").
+CALIB ?= wiki
+EVAL_TEXT ?= $(if $(NPFT_GGUF_WIKITEXT2),wikitext2,wiki-heldout)
 demo: setup
 	@mkdir -p $(DEMO_OUT)
-	$(VENV)/bin/npft-gguf convert smollm2-135m --bits 4 --recipe short --noise rtn --calib $(CALIB) --chunks 20 \
-		-o $(DEMO_OUT)/smollm2-135m-npft-q4_0.gguf --force
+	$(VENV)/bin/npft-gguf convert smollm2-135m --bits 4 --recipe short --noise rtn --calib $(CALIB) \
+		--eval-text $(EVAL_TEXT) --chunks 20 -o $(DEMO_OUT)/smollm2-135m-npft-q4_0.gguf --force
 	$(VENV)/bin/npft-gguf inspect $(DEMO_OUT)/smollm2-135m-npft-q4_0.gguf
 
 clean:

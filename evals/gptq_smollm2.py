@@ -3,8 +3,8 @@
     nice .venv/bin/python evals/gptq_smollm2.py [--no-act-order] [--samples 128] [--out-dir evals/out]
 
 1. the demo model (`smollm2-135m`, float32 in torch);
-2. calibration: 128 random 512-token segments (seed 0) of ../shared/data/calib/wiki_excerpt.txt,
-   tokenized with the model's tokenizer (never the WikiText-2 test text);
+2. calibration: 128 random 512-token segments (seed 0) of --calib (default `wiki`, the fetched
+   Wikipedia calibration articles), tokenized with the model's tokenizer (never the WikiText-2 test text);
 3. GPTQ (damp 0.01, block 128) of every decoder linear onto Q4_0's blocks, layer by layer;
 4. save_pretrained (weights + tokenizer) and `npft-gguf export DIR --type q4_0` (plain RTN, which
    leaves GPTQ's on-grid weights unchanged; checked here tensor by tensor);
@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIB = ROOT.parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
 CLI = [sys.executable, "-m", "npft_gguf.cli"]
 
 
@@ -55,6 +54,7 @@ def main():
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, help="llama.cpp threads for the eval (default: all cores)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "evals" / "out")
+    ap.add_argument("--calib", default="wiki", help="calibration text, as npft-gguf --calib")
     args = ap.parse_args()
     tag = f"gptq-{args.type}" + ("" if args.act_order else "-natural") + ("-ts" if args.true_sequential else "")
     work = args.out_dir / tag
@@ -63,7 +63,7 @@ def main():
     src = open_source("smollm2-135m")
     tok = src.tokenizer()
     model = src.load_model()
-    calib_settings = CalibSettings(calib=str(CALIB), samples=args.samples, length=args.length, seed=0)
+    calib_settings = CalibSettings(calib=args.calib, samples=args.samples, length=args.length, seed=0)
     calib = load_calibration(calib_settings, tok, progress=False)
     settings = GPTQSettings(target=args.type, act_order=args.act_order, true_sequential=args.true_sequential)
     t0 = time.perf_counter()

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIB = ROOT.parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")  # one per distinct input
 
 
@@ -31,10 +30,11 @@ def main():
     ap.add_argument("--samples", type=int, default=4, help="calibration segments of 512 tokens (seed 0)")
     ap.add_argument("--min-share", type=float, default=0.02)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--calib", default="wiki", help="calibration text, as npft-gguf --calib (default: the fetched Wikipedia articles)")
     a = ap.parse_args()
     src = open_source("smollm2-135m")
     model = src.load_model(dtype=torch.float32)
-    calib = CalibSettings(calib=str(CALIB) if CALIB.is_file() else "self", samples=a.samples, length=512, seed=0)
+    calib = CalibSettings(calib=a.calib, samples=a.samples, length=512, seed=0)
     ids = load_calibration(calib, src.tokenizer(), model=model, progress=False)
     stats = {}
 

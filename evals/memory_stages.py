@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIB = ROOT.parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
+CALIB = "wiki"  # the calibration articles of the Wikipedia dump fetched from PyPI (npft_gguf/texts.py)
 
 
 def rss_mb() -> int:
@@ -97,7 +97,7 @@ def main():
 
     torch.set_num_threads(2)
     peaks.stage("imports")
-    calib = CalibSettings(calib=str(CALIB) if CALIB.exists() else "self", samples=8, length=256, seed=0)
+    calib = CalibSettings(calib=CALIB, samples=8, length=256, seed=0)
     model, tokens = calibrated_model(open_source("smollm2-135m"), calib, "cpu", False, lambda m: None)
     peaks.stage("load + calibrate (8 x 256)")
     s = NPFTSettings()

@@ -2,9 +2,9 @@
 plain RTN Q4_0, a plain-LoRA control (same data, no noise) and the float model.
 
 Every variant is one `npft-gguf convert` command (printed and stored in the JSON), run with the
-short CPU recipe on ../shared/data/calib/wiki_excerpt.txt; then one `npft-gguf compare` evaluates
-all files on the first --chunks windows of WikiText-2 test (ctx 512, llama.cpp, fa off) with KLD
-against the F32 export. Output: evals/out/npft_smollm2-TAG.{json,md}.
+short CPU recipe on --calib (default `wiki`: the fetched Wikipedia calibration articles); then one
+`npft-gguf compare` evaluates all files on the first --chunks windows of WikiText-2 test
+($NPFT_GGUF_WIKITEXT2; ctx 512, llama.cpp, fa off) with KLD against the F32 export. Output: evals/out/npft_smollm2-TAG.{json,md}.
 
     .venv/bin/python evals/npft_smollm2.py                      # all variants
     .venv/bin/python evals/npft_smollm2.py --only paper,control  # a subset
@@ -24,7 +24,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "evals" / "out" / "npft"
-CALIB = ROOT.parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
 CLI = [str(ROOT / ".venv" / "bin" / "npft-gguf")]
 
 VARIANTS = {  # name -> extra convert options (on top of --recipe short)
@@ -54,6 +53,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", default="", help="extra convert options for every variant, e.g. '--epochs 2'")
     ap.add_argument("--tag", default="short", help="names this round's files: evals/out/npft_smollm2-TAG.{json,md}")
+    ap.add_argument("--calib", default="wiki", help="calibration text, as npft-gguf --calib")
     a = ap.parse_args()
     names = a.only.split(",") if a.only else list(VARIANTS)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def main():
     files = []
     for name in names:
         out = OUT / f"smollm2-{a.tag}-{name}-q4_0.gguf"
-        cmd = [*CLI, "convert", "smollm2-135m", "--bits", "4", "--recipe", "short", "--calib", str(CALIB),
+        cmd = [*CLI, "convert", "smollm2-135m", "--bits", "4", "--recipe", "short", "--calib", a.calib,
                *VARIANTS[name], *shlex.split(a.extra), "--threads", str(a.threads), "--eval-text", "none",
                "-o", str(out), "--force", "--json"]
         seconds, stdout = run(cmd)

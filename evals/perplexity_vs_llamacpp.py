@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKI: Path | None = None  # wiki.test.raw, found in main (texts.wikitext2_path: $NPFT_GGUF_WIKITEXT2 or ./wikitext-2-raw/)
 
 SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -369,9 +369,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO))
     from npft_gguf.demo import cache_dir
+    from npft_gguf.texts import wikitext2_path
 
-    if not WIKI.is_file():
-        raise EvalError(f"{WIKI}: the WikiText-2 test text is missing")
+    global WIKI
+    WIKI = wikitext2_path()  # llama-perplexity reads a file, so a local copy is needed
+    if WIKI is None:
+        raise EvalError("the WikiText-2 test text is missing: set NPFT_GGUF_WIKITEXT2 to a local wiki.test.raw")
     out = args.out_dir.resolve()
     logs = out / "perplexity_vs_llamacpp-logs"
     logs.mkdir(parents=True, exist_ok=True)

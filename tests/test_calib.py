@@ -1,15 +1,19 @@
-"""Calibration data: seeded random segments, several files, `self`, and the evaluation text refused."""
-
-from pathlib import Path
+"""Calibration data: seeded random segments, several files and named texts, `self`, and the
+evaluation texts refused."""
 
 import pytest
 import torch
 
-from npft_gguf.calib import CalibSettings, is_evaluation_text, load_calibration
+from npft_gguf.calib import CalibSettings, calibration_text, is_evaluation_text, load_calibration
 from npft_gguf.errors import UsageError
-from npft_gguf.texts import wikitext2_path
+from npft_gguf.texts import join_articles, news_text, wiki_articles, wiki_calibration_text, wikitext2_path
 
-CALIB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "calib"
+
+@pytest.fixture(scope="module")
+def news_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("news") / "lee_news.txt"
+    path.write_text(news_text(), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +23,8 @@ def tok(tiny_bpe):
     return AutoTokenizer.from_pretrained(tiny_bpe)
 
 
-def test_segments_are_seeded_and_shaped(tok):
-    spec = str(CALIB / "lee_news.txt")
+def test_segments_are_seeded_and_shaped(tok, news_file):
+    spec = str(news_file)
     a = load_calibration(CalibSettings(calib=spec, samples=6, length=40, seed=1), tok)
     b = load_calibration(CalibSettings(calib=spec, samples=6, length=40, seed=1), tok)
     c = load_calibration(CalibSettings(calib=spec, samples=6, length=40, seed=2), tok)
@@ -40,7 +44,44 @@ def test_several_files(tok, tmp_path):
     assert t.shape == (20, 8)
 
 
-def test_evaluation_text_is_refused(tok, tmp_path):
+def test_named_texts_alone_and_with_files(tmp_path):
+    assert calibration_text("wiki") == wiki_calibration_text()
+    assert calibration_text("news") == news_text() and news_text().count("\n") >= 290  # 300 articles, one a line
+    own = tmp_path / "own.txt"
+    own.write_text("my own words " * 20)
+    both = calibration_text(f"wiki, news,{own}")
+    assert both.startswith(wiki_calibration_text()) and both.endswith(own.read_text())
+    assert news_text() in both
+
+
+def test_heldout_articles_are_refused(tok, tmp_path):
+    with pytest.raises(UsageError, match="wiki-heldout is evaluation text"):
+        load_calibration(CalibSettings(calib="wiki-heldout", samples=2, length=8), tok)
+    with pytest.raises(UsageError, match="evaluation text"):
+        calibration_text("news,wiki-heldout")
+    held = wiki_articles()[1]
+    copy = tmp_path / "articles.txt"  # one held-out article, renamed and re-wrapped, is still refused
+    copy.write_text("some intro\n" + join_articles(held[3:4]).replace("\n", "\n\n"), encoding="utf-8")
+    with pytest.raises(UsageError, match="held-out Wikipedia articles"):
+        calibration_text(str(copy))
+    calib = tmp_path / "wiki-calib.txt"  # the calibration articles as a file are fine
+    calib.write_text(wiki_calibration_text(), encoding="utf-8")
+    assert calibration_text(str(calib)) == wiki_calibration_text()
+
+
+def test_self_cannot_be_combined():
+    with pytest.raises(UsageError, match="alone"):
+        calibration_text("wiki,self")
+
+
+def test_wikitext2_test_text_is_refused_without_a_local_copy(tmp_path):
+    piece = tmp_path / "piece.txt"  # WikiText-2 test's first article heading, as the raw file has it
+    piece.write_text(" = Robert Boulter = \n\n Robert Boulter is an English film , television and theatre actor .\n")
+    with pytest.raises(UsageError, match="WikiText-2 test text, the evaluation set"):
+        calibration_text(str(piece))
+
+
+def test_evaluation_text_is_refused(tok, tmp_path, news_file):
     wiki = wikitext2_path()
     if wiki is None:
         pytest.skip("no local WikiText-2 test text")
@@ -49,7 +90,7 @@ def test_evaluation_text_is_refused(tok, tmp_path):
     part = tmp_path / "excerpt.txt"  # a piece of it, renamed, is refused too
     part.write_text("intro\n" + wiki.read_text(encoding="utf-8")[200_000:400_000])
     assert is_evaluation_text(part.read_text())
-    assert not is_evaluation_text((CALIB / "lee_news.txt").read_text(encoding="utf-8"))
+    assert not is_evaluation_text(news_file.read_text(encoding="utf-8"))
 
 
 def test_bad_inputs(tok, tmp_path):

@@ -47,12 +47,12 @@ def test_sentencepiece_tokenizes_like_llama_cpp(tiny_spm, tmp_path, wiki_text):
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizes_all_of_wikitext2_like_llama_cpp(smollm2_slice, tmp_path, wiki_text):
+def test_smollm2_tokenizes_all_of_the_evaluation_text_like_llama_cpp(smollm2_slice, tmp_path, wiki_text):
     out = tmp_path / "smol.gguf"
     export(smollm2_slice, out, ExportSettings("q8_0"), progress=False)
     ours = smollm2_slice.tokenizer()(wiki_text, add_special_tokens=False)["input_ids"]
     theirs = llamacpp.tokenize(vocab(out), wiki_text)
-    assert len(ours) > 280_000
+    assert len(ours) > 200_000  # the whole text: wiki-heldout about 214k tokens, WikiText-2 test about 290k
     assert theirs == ours
 
 

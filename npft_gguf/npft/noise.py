@@ -5,7 +5,7 @@ output. Outlier noise is sparse (index vectors and values: out[..., r] += x[...,
 step costs a gather of 0.05% of the columns; grid noise on every weight (`noise_scope=all`) is a
 dense z, one extra matmul.
 
-Noise kinds (../shared/docs/METHOD.md):
+Noise kinds (docs/METHOD.md):
 - paper: per output row holding outliers, z ~ U[min, max] of that row's outlier values,
   mean-subtracted over the row, at the outlier positions only (a row with one outlier gets none);
 - grid:  z ~ U[-D/2, D/2], D the step of the target GGUF block holding the weight, so z has the

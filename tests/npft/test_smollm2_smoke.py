@@ -1,26 +1,20 @@
 """A real-model smoke run: NPFT on the real SmolLM2-135M (all 30 layers) for two steps on the real
 calibration text, then the tuned model's Q4_0 GGUF runs in llama.cpp. Seconds to a minute."""
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 
 from npft_gguf.calib import CalibSettings, load_calibration
 from npft_gguf.npft import NPFTSettings, tune
 
-CALIB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "calib" / "wiki_excerpt.txt"
 
-
-@pytest.mark.skipif(not CALIB.is_file(), reason="../shared calibration text is missing")
 def test_two_steps_on_smollm2_then_llama_cpp(smollm2, tmp_path):
     from npft_gguf import llamacpp
     from npft_gguf.sources import ModelSource
     from npft_gguf.writer import ExportSettings, export
 
     model = smollm2.load_model()
-    tokens = load_calibration(CalibSettings(calib=str(CALIB), samples=4, length=48, seed=0), smollm2.tokenizer())
+    tokens = load_calibration(CalibSettings(calib="wiki", samples=4, length=48, seed=0), smollm2.tokenizer())
     s = NPFTSettings(epochs=1, batch=2, max_steps_per_epoch=2, fisher_samples=2, trace_samples=0, lr=1e-4)
     r = tune(model, tokens, s, tmp_path / "run", progress=False)
     assert len(r.history) == 2 and all(np.isfinite(h["loss_noisy"]) and np.isfinite(h["loss_clean"]) for h in r.history)
