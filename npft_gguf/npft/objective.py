@@ -12,9 +12,11 @@ disabled and the noise off, so no second copy of the weights is held; the teache
 final hidden states, not its logits.
 
 Full-vocabulary logits are never held for a whole batch: the KL is summed over position chunks,
-each recomputed in the backward pass (activation checkpointing), so only one chunk's
-(batch, positions, vocab) float32 logits exist at a time, whatever the vocabulary (Qwen 151,936,
-Gemma 262,144). The result is exact: no top-k truncation.
+and since its gradient with respect to the logits is known in closed form (q - p), each chunk's
+gradient with respect to the hidden states is formed at once and only that is kept for the
+backward pass. Only one chunk's (batch, positions, vocab) float32 logits exist at a time, whatever
+the vocabulary (Qwen 151,936, Gemma 262,144), and nothing is recomputed. The result is exact: no
+top-k truncation.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 CHUNK_BYTES = 64 * 2**20  # float32 logits held at once per chunk (student and teacher: twice this)
 
@@ -89,26 +90,69 @@ def _logits(h, weight, bias, softcap):
     return torch.tanh(z / softcap) * softcap if softcap else z
 
 
-def _kl_sum(h_student, h_teacher, weight, bias, softcap):
-    log_q = F.log_softmax(_logits(h_student, weight, bias, softcap), -1)
-    log_p = F.log_softmax(_logits(h_teacher, weight, bias, softcap), -1)
-    return (log_p.exp() * (log_p - log_q)).sum()
+class _HeadLoss(torch.autograd.Function):
+    """sum over positions of KL(p_teacher || q) / n_kl + CE(q, label) / n_ce, q = softmax(head(h)).
+
+    The gradient with respect to the logits is known in closed form (q - p_teacher for the KL,
+    q - onehot for the CE), so each chunk's logits live only inside forward: it computes the
+    value and d/dh chunk by chunk and keeps just d/dh (batch, positions, hidden) for backward.
+    Head cost per chunk: student and teacher logits, one matmul for d/dh; nothing recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, h_teacher, labels, weight, bias, softcap, step):
+        b, t, _ = h.shape
+        n_kl, n_ce = b * t, b * max(t - 1, 1)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.zeros_like(h, dtype=torch.float32)
+        for i in range(0, t, step):
+            hs = h[:, i:i + step]
+            z = F.linear(hs, weight, bias).float()
+            capped = torch.tanh(z / softcap) * softcap if softcap else z
+            log_q = F.log_softmax(capped, -1)
+            q = log_q.exp()
+            g = torch.zeros_like(q)
+            if h_teacher is not None:
+                log_p = F.log_softmax(_logits(h_teacher[:, i:i + step], weight, bias, softcap), -1)
+                p = log_p.exp()
+                total += (p * (log_p - log_q)).sum() / n_kl
+                g += (q - p) / n_kl
+                del log_p, p
+            if labels is not None:
+                j = min(i + step, t - 1)  # position t-1 has no next token
+                if j > i:
+                    lab = labels[:, i + 1:j + 1]
+                    total += -log_q[:, : j - i].gather(-1, lab.unsqueeze(-1)).sum() / n_ce
+                    g[:, : j - i] += q[:, : j - i] / n_ce
+                    g[:, : j - i].scatter_add_(-1, lab.unsqueeze(-1), torch.full_like(lab, -1.0 / n_ce, dtype=g.dtype).unsqueeze(-1))
+            if softcap:
+                g *= 1 - (capped / softcap).square()
+            grad[:, i:i + step] = g.to(weight.dtype) @ weight
+            del z, capped, log_q, q, g
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad_out * grad).to(grad.dtype), None, None, None, None, None, None
+
+
+def head_loss(lm, h: torch.Tensor, h_teacher: torch.Tensor | None, labels: torch.Tensor | None,
+              chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Mean KL from the teacher over all positions (if `h_teacher`) plus mean next-token CE (if
+    `labels`), from the final hidden states, in position chunks of at most `chunk_bytes` of logits."""
+    head, softcap = _head(lm)
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        raise NotImplementedError("the fused head loss assumes a frozen vocabulary head (it is not a LoRA target)")
+    b, t, _ = h.shape
+    step = max(1, chunk_bytes // (4 * b * head.weight.shape[0]))
+    out = _HeadLoss.apply(h, h_teacher, labels, head.weight, head.bias, softcap, step)
+    return out
 
 
 def kl_from_hidden(lm, h_student: torch.Tensor, h_teacher: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Mean over positions of KL(p_teacher || p_student), in position chunks, each checkpointed."""
-    head, softcap = _head(lm)
-    b, t, _ = h_student.shape
-    vocab = head.weight.shape[0]
-    step = max(1, chunk_bytes // (4 * b * vocab))
-    total = h_student.new_zeros((), dtype=torch.float32)
-    for i in range(0, t, step):
-        part = (h_student[:, i:i + step], h_teacher[:, i:i + step], head.weight, head.bias, softcap)
-        if torch.is_grad_enabled() and h_student.requires_grad:
-            total = total + checkpoint(_kl_sum, *part, use_reentrant=False)
-        else:
-            total = total + _kl_sum(*part)
-    return total / (b * t)
+    """Mean over positions of KL(p_teacher || p_student)."""
+    return head_loss(lm, h_student, h_teacher, None, chunk_bytes)
 
 
 def loss(objective: Objective, model, x: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
@@ -116,21 +160,4 @@ def loss(objective: Objective, model, x: torch.Tensor, teacher: torch.Tensor | N
     if not objective.kl:
         return model(input_ids=x, labels=x).loss
     lm = _causal_lm(model)
-    h = final_hidden(model, x)
-    value = kl_from_hidden(lm, h, teacher)
-    if objective.ce:
-        head, softcap = _head(lm)
-        ce = 0.0
-        b, t, _ = h.shape
-        step = max(1, CHUNK_BYTES // (4 * b * head.weight.shape[0]))
-        for i in range(0, t - 1, step):
-            j = min(i + step, t - 1)
-            part = (h[:, i:j], x[:, i + 1:j + 1], head.weight, head.bias, softcap)
-            ce = ce + (checkpoint(_ce_sum, *part, use_reentrant=False) if h.requires_grad else _ce_sum(*part))
-        value = value + ce / (b * (t - 1))
-    return value
-
-
-def _ce_sum(h, labels, weight, bias, softcap):
-    z = _logits(h, weight, bias, softcap)
-    return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), reduction="sum")
+    return head_loss(lm, final_hidden(model, x), teacher, x if objective.ce else None)

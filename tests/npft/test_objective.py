@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from npft_gguf.errors import UsageError
 from npft_gguf.npft import NPFTSettings, tune
-from npft_gguf.npft.objective import OBJECTIVES, get_objective, kl_from_hidden, loss, teacher_hidden
+from npft_gguf.npft.objective import OBJECTIVES, get_objective, head_loss, kl_from_hidden, loss, teacher_hidden
 from tests.npft.conftest import tiny_model
 
 FAST = dict(epochs=2, lr=2e-3, batch=2, outlier_pct=1.0, trace_samples=0, rank=4, alpha=8)
@@ -33,7 +33,7 @@ def _plain_kl(lm, hs, ht):
 
 @pytest.mark.parametrize("chunk_bytes", [1, 4 * 2 * 400 * 5, 2**30])  # one position, 5 positions, all at once
 def test_chunked_kl_equals_the_plain_kl_and_its_gradient(tiny_bpe, tokens, chunk_bytes):
-    lm = _model(tiny_bpe)
+    lm = _model(tiny_bpe).requires_grad_(False)  # frozen, as under peft
     x = tokens[:2]
     with torch.no_grad():
         ht = lm.get_decoder()(input_ids=x).last_hidden_state
@@ -46,6 +46,14 @@ def test_chunked_kl_equals_the_plain_kl_and_its_gradient(tiny_bpe, tokens, chunk
     assert ref.item() > 0.01
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-7)
+    # the same with the next-token CE added (ce+kl), against autograd through plain logits
+    logits = lm.get_output_embeddings()(hs).float()
+    ref_ce = _plain_kl(lm, hs, ht) + F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    (g_ref_ce,) = torch.autograd.grad(ref_ce, hs)
+    got_ce = head_loss(lm, hs, ht, x, chunk_bytes=chunk_bytes)
+    (g_got_ce,) = torch.autograd.grad(got_ce, hs)
+    torch.testing.assert_close(got_ce, ref_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got_ce, g_ref_ce, rtol=1e-4, atol=1e-7)
 
 
 def test_teacher_is_the_untuned_model_and_kl_starts_at_zero(tiny_bpe, tokens):
@@ -105,6 +113,13 @@ def test_kl_tuning_brings_the_quantized_model_closer_to_the_float_model(tiny_bpe
     assert r.settings["objective"] == "kl" and "KL" in r.losses["tuning"] and "cross-entropy" in r.losses["fisher"]
     assert r.history[-1]["loss_noisy"] < r.history[0]["loss_noisy"]
     assert quantized_kl(r.model) < 0.9 * before
+
+
+def test_the_fused_head_loss_refuses_a_trainable_head(tiny_bpe, tokens):
+    lm = _model(tiny_bpe)
+    h = torch.zeros(1, 4, lm.config.hidden_size)
+    with pytest.raises(NotImplementedError, match="frozen vocabulary head"):
+        kl_from_hidden(lm, h, h)
 
 
 def test_objectives_are_checked():
