@@ -89,7 +89,7 @@ def main():
     print(f"exported weights equal GPTQ's in memory: {exact}", flush=True)
 
     eval_json = work / "eval.json"
-    run("eval", gguf, "--chunks", args.chunks, "--json", eval_json, *(["--threads", args.threads] if args.threads else []))
+    run("eval", gguf, "--chunks", args.chunks, "--json", eval_json, "--force", *(["--threads", args.threads] if args.threads else []))
     result = json.loads(eval_json.read_text())
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),

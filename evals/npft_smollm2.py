@@ -83,7 +83,7 @@ def main():
         run([*CLI, "export", "smollm2-135m", "--type", "q4_0", "-o", str(rtn)])
     report = OUT / f"compare-{a.tag}.md"
     cmd = [*CLI, "compare", str(rtn), *map(str, files), "--ref", str(ref), "--chunks", str(a.chunks),
-           "--threads", str(a.threads), "--no-bench", "-o", str(report)]
+           "--threads", str(a.threads), "--no-bench", "-o", str(report), "--force"]
     seconds, _ = run(cmd)
     record["compare_command"] = shlex.join(cmd)
     record["compare"] = json.loads(report.with_suffix(".json").read_text())

@@ -90,7 +90,7 @@ def main():
                                       "--force", log=log)
     report = OUT / "compare.md"
     sh("compare", *[f[k] for k in f if k != "f32"], "--ref", f["f32"], "--chunks", a.chunks, "--threads", a.threads,
-       "--reps", a.reps, "-o", report, "--plot", OUT / "compare.png", log=log)
+       "--reps", a.reps, "-o", report, "--plot", OUT / "compare.png", "--force", log=log)
     cmp = json.loads(report.with_suffix(".json").read_text())
     shutil.copyfile(OUT / "compare.png", ROOT / "evals" / "RESULTS.png")  # the plot, kept beside the table
     t_owq, owq_out = sh("convert", "smollm2-135m", "--method", "owq", "--act-order", "--type", "q4_0", *calib, "--chunks", a.chunks,

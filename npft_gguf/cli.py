@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import NpftError
+from .choices import BITS, METHODS
+from .errors import NpftError, UsageError
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 # llama.cpp's own file types beside ours, for `export --quantizer llama.cpp` (methods/llamacpp_quant.py)
@@ -19,10 +23,18 @@ EXPORT_TYPES = TYPES + LLAMACPP_ONLY
 SOURCE_HELP = "SOURCE is a hub id (meta-llama/Llama-2-7b-hf), a Hugging Face directory, a .gguf file, or the demo 'smollm2-135m'."
 
 
+DEBUG_ENV = "NPFT_GGUF_DEBUG"
+
+
 class Cli(click.Group):
-    """Turns every failure into `error: <one line>` and an exit code: 2 usage, 1 runtime."""
+    """Turns every failure into `error: <one line>` and an exit code: 2 usage, 1 runtime. An
+    unforeseen exception (a bug) is one line too, `error: <Type>: <message>`, unless --debug or
+    NPFT_GGUF_DEBUG=1 asks for its traceback."""
+
+    debug = False
 
     def main(self, *args, **kwargs):
+        self.debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
             sys.exit(rv if isinstance(rv, int) else 0)
@@ -37,11 +49,18 @@ class Cli(click.Group):
                 hint = f" (see `{ctx.command_path} --help`)"
             _fail(e.format_message() + hint, e.exit_code)
         except NpftError as e:
+            if self.debug:
+                traceback.print_exc()
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 1)
         except BrokenPipeError:
             sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - the last resort: still one line, and a way to the traceback
+            if self.debug:
+                raise
+            lines = str(e).strip().splitlines()
+            _fail(f"{type(e).__name__}{': ' + lines[0] if lines else ''} (rerun with --debug for the traceback)", 1)
 
 
 def _fail(message: str, code: int):
@@ -53,17 +72,45 @@ def _emit(data: dict, as_json: bool, text: str):
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
 
 
+def _set_debug(ctx, _param, value):
+    if value:
+        ctx.command.debug = True
+
+
+class Finite(click.FloatRange):
+    """A float range that also refuses nan and inf (click lets nan through every range)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+GPU_LAYERS = click.IntRange(min=-1)  # llama.cpp: -1 offloads every layer
+
+
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="npft-gguf")
+@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=_set_debug,
+              help=f"Show the traceback of an unexpected error instead of its one line (or set {DEBUG_ENV}=1).")
 def main():
     """Make a causal LM robust to round-to-nearest (NPFT), write it as GGUF, and check it in llama.cpp.
 
     \b
+    Errors are one line on stderr, `error: ...`: exit code 2 for bad input,
+    1 for a failed run. Every input is checked before any work starts, and
+    existing outputs are kept unless the command is given --force.
+
+    \b
     Examples:
+      npft-gguf convert smollm2-135m --bits 4 --recipe short --calib wiki --chunks 40
       npft-gguf export smollm2-135m -o smol-q4_0.gguf --type q4_0
       npft-gguf inspect smol-q4_0.gguf --json
       npft-gguf eval smol-q4_0.gguf --ref smol-f32.gguf --chunks 40
       npft-gguf bench smol-q4_0.gguf
+      npft-gguf compare smol-q4_0.gguf --ref smol-f32.gguf -o report.md
+      npft-gguf --debug export ./model -o m.gguf   # a traceback instead of the error line
     """
 
 
@@ -94,7 +141,6 @@ def export(source, output, type_, quantizer, pure, force, as_json):
       npft-gguf export smollm2-135m -o smol-q4_k_m.gguf --quantizer llama.cpp --type q4_k_m
     """
     from .atomic import check_target
-    from .errors import UsageError
     from .sources import open_source
 
     if quantizer == "rtn" and type_.lower() not in TYPES:
@@ -115,94 +161,150 @@ def export(source, output, type_, quantizer, pure, force, as_json):
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect(file, as_json):
-    """Summarise a GGUF FILE: architecture, tensor types, size, bits/weight, tokenizer, provenance.
+def inspect(source, as_json):
+    """Summarise a GGUF file: architecture, tensor types, size, bits/weight, tokenizer, provenance.
 
     \b
-    Example:
+    SOURCE is a GGUF file (known by its GGUF magic, whatever its suffix) or the
+    demo name 'smollm2-135m', whose fetched GGUF file is inspected.
+
+    \b
+    Examples:
+      npft-gguf inspect smol-q4_0.gguf
       npft-gguf inspect smol-q4_0.gguf --json
+      npft-gguf inspect smollm2-135m
     """
-    from .errors import UsageError
     from .inspect import format_text
     from .inspect import inspect as run_inspect
+    from .validate.models import require_file
 
-    if not file.is_file():
-        raise UsageError(f"{file}: no such file")
-    info = run_inspect(file)
+    path = require_file(_gguf_file(source), "inspect reads GGUF files (export a Hugging Face model to GGUF first)")
+    info = run_inspect(path)
     _emit(info, as_json, format_text(info))
 
 
-def _write_json(path: Path | None, data: dict):
-    if path is None:
+def _gguf_file(name) -> Path:
+    """A GGUF file argument: a path, or a demo name, which means its fetched GGUF file."""
+    from .demo import DEMOS, fetch
+
+    if str(name) in DEMOS and not Path(name).exists():
+        return fetch(str(name))
+    return Path(name)
+
+
+def _json_option(f):
+    return click.option("--json", "json_out", type=click.Path(path_type=Path),
+                        help="Also write the result as JSON to this file ('-': print JSON instead of the text).")(f)
+
+
+def _check_json_target(path: Path | None, force: bool):
+    if path is not None and str(path) != "-":
+        from .atomic import check_target
+
+        check_target(path, force)
+
+
+def _report(text: str, data: dict, json_out: Path | None, force: bool):
+    """The text on stdout, or with `--json -` the JSON instead; `--json FILE` also writes the JSON there."""
+    if json_out is not None and str(json_out) == "-":
+        click.echo(json.dumps(data, indent=2, default=str))
         return
-    from .atomic import atomic_output
+    click.echo(text)
+    if json_out is not None:
+        from .atomic import atomic_output
 
-    with atomic_output(Path(path), force=True) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
+        with atomic_output(json_out, force=force) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, default=str))
 
 
-def _backend(model: str, ctx: int, threads, n_gpu_layers: int, flash_attn: bool, fake_quant, device: str):
-    """A GGUF file runs in llama.cpp; any other SOURCE runs in torch (optionally fake-quantized)."""
-    from .validate.models import LlamaCppBackend, TorchBackend, fake_quantize_
+def _resolve_model(model: str, ctx: int, fake_quant, device: str):
+    """MODEL as eval will run it, checked without loading it: a GGUF file (a Path, for llama.cpp),
+    or a SOURCE for torch (its Source and the resolved device)."""
+    from .validate.models import check_gguf, is_gguf, require_file
 
-    if model.endswith(".gguf") and Path(model).exists():
+    path = Path(model).expanduser()
+    if is_gguf(path):
         if fake_quant:
-            raise click.UsageError("--fake-quant applies to float models run in torch, not to GGUF files")
-        return LlamaCppBackend(Path(model), ctx, threads, n_gpu_layers, flash_attn)
-    if model.endswith(".gguf"):
-        from .errors import UsageError
-
-        raise UsageError(f"{model}: no such file")
-    import torch
-
+            raise UsageError("--fake-quant applies to float models run in torch, not to GGUF files")
+        return check_gguf(path)
+    if path.suffix.lower() == ".gguf":
+        require_file(path, "give a GGUF file")
+    from .convert import check_context, resolve_device
     from .sources import open_source
 
     src = open_source(model)
+    check_context(ctx, src)
+    return src, resolve_device(device)
+
+
+def _check_offload(n_gpu_layers: int, models: list):
+    """--n-gpu-layers is for llama.cpp, and only on a build that can offload."""
+    from .validate.models import require_gpu_offload
+
+    if n_gpu_layers and not any(isinstance(m, Path) for m in models):
+        raise UsageError("--n-gpu-layers applies to GGUF files run by llama.cpp; a SOURCE runs in torch (see --device)")
+    require_gpu_offload(n_gpu_layers)
+
+
+def _backend(model, ctx: int, threads, n_gpu_layers: int, flash_attn: bool, fake_quant):
+    """A GGUF file runs in llama.cpp; any other SOURCE runs in torch (optionally fake-quantized)."""
+    from .validate.models import LlamaCppBackend, TorchBackend, fake_quantize_
+
+    if isinstance(model, Path):
+        return LlamaCppBackend(model, ctx, threads, n_gpu_layers, flash_attn)
+    import torch
+
+    src, device = model
     if threads:
         torch.set_num_threads(threads)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    m = src.load_model(dtype=torch.float32, device=dev)
+    m = src.load_model(dtype=torch.float32, device=device)
     extra = fake_quantize_(m, fake_quant) if fake_quant else {}
-    return TorchBackend(m, src.tokenizer(), label=model + (f" (fake {fake_quant})" if fake_quant else ""), device=dev, settings=extra)
+    return TorchBackend(m, src.tokenizer(), label=src.spec + (f" (fake {fake_quant})" if fake_quant else ""), device=device, settings=extra)
 
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--text", default="wikitext2", show_default=True, help="wikitext2, c4, or a UTF-8 text file.")
+@click.option("--text", default="wikitext2", show_default=True, help="Evaluation text: wiki-heldout, wikitext2, c4, or a UTF-8 text file.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Context (window) length.")
 @click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
 @click.option("--ref", "ref", help="Reference model (GGUF or SOURCE) for KL divergence on the same tokens.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores of this process).")
-@click.option("--n-gpu-layers", default=0, show_default=True, type=int, help="Layers to offload to the GPU (llama.cpp).")
+@click.option("--n-gpu-layers", default=0, show_default=True, type=GPU_LAYERS,
+              help="GGUF only: layers to offload to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attention.")
 @click.option("--fake-quant", type=click.Choice(TYPES, case_sensitive=False), help="torch only: RTN-simulate this grid on the decoder's linear weights.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="torch only.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the result as JSON here.")
-def eval_(model, text, ctx, chunks, ref, threads, n_gpu_layers, flash_attn, fake_quant, device, json_out):
+@_json_option
+@click.option("--force", is_flag=True, help="Overwrite the --json file if it exists.")
+def eval_(model, text, ctx, chunks, ref, threads, n_gpu_layers, flash_attn, fake_quant, device, json_out, force):
     """Perplexity of MODEL by llama-perplexity's protocol, and KL divergence against --ref.
 
     \b
-    MODEL is a .gguf file (run by llama.cpp) or any SOURCE (run by torch, float
-    or --fake-quant), so all numbers share one scale: non-overlapping windows of
-    --ctx tokens, second half scored, BOS first when the vocabulary adds it.
+    MODEL is a GGUF file (run by llama.cpp; known by its magic, any suffix)
+    or any SOURCE (run by torch, float or --fake-quant), so all numbers share
+    one scale: non-overlapping windows of --ctx tokens, second half scored,
+    BOS first when the vocabulary adds it.
 
     \b
     Examples:
       npft-gguf eval smol-q4_0.gguf --chunks 40
       npft-gguf eval smol-q4_0.gguf --ref smol-f32.gguf --chunks 40 --json q4.json
       npft-gguf eval smollm2-135m --fake-quant q4_0 --chunks 40
+      npft-gguf eval smol-q4_0.gguf --chunks 10 --json - | jq .ppl
     """
     from .texts import load_text
     from .validate.perplexity import EvalSettings, evaluate, format_text
 
+    _check_json_target(json_out, force)
+    models = [_resolve_model(model, ctx, fake_quant, device)] + ([_resolve_model(ref, ctx, None, device)] if ref else [])
+    _check_offload(n_gpu_layers, models)
     text_name, body = load_text(text)
-    backend = _backend(model, ctx, threads, n_gpu_layers, flash_attn, fake_quant, device)
-    ref_backend = _backend(ref, ctx, threads, n_gpu_layers, flash_attn, None, device) if ref else None
+    backend = _backend(models[0], ctx, threads, n_gpu_layers, flash_attn, fake_quant)
+    ref_backend = _backend(models[1], ctx, threads, n_gpu_layers, flash_attn, None) if ref else None
     result = evaluate(backend, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), ref=ref_backend)
-    click.echo(format_text(result))
-    _write_json(json_out, result.as_dict())
+    _report(format_text(result), result.as_dict(), json_out, force)
     if result.interrupted:
         _fail("interrupted; the figures above cover the chunks measured so far", 1)
 
@@ -213,23 +315,30 @@ def eval_(model, text, ctx, chunks, ref, threads, n_gpu_layers, flash_attn, fake
 @click.option("--tg", default=128, show_default=True, type=click.IntRange(min=0), help="Tokens to generate one at a time (0: skip).")
 @click.option("--reps", default=5, show_default=True, type=click.IntRange(min=1), help="Repetitions (after one warm-up).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores of this process).")
-@click.option("--n-gpu-layers", default=0, show_default=True, type=int, help="Layers to offload (needs a GPU build of llama-cpp-python).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the result as JSON here.")
-def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out):
+@click.option("--n-gpu-layers", default=0, show_default=True, type=GPU_LAYERS,
+              help="Layers to offload to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+@_json_option
+@click.option("--force", is_flag=True, help="Overwrite the --json file if it exists.")
+def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out, force):
     """Throughput of a GGUF MODEL in llama.cpp, as llama-bench: pp and tg tokens/s, mean +- sd.
+
+    \b
+    MODEL is a GGUF file or the demo name 'smollm2-135m' (its fetched file).
 
     \b
     Examples:
       npft-gguf bench smol-q4_0.gguf
       npft-gguf bench smol-q4_0.gguf --pp 512 --tg 128 --reps 5 --threads 2 --json b.json
       npft-gguf bench llama2-q4_0.gguf --n-gpu-layers 99
+      npft-gguf bench smol-q4_0.gguf --tg 0 --json -   # prompt processing only, as JSON
     """
     from .validate.bench import BenchSettings, format_text
     from .validate.bench import bench as run_bench
 
-    result = run_bench(model, BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers))
-    click.echo(format_text(result))
-    _write_json(json_out, result.summary())
+    _check_json_target(json_out, force)
+    settings = BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers)  # --pp 0 --tg 0 fails here
+    result = run_bench(_gguf_file(model), settings)  # the file and GPU offload are checked before llama.cpp loads it
+    _report(format_text(result), result.summary(), json_out, force)
     if result.interrupted:
         _fail("interrupted; the figures above are what was measured", 1)
 
@@ -245,38 +354,54 @@ RECIPES = {
 }
 
 
+def _recipe(key: str, unset: str = "all") -> str:
+    """Each recipe's value of `key` for --help, e.g. '[paper: 128, short: 64]' (None shows as `unset`)."""
+    def show(v):
+        return unset if v is None else format(v, "g") if isinstance(v, float) else str(v)
+
+    return "[" + ", ".join(f"{name}: {show(r[key])}" for name, r in RECIPES.items()) + "]"
+
+
 def npft_options(f):
     opts = [
         click.option("--recipe", type=click.Choice(list(RECIPES)), default="paper", show_default=True,
                      help="paper: the paper's settings (GPU-sized); short: a few minutes on a CPU for small models."),
         click.option("--calib", default="c4", show_default=True,
-                     help="Calibration text: wikitext2 (train split), c4, FILE[,FILE...] or self (sampled from the model)."),
-        click.option("--calib-samples", type=click.IntRange(min=1), help="Random segments [recipe: 128]."),
-        click.option("--calib-len", type=click.IntRange(min=8), help="Tokens per segment [recipe: 512]."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed for data, noise, dropout and LoRA init."),
-        click.option("--outlier-pct", default=0.05, show_default=True, type=float, help="Outliers per module, percent, by Fisher score."),
-        click.option("--fisher-samples", type=click.IntRange(min=1), help="Samples for each Fisher pass [recipe: all]."),
+                     help="Calibration text: wiki, news, wikitext2 (train split), c4 or FILE, several comma-separated, "
+                          "or self (sampled from the model). Evaluation text (wiki-heldout, WikiText-2 test) is refused."),
+        click.option("--calib-samples", type=click.IntRange(min=1), help="Random segments " + _recipe("calib_samples") + "."),
+        click.option("--calib-len", type=click.IntRange(min=8), help="Tokens per segment " + _recipe("calib_len") + "."),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**31 - 1),
+                     help="Seed for data, noise, dropout and LoRA init."),
+        click.option("--outlier-pct", default=0.05, show_default=True, type=Finite(0, 100, min_open=True),
+                     help="Outliers per module, percent, by Fisher score."),
+        click.option("--fisher-samples", type=click.IntRange(min=1), help="Samples for each Fisher pass " + _recipe("fisher_samples") + "."),
         click.option("--noise", type=click.Choice(["paper", "grid", "rtn", "none"]), default="paper", show_default=True,
                      help="paper: U[min,max] of the row's outliers, mean-subtracted; grid: U[-D/2,D/2] of the target block's step; "
                           "rtn (ours): the exact RTN error of W+BA on every weight, straight-through; none: a plain-LoRA control."),
         click.option("--noise-scope", type=click.Choice(["outliers", "all"]), default="outliers", show_default=True,
                      help="Perturb only the outliers (the method) or every weight (grid noise only)."),
         click.option("--resample", type=click.Choice(["step", "epoch"]), default="step", show_default=True, help="Draw new noise every step or once per epoch."),
-        click.option("--clean-weight", default=0.5, show_default=True, type=float, help="lambda in L(W+z+BA) + lambda L(W+BA); 0 drops the clean term."),
-        click.option("--rank", type=click.IntRange(min=1), help="LoRA rank [recipe: 16]."),
-        click.option("--alpha", type=click.IntRange(min=1), help="LoRA alpha [recipe: 32]."),
-        click.option("--dropout", default=0.05, show_default=True, type=float, help="LoRA dropout."),
-        click.option("--targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj", show_default=True, help="LoRA target modules."),
-        click.option("--lr", type=float, help="Learning rate (AdamW, linear decay) [recipe: 5e-5]."),
-        click.option("--epochs", type=click.IntRange(min=1), help="Epochs [recipe: 3]."),
-        click.option("--batch", type=click.IntRange(min=1), help="Batch size [recipe: 2]."),
+        click.option("--clean-weight", default=0.5, show_default=True, type=Finite(min=0),
+                     help="lambda in L(W+z+BA) + lambda L(W+BA); 0 drops the clean term."),
+        click.option("--rank", type=click.IntRange(min=1), help="LoRA rank " + _recipe("rank") + "."),
+        click.option("--alpha", type=click.IntRange(min=1), help="LoRA alpha " + _recipe("alpha") + "."),
+        click.option("--dropout", default=0.05, show_default=True, type=Finite(0, 1, max_open=True), help="LoRA dropout."),
+        click.option("--targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj", show_default=True,
+                     help="LoRA target modules: linear modules of the decoder (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."),
+        click.option("--lr", type=Finite(min=0, min_open=True), help="Learning rate (AdamW, linear decay) " + _recipe("lr") + "."),
+        click.option("--epochs", type=click.IntRange(min=1), help="Epochs " + _recipe("epochs") + "."),
+        click.option("--batch", type=click.IntRange(min=1), help="Batch size " + _recipe("batch") + "."),
         click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Gradient accumulation steps."),
-        click.option("--max-steps", type=click.IntRange(min=1), help="Stop each epoch after this many optimizer steps."),
-        click.option("--trace-samples", type=click.IntRange(min=0), help="Samples for the Hutchinson trace before/after (0: skip) [recipe: 8]."),
+        click.option("--max-steps", type=click.IntRange(min=1),
+                     help="Stop each epoch after this many optimizer steps " + _recipe("max_steps", "no limit") + "."),
+        click.option("--trace-samples", type=click.IntRange(min=0),
+                     help="Samples for the Hutchinson trace before/after (0: skip) " + _recipe("trace_samples") + "."),
         click.option("--trace-probes", default=2, show_default=True, type=click.IntRange(min=1), help="Rademacher probes per trace sample."),
         click.option("--trace-len", type=click.IntRange(min=8), help="Tokens per trace sample [default: --calib-len]."),
         click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory (large models on GPU)."),
-        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+                     help="Where torch tunes the model (auto: CUDA when torch sees it)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and llama.cpp."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch checkpoint."),
     ]
@@ -370,17 +495,21 @@ def finetune(source, output, grid, force, as_json, **kw):
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="GGUF file to write [default: <name>-<method>-<type>.gguf].")
-@click.option("--bits", default=4, show_default=True, type=int, help="Pick the best pure-RTN GGUF type of this width the shapes allow (4 -> q4_0).")
+@click.option("--bits", default="4", show_default=True, type=click.Choice([str(b) for b in BITS]), callback=lambda c, p, v: int(v),
+              help="Pick the best pure-RTN GGUF type of this width that the row lengths allow: "
+                   + ", ".join(f"{b} -> {' or '.join(t)}" for b, t in BITS.items()) + ".")
 @click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
               help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "
                    "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF).")
-@click.option("--method", default="npft", show_default=True, type=click.Choice(["npft", "rtn", "gptq", "npft+gptq", "owq"]),
+@click.option("--method", default="npft", show_default=True, type=click.Choice(METHODS),
               help="npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
                    "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations).")
-@click.option("--owq-fraction", default=0.01, show_default=True, type=float, help="OWQ: fraction of each linear's input columns kept in fp16.")
-@click.option("--eval-text", default="wikitext2", show_default=True, help="Text for the closing evaluation (wikitext2, c4, FILE) or 'none'.")
+@click.option("--owq-fraction", default=0.01, show_default=True, type=Finite(0, 1, min_open=True, max_open=True),
+              help="OWQ: fraction of each linear's input columns kept in fp16.")
+@click.option("--eval-text", default="wikitext2", show_default=True,
+              help="Text for the closing evaluation (wiki-heldout, wikitext2, c4, FILE) or 'none'.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Evaluation context.")
 @click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Checkpoints and comparison files [default: <output stem>.npft-run].")
@@ -409,13 +538,11 @@ def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_t
     from .convert import ConvertSettings
     from .convert import convert as run_convert
 
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise click.UsageError("--bits must be one of 2, 3, 4, 5, 6, 8")
     target = (type_ or "").lower() or None
     if output is None:
         stem = Path(source.rstrip("/")).name.removesuffix(".gguf") or "model"
         output = Path(f"{stem}-{method}-{target or f'{bits}bit'}.gguf")
-    calib, npft = _tuning_settings(kw, target or "q4_0")
+    calib, npft = _tuning_settings(kw, target or "q4_0")  # the plan sets the grid to the type written, --bits or --type
     settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks,
                                threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction)
     try:
@@ -429,39 +556,66 @@ def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_t
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--ref", "ref", required=True, type=click.Path(path_type=Path), help="Reference GGUF (usually the f32/f16 export).")
-@click.option("--text", default="wikitext2", show_default=True, help="wikitext2, c4, or a UTF-8 text file.")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8))
+@click.option("--ref", "ref", required=True, type=click.Path(path_type=Path),
+              help="Reference GGUF for KL divergence and delta-PPL (usually the f32 or f16 export).")
+@click.option("--text", default="wikitext2", show_default=True, help="Evaluation text: wiki-heldout, wikitext2, c4, or a UTF-8 text file.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Context (window) length.")
 @click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
-@click.option("--threads", type=click.IntRange(min=1))
-@click.option("--pp", default=512, show_default=True, type=click.IntRange(min=0))
-@click.option("--tg", default=128, show_default=True, type=click.IntRange(min=0))
-@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores of this process).")
+@click.option("--n-gpu-layers", default=0, show_default=True, type=GPU_LAYERS,
+              help="Layers to offload to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attention.")
+@click.option("--pp", default=512, show_default=True, type=click.IntRange(min=0), help="Prompt length for the pp t/s column (0: skip).")
+@click.option("--tg", default=128, show_default=True, type=click.IntRange(min=0), help="Tokens generated for the tg t/s column (0: skip).")
+@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1), help="Throughput repetitions per file (after one warm-up).")
 @click.option("--no-bench", is_flag=True, help="Skip the throughput columns.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Markdown report (JSON is written beside it).")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG plot of perplexity against size.")
-def compare(files, ref, text, ctx, chunks, threads, pp, tg, reps, no_bench, output, plot_path):
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Markdown report to write; its JSON goes beside it (report.md -> report.json).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Also write a PNG plot of perplexity against size.")
+@click.option("--force", is_flag=True, help="Overwrite the report, its JSON and the plot if they exist.")
+def compare(files, ref, text, ctx, chunks, threads, n_gpu_layers, flash_attn, pp, tg, reps, no_bench, output, plot_path, force):
     """One table for several GGUF FILES against --ref: size, bits/weight, PPL, KLD, speed.
+
+    \b
+    Every file is evaluated on the same tokens as eval does (llama-perplexity's
+    protocol) and, unless --no-bench, timed as bench does. The table is printed
+    and written to OUTPUT (Markdown) and OUTPUT with a .json suffix.
 
     \b
     Examples:
       npft-gguf compare q4_0.gguf q8_0.gguf --ref f32.gguf --chunks 40 -o report.md --plot report.png
-      npft-gguf compare *.gguf --ref f16.gguf --text my.txt --no-bench -o r.md
+      npft-gguf compare *.gguf --ref f16.gguf --text my.txt --no-bench -o r.md --force
+      npft-gguf compare q4_0.gguf --ref f16.gguf --n-gpu-layers -1 --flash-attn -o gpu.md
     """
-    from .errors import UsageError
+    from .atomic import check_target
     from .texts import load_text
     from .validate.bench import BenchSettings
     from .validate.compare import compare as run_compare
-    from .validate.compare import markdown, write
+    from .validate.compare import markdown, outputs, write
+    from .validate.models import check_gguf, require_gpu_offload
     from .validate.perplexity import EvalSettings
 
-    for f in (ref, *files):
-        if not Path(f).is_file():
-            raise UsageError(f"{f}: no such file")
+    inputs = {check_gguf(f).resolve() for f in (ref, *files)}
+    outs = outputs(output, plot_path)
+    if output.suffix.lower() == ".json":
+        raise UsageError(f"-o {output} names the Markdown report, and its JSON goes beside it; give a .md name")
+    if len({o.resolve() for o in outs}) < len(outs):
+        raise UsageError(f"--plot {plot_path} is also the report or its JSON; give it its own name")
+    for o in outs:
+        if o.resolve() in inputs:
+            raise UsageError(f"{o} is one of the files compared; write the report elsewhere")
+        check_target(o, force)
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib, which is not installed; pip install matplotlib or drop --plot") from None
+    require_gpu_offload(n_gpu_layers)
+    bench_settings = None if no_bench else BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers)
     text_name, body = load_text(text)
-    bench_settings = None if no_bench else BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads)
-    report = run_compare(list(files), ref, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), bench_settings, threads)
-    write(report, output, plot_path)
+    report = run_compare(list(files), ref, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), bench_settings, threads,
+                         n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+    write(report, output, plot_path, force=force)
     click.echo(markdown(report))
     click.echo(f"wrote {output} and {output.with_suffix('.json')}" + (f" and {plot_path}" if plot_path else ""))
 

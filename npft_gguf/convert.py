@@ -6,6 +6,8 @@
 
 Both keep their working state (epoch checkpoints, reference files) in a run directory, so an
 interrupted run continues with --resume and a repeated evaluation reuses what it already wrote.
+Each is planned first (`plan_convert`, `plan_finetune`: every input resolved and checked, nothing
+loaded), then run, so bad input fails before the hour of work rather than after it.
 """
 
 from __future__ import annotations
@@ -14,18 +16,16 @@ import datetime as dt
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import __version__
 from .calib import CalibSettings, load_calibration
+from .choices import BITS, METHODS
 from .errors import UsageError
 from .npft import NPFTSettings, tune
 from .npft.report import write_report
 from .sources import ModelSource, Source, open_source
-
-BITS = {2: ("q2_k",), 3: ("q3_k",), 4: ("q4_0",), 5: ("q5_0",), 6: ("q6_k", "q8_0"), 8: ("q8_0",)}
-METHODS = ("npft", "rtn", "gptq", "npft+gptq", "owq")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,24 @@ class ConvertSettings:
         from .methods.simulate import parse_simulated
 
         return parse_simulated(self.type) if self.type else None
+
+
+@dataclass
+class Plan:
+    """A run with every input resolved and checked: made before any model is loaded, so a run that
+    would fail at its last step fails in its first second instead."""
+
+    spec: str
+    source: Source
+    calib: CalibSettings
+    npft: NPFTSettings | None      # None: no tuning
+    device: str | None             # the resolved torch device; None when no model runs in torch
+    tokens: object                 # calibration segments (a LongTensor); None: not needed, or `self` (sampled later)
+    run_dir: Path
+    out: Path | None = None
+    settings: ConvertSettings | None = None
+    type_name: str | None = None   # the type written (and, for NPFT, tuned for)
+    eval_text: tuple[str, str] | None = None  # (name, text) for the closing evaluation
 
 
 def type_for_bits(bits: int, source: Source) -> str:
@@ -72,53 +90,140 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def calibrated_model(source: Source, calib: CalibSettings, device: str, progress: bool, log, notice: str | None = None,
-                     dtype=None):
-    """The model on its device (CUDA: bf16 base weights; the adapters train in fp32) and its
-    calibration tokens."""
-    import torch
-
-    dev = resolve_device(device)
-    model = source.load_model(dtype=dtype or (torch.bfloat16 if dev == "cuda" else torch.float32), device=dev)
-    tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
-    log(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.calib}")
-    if notice:
-        log(notice)
-    return model, tokens
+def check_targets(targets: tuple[str, ...], source: Source) -> None:
+    """LoRA targets must name linear modules of the decoder, as peft matches them (a module whose
+    name is the target or ends in `.target`), checked on the tensor names before any loading."""
+    modules = [n.removesuffix(".weight") for n, s in source.shapes().items()
+               if len(s) == 2 and ".layers." in n and n.endswith(".weight")]
+    if not targets:
+        raise UsageError("--targets is empty; name the linear modules to adapt, e.g. q_proj,v_proj")
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise UsageError(f"--targets {','.join(missing)}: no such linear module in this model; choose from {', '.join(names)}")
 
 
-def tuned_model(source: Source, calib: CalibSettings, npft: NPFTSettings, device: str, run_dir: Path,
-                resume: bool, progress: bool, log, notice: str | None = None):
-    """Load, calibrate, tune and merge; returns the tuning result and the calibration tokens."""
-    model, tokens = calibrated_model(source, calib, device, progress, log, notice)
-    return tune(model, tokens, npft, run_dir, resume=resume, progress=progress, log=log), tokens
+def check_directory_target(path: Path, what: str) -> None:
+    """A directory the run will create or write into: not a file, and creatable where it would go."""
+    from .atomic import check_target
+
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file; give a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    check_target(existing / ".npft-write-probe", force=True)  # its parent must be a writable directory
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool):
     """A run directory with a checkpoint is only reused with --resume, or cleared with --force."""
     from .npft.train import CHECKPOINT
 
-    if (run_dir / CHECKPOINT).exists() and not resume:
-        if not force:
-            raise UsageError(f"{run_dir} holds an unfinished or earlier run; pass --resume to continue it or --force to start over")
-        (run_dir / CHECKPOINT).unlink()
+    check_directory_target(run_dir, "the run directory")
+    if (run_dir / CHECKPOINT).exists() and not resume and not force:
+        raise UsageError(f"{run_dir} holds an unfinished or earlier run; pass --resume to continue it or --force to start over")
+
+
+def check_resume(run_dir: Path, npft: NPFTSettings, tokens) -> None:
+    """--resume of a checkpoint made with other settings or other calibration tokens fails now, not
+    after the model is loaded (tune checks again, for callers of the library)."""
+    from .npft.train import CHECKPOINT, tokens_digest
+
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        return
+    import torch
+
+    try:  # memory-mapped: only the settings and the digest are read
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        saved, digest = state["settings"], state["tokens"]
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        raise UsageError(f"{ckpt} is not a readable checkpoint ({type(e).__name__}); pass --force to start over") from None
+    changed = npft.same_run(saved)
+    if tokens is not None and digest != tokens_digest(tokens):
+        changed.append("calibration data")
+    if changed:
+        raise UsageError(f"{run_dir} holds a run with different {', '.join(changed)}; rerun with the same settings, "
+                         "or --force to start over")
+
+
+def clear_run_dir(run_dir: Path, force: bool, resume: bool):
+    """--force without --resume starts over: the old checkpoint goes, once every check has passed."""
+    from .npft.train import CHECKPOINT
+
+    if force and not resume:
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def calibration_tokens(calib: CalibSettings, source: Source):
+    """The calibration segments, read, checked (the WikiText-2 test text is refused) and tokenized
+    before any model is loaded; None for `self`, which samples the loaded model."""
+    if calib.calib == "self":
+        return None
+    return load_calibration(calib, source.tokenizer(), progress=False)
+
+
+def check_context(ctx: int, source: Source) -> None:
+    from .validate.perplexity import check_ctx
+
+    check_ctx(ctx, int(getattr(source.config, "max_position_embeddings", 0) or 0))
+
+
+def check_eval_text(text: str, ctx: int, source: Source) -> None:
+    """The closing evaluation's text must fill two windows; counted with the source's tokenizer
+    (llama.cpp's count differs by a few tokens at most), before the run rather than after it."""
+    from .validate.perplexity import check_length
+
+    check_length(len(source.tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"]), ctx)
+
+
+def calibrated_model(source: Source, calib: CalibSettings, device: str, progress: bool, log, notice: str | None = None,
+                     dtype=None, tokens=None):
+    """The model on its device (CUDA: bf16 base weights; the adapters train in fp32) and its
+    calibration tokens (`tokens` when the plan already read them)."""
+    import torch
+
+    dev = resolve_device(device)
+    model = source.load_model(dtype=dtype or (torch.bfloat16 if dev == "cuda" else torch.float32), device=dev)
+    if tokens is None:
+        tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
+    log(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.calib}")
+    if notice:
+        log(notice)
+    return model, tokens
+
+
+def tuned_model(plan: Plan, force: bool, resume: bool, progress: bool, log, notice: str | None = None):
+    """Load, calibrate, tune and merge; returns the tuning result and the calibration tokens."""
+    model, tokens = calibrated_model(plan.source, plan.calib, plan.device, progress, log, notice, tokens=plan.tokens)
+    clear_run_dir(plan.run_dir, force, resume)
+    return tune(model, tokens, plan.npft, plan.run_dir, resume=resume, progress=progress, log=log), tokens
+
+
+def plan_finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings, device: str = "auto",
+                  force: bool = False, resume: bool = False) -> Plan:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file; give a directory for the checkpoint")
+    if (out_dir / "config.json").exists() and not force:
+        raise UsageError(f"{out_dir} already holds a model; pass --force to overwrite it")
+    check_directory_target(out_dir, "the output")
+    run_dir = out_dir / "npft-run"
+    check_run_dir(run_dir, force, resume)
+    source = open_source(spec)
+    check_targets(npft.targets, source)
+    tokens = calibration_tokens(calib, source)
+    if resume:
+        check_resume(run_dir, npft, tokens)
+    return Plan(spec, source, calib, npft, resolve_device(device), tokens, run_dir)
 
 
 def finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings, device: str = "auto",
              force: bool = False, resume: bool = False, progress: bool = True, log=print, notice: str | None = None) -> dict:
     """Tune SOURCE with NPFT and save the merged model as a Hugging Face checkpoint in `out_dir`."""
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and not force:
-        raise UsageError(f"{out_dir} already holds a model; pass --force to overwrite it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} is a file; give a directory for the checkpoint")
-    run_dir = out_dir / "npft-run"
-    check_run_dir(run_dir, force, resume)
-    source = open_source(spec)
-    result, _ = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
-    save_checkpoint(result.model, source.tokenizer(), out_dir)
+    plan = plan_finetune(spec, out_dir, calib, npft, device, force, resume)
+    result, _ = tuned_model(plan, force, resume, progress, log, notice)
+    save_checkpoint(result.model, plan.source.tokenizer(), Path(out_dir))
     report = run_record(spec, calib, result)
-    write_report(report, out_dir)
+    write_report(report, Path(out_dir))
     return {"output": str(out_dir), **report}
 
 
@@ -155,27 +260,62 @@ def run_record(spec: str, calib: CalibSettings, result) -> dict:
     return {**run_header(spec), "calibration": asdict(calib), "tune": result.as_dict()}
 
 
-def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
-            device: str = "auto", run_dir: Path | None = None, force: bool = False, resume: bool = False,
-            progress: bool = True, log=print, notice: str | None = None) -> dict:
-    """Write OUT.gguf by `settings.method` and evaluate it beside plain RTN and the float model."""
+def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
+                 device: str = "auto", run_dir: Path | None = None, force: bool = False, resume: bool = False) -> Plan:
+    """Resolve and check the whole run: outputs, source (headers only), type, method, the tuning
+    grid, evaluation and calibration texts, device. Nothing is loaded, tuned or written."""
     from .atomic import check_target
-    from .writer import ExportSettings, export
+    from .texts import load_text
 
     out = Path(out)
     if settings.method not in METHODS:
         raise UsageError(f"--method {settings.method!r}: choose one of {', '.join(METHODS)}")
     check_target(out, force)
     run_dir = Path(run_dir) if run_dir else out.with_name(out.stem + ".npft-run")
-    if "npft" in settings.method:
+    tuning = "npft" in settings.method
+    if tuning:
         check_run_dir(run_dir, force, resume)
+    else:
+        check_directory_target(run_dir, "the run directory")
     source = open_source(spec)
     type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
     if not settings.simulated:
         from .grids import get_grid
 
         get_grid(type_name)
-    record: dict = {**run_header(spec), "convert": asdict(settings) | {"type": type_name}}
+    if settings.method in ("gptq", "npft+gptq", "owq"):
+        gptq_settings(settings, type_name).quantizer()  # an unsupported target fails here
+    if tuning:
+        npft = replace(npft, grid=type_name)  # tuned for the grid it is written on, whichever way it was chosen
+        check_targets(npft.targets, source)
+    in_torch = settings.method != "rtn" or settings.simulated
+    eval_text = None
+    if settings.eval_text != "none":
+        check_context(settings.ctx, source)
+        eval_text = load_text(settings.eval_text)
+        check_eval_text(eval_text[1], settings.ctx, source)
+    tokens = calibration_tokens(calib, source) if settings.method != "rtn" else None
+    if tuning and resume:
+        check_resume(run_dir, npft, tokens)
+    return Plan(spec, source, calib, npft if tuning else None, resolve_device(device) if in_torch else None, tokens, run_dir,
+                out=out, settings=settings, type_name=type_name, eval_text=eval_text)
+
+
+def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
+            device: str = "auto", run_dir: Path | None = None, force: bool = False, resume: bool = False,
+            progress: bool = True, log=print, notice: str | None = None) -> dict:
+    """Write OUT.gguf by `settings.method` and evaluate it beside plain RTN and the float model."""
+    plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume)
+    return run_convert(plan, force, resume, progress, log, notice)
+
+
+def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress: bool = True, log=print,
+                notice: str | None = None) -> dict:
+    """The work of a checked plan: tune and/or quantize, write, evaluate, report."""
+    from .writer import ExportSettings, export
+
+    settings, source, out, type_name, run_dir = plan.settings, plan.source, plan.out, plan.type_name, plan.run_dir
+    record: dict = {**run_header(plan.spec), "convert": asdict(settings) | {"type": type_name}}
     if settings.method == "rtn" and not settings.simulated:
         report = export(source, out, ExportSettings(type=type_name), force=force, progress=progress)
         record["output"] = report.__dict__
@@ -183,14 +323,15 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
     else:
         import torch
 
-        if "npft" in settings.method:
-            result, tokens = tuned_model(source, calib, npft, device, run_dir, resume, progress, log, notice)
-            record.update(run_record(spec, calib, result))
+        if plan.npft is not None:
+            result, tokens = tuned_model(plan, force, resume, progress, log, notice)
+            record.update(run_record(plan.spec, plan.calib, result))
             model = result.model.float()
         elif settings.method == "rtn":  # a simulated RTN needs no calibration text
-            model = source.load_model(dtype=torch.float32, device=resolve_device(device))
+            model = source.load_model(dtype=torch.float32, device=plan.device)
         else:  # GPTQ/OWQ want float32 Hessians
-            model, tokens = calibrated_model(source, calib, device, progress, log, notice, dtype=torch.float32)
+            model, tokens = calibrated_model(source, plan.calib, plan.device, progress, log, notice, dtype=torch.float32,
+                                             tokens=plan.tokens)
         if settings.method in ("gptq", "npft+gptq", "owq"):
             record["quantizer"] = apply_gptq_family(model, tokens, settings, type_name, progress, log)
         elif settings.simulated:
@@ -204,33 +345,39 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
             log("note: " + (OWQ_WARNING if settings.method == "owq" else
                             f"{type_name} is a simulated per-channel quantizer with no GGUF form; nothing is written, "
                             "the model is evaluated in torch"))
-            if settings.eval_text != "none":
-                record["comparison"] = evaluate_in_torch(source, model, f"{settings.method} {type_name}", settings, progress)
+            if plan.eval_text:
+                record["comparison"] = evaluate_in_torch(source, model, f"{settings.method} {type_name}", settings,
+                                                         plan.eval_text, progress)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_report(record | {"evaluation": record.get("comparison", {}).get("markdown")}, run_dir)
             return record
-        provenance = {"method": settings.method, "calibration": asdict(calib)}
-        if "npft" in settings.method:
-            provenance["npft"] = npft.as_dict()
+        provenance = {"method": settings.method, "calibration": asdict(plan.calib)}
+        if plan.npft is not None:
+            provenance["npft"] = plan.npft.as_dict()
         if "quantizer" in record:
             provenance["quantizer"] = {k: v for k, v in record["quantizer"].items() if k != "linears"}
         tuned = ModelSource(source, model, settings.method)
         report = export(tuned, out, ExportSettings(type=type_name), force=force, provenance=provenance, progress=progress)
         record["output"] = report.__dict__
         log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
-    if settings.eval_text != "none":
-        record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, progress, log)
+    if plan.eval_text:
+        record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text, progress, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_report(record | {"evaluation": record.get("comparison", {}).get("markdown")}, run_dir)
     return record
 
 
+def gptq_settings(settings: ConvertSettings, type_name: str):
+    from .methods import GPTQSettings
+
+    return GPTQSettings(target=type_name, act_order=settings.act_order)
+
+
 def apply_gptq_family(model, tokens, settings: ConvertSettings, type_name: str, progress: bool, log) -> dict:
     """GPTQ (onto the GGUF grid or the simulated quantizer) or OWQ, in place; returns its summary."""
-    from .methods import GPTQSettings, OWQSettings, gptq_model_, owq_model_
+    from .methods import OWQSettings, gptq_model_, owq_model_
 
-    g = GPTQSettings(target=type_name, act_order=settings.act_order)
-    g.quantizer()  # an unsupported target fails before any work
+    g = gptq_settings(settings, type_name)
     log(f"{settings.method}: layer by layer on {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
     if settings.method == "owq":
         from .methods.owq import mean_bits
@@ -242,15 +389,15 @@ def apply_gptq_family(model, tokens, settings: ConvertSettings, type_name: str, 
     return {"method": "gptq", "target": type_name, "act_order": settings.act_order, "seconds": rep.seconds}
 
 
-def evaluate_in_torch(source: Source, model, label: str, settings: ConvertSettings, progress: bool) -> dict:
+def evaluate_in_torch(source: Source, model, label: str, settings: ConvertSettings, text: tuple[str, str],
+                      progress: bool) -> dict:
     """Simulated quantizers: the same perplexity/KLD protocol in torch, against the float model."""
     import torch
 
-    from .texts import load_text
     from .validate.models import TorchBackend
     from .validate.perplexity import EvalSettings, evaluate
 
-    text_name, body = load_text(settings.eval_text)
+    text_name, body = text
     es = EvalSettings(ctx=settings.ctx, chunks=settings.chunks)
     dev = str(next(model.parameters()).device)
     tok = source.tokenizer()
@@ -266,14 +413,13 @@ def evaluate_in_torch(source: Source, model, label: str, settings: ConvertSettin
 
 
 def evaluate_beside_baselines(source: Source, out: Path, type_name: str, settings: ConvertSettings, run_dir: Path,
-                              progress: bool, log) -> dict:
+                              text: tuple[str, str], progress: bool, log) -> dict:
     """PPL and KLD of OUT beside plain RTN of the untuned source, against the float model, in llama.cpp."""
-    from .texts import load_text
     from .validate.compare import compare, markdown
     from .validate.perplexity import EvalSettings
     from .writer import ExportSettings, export
 
-    text_name, body = load_text(settings.eval_text)
+    text_name, body = text
     run_dir.mkdir(parents=True, exist_ok=True)
     n_params = sum(math.prod(s) for s in source.shapes().values())
     ref_type = "f32" if n_params < 2e9 else "f16"

@@ -276,3 +276,216 @@ def test_truncated_gguf_gives_one_line(command, truncated_gguf):
 def test_corrupt_gguf_gives_one_line(command, corrupt_gguf):
     r = cli(command, corrupt_gguf)
     assert_fails(r, 2, "corrupt.gguf", "not a readable GGUF")
+
+
+# --- in-process runs: every input is checked before any work ---------------------------------------
+# A check that fails after an hour of tuning or evaluation is a failure of its own, so these runs make
+# every kind of work (loading a model in torch or llama.cpp, tuning, writing a GGUF, evaluating) fail
+# the test: an input the command refuses must be refused before any of them starts.
+WORK = ("npft_gguf.sources.HFDirSource.load_model", "npft_gguf.sources.GGUFSource.load_model", "npft_gguf.llamacpp.load",
+        "npft_gguf.writer.export", "npft_gguf.convert.tune", "npft_gguf.validate.perplexity.evaluate",
+        "npft_gguf.validate.compare.evaluate")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    def work(*_a, **_k):
+        raise AssertionError("work started before the input was checked")
+
+    for target in WORK:
+        monkeypatch.setattr(target, work)
+
+
+def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`npft-gguf ARGS` in this process (click's runner), as a CompletedProcess for assert_fails."""
+    from click.testing import CliRunner
+
+    from npft_gguf.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """Evaluation text for the tiny models (a few thousand tokens)."""
+    from tests.conftest import calib_text
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(calib_text(30_000), encoding="utf-8")
+    return path
+
+
+def _gpu_build() -> bool:
+    from npft_gguf import llamacpp
+
+    return llamacpp.gpu_offload_supported()
+
+
+def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(tiny_gguf):
+    """A bug is still one line, naming the exception; --debug (or NPFT_GGUF_DEBUG=1) gives the traceback."""
+    boom = ("import sys, npft_gguf.inspect as i\n"
+            "def boom(*a, **k): raise RuntimeError('boom\\nsecond line')\n"
+            "i.inspect = boom\n"
+            "from npft_gguf.cli import main\n"
+            "sys.argv[0] = 'npft-gguf'\n"
+            "main()\n")
+
+    def py(*args, env=None):
+        return subprocess.run([sys.executable, "-c", boom, *map(str, args)], cwd=ROOT, env=_env(env), capture_output=True,
+                              text=True, timeout=120)
+
+    line = assert_fails(py("inspect", tiny_gguf), 1)
+    assert line == "error: RuntimeError: boom (rerun with --debug for the traceback)"
+    for r in (py("--debug", "inspect", tiny_gguf), py("inspect", tiny_gguf, env={"NPFT_GGUF_DEBUG": "1"})):
+        assert r.returncode == 1
+        assert "Traceback" in r.stderr and "RuntimeError: boom" in r.stderr and "rerun with --debug" not in r.stderr
+
+
+@pytest.mark.parametrize("command, args, words", [
+    ("eval", ["--n-gpu-layers", "-2"], ["--n-gpu-layers", "range"]),
+    ("bench", ["--n-gpu-layers", "-2"], ["--n-gpu-layers", "range"]),
+    ("compare", ["--n-gpu-layers", "-2"], ["--n-gpu-layers", "range"]),
+    ("bench", ["--pp", "0", "--tg", "0"], ["--pp 0", "--tg 0", "nothing"]),
+])
+def test_measuring_options_out_of_range(command, args, words, tiny_gguf, text_file, tmp_path, no_work):
+    extra = {"eval": ["--text", text_file], "bench": [],
+             "compare": ["--ref", tiny_gguf, "--text", text_file, "-o", tmp_path / "r.md"]}[command]
+    assert_fails(run(command, tiny_gguf, *extra, *args), 2, *words)
+    assert listing(tmp_path) == []
+
+
+def test_outputs_are_checked_before_any_work(tiny_gguf, truncated_gguf, text_file, tmp_path, no_work):
+    kept = tmp_path / "kept.json"
+    kept.write_text("keep me")
+    (tmp_path / "r.json").write_text("keep me")  # the JSON beside -o r.md
+    dir_gguf = tmp_path / "dir.gguf"
+    dir_gguf.mkdir()
+    ev = ["eval", tiny_gguf, "--text", text_file]
+    cmp = ["compare", tiny_gguf, "--ref", tiny_gguf, "--text", text_file]
+    cases = [
+        ([*ev, "--json", "/nonexistent/x.json"], ["/nonexistent", "does not exist"]),
+        (["bench", tiny_gguf, "--json", "/nonexistent/x.json"], ["/nonexistent", "does not exist"]),
+        ([*ev, "--json", kept], ["kept.json", "already exists", "--force"]),
+        (["bench", tiny_gguf, "--json", kept], ["kept.json", "already exists", "--force"]),
+        ([*cmp, "-o", tmp_path / "new.md", "--plot", "/nonexistent/p.png"], ["/nonexistent", "does not exist"]),
+        ([*cmp, "-o", tmp_path / "r.md"], ["r.json", "already exists", "--force"]),
+        ([*cmp, "-o", tmp_path / "new.md", "--plot", kept], ["kept.json", "already exists"]),
+        ([*cmp, "-o", tmp_path / "new.md", "--plot", tmp_path / "new.json"], ["--plot", "own name"]),
+        ([*cmp, "-o", tmp_path / "new.json"], ["-o", ".md"]),
+        ([*cmp, "-o", tiny_gguf, "--force"], ["one of the files compared"]),
+        # inputs named wrongly are said to be what they are
+        (["eval", dir_gguf, "--text", text_file], ["dir.gguf", "is a directory"]),
+        (["bench", tmp_path], ["is a directory"]),
+        (["inspect", tmp_path], ["is a directory", "GGUF"]),
+        (["compare", tiny_gguf, "--ref", dir_gguf, "-o", tmp_path / "new.md"], ["dir.gguf", "is a directory"]),
+        # a reference or compared file that cannot be read fails before anything is evaluated
+        ([*ev, "--ref", truncated_gguf], ["truncated"]),
+        ([*cmp, truncated_gguf, "-o", tmp_path / "new.md"], ["truncated"]),
+    ]
+    for args, words in cases:
+        assert_fails(run(*args), 2, *words)
+    assert listing(tmp_path) == ["dir.gguf", "kept.json", "r.json"]
+    assert kept.read_text() == "keep me" and (tmp_path / "r.json").read_text() == "keep me"
+
+
+def test_eval_of_a_source_checks_the_context_before_loading(tiny_bpe, text_file, no_work):
+    # the tiny models are trained for 256 positions
+    assert_fails(run("eval", tiny_bpe, "--text", text_file, "--ctx", "512"), 2, "--ctx 512", "training context of 256")
+
+
+@pytest.mark.skipif("_gpu_build()", reason="this llama-cpp-python build can offload to a GPU")
+def test_gpu_offload_on_a_cpu_build_is_refused_everywhere(tiny_gguf, tiny_bpe, text_file, tmp_path, no_work):
+    """eval and compare ran on the CPU without a word when asked for GPU layers; bench refused (exit 2)."""
+    for args in (["eval", tiny_gguf, "--text", text_file, "--n-gpu-layers", "99"],
+                 ["bench", tiny_gguf, "--n-gpu-layers", "99"],
+                 ["compare", tiny_gguf, "--ref", tiny_gguf, "--text", text_file, "-o", tmp_path / "r.md", "--n-gpu-layers", "-1"]):
+        assert_fails(run(*args), 2, "--n-gpu-layers", "no GPU backend")
+    # a SOURCE runs in torch, where the option means nothing
+    assert_fails(run("eval", tiny_bpe, "--text", text_file, "--ctx", "64", "--n-gpu-layers", "1"), 2, "--n-gpu-layers", "torch")
+    assert listing(tmp_path) == []
+
+
+def test_json_outputs_need_force_and_dash_prints_json(tiny_gguf, text_file, tmp_path):
+    """eval --json and bench --json overwrote an existing file without --force; `--json -` prints the JSON."""
+    target = tmp_path / "r.json"
+    ev = ["eval", tiny_gguf, "--text", text_file, "--ctx", "64", "--chunks", "2"]
+    target.write_text("keep me")
+    assert_fails(cli(*ev, "--json", target), 2, "already exists", "--force")
+    assert target.read_text() == "keep me"
+    r = cli(*ev, "--json", target, "--force")
+    assert r.returncode == 0, r.stderr
+    assert "perplexity" in r.stdout and json.loads(target.read_text())["chunks"] == 2
+    r = cli(*ev, "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ppl"] > 0
+    r = cli("bench", tiny_gguf, "--pp", "16", "--tg", "0", "--reps", "1", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["pp"]["n"] == 1 and out["tg"] is None
+
+
+def test_compare_writes_its_files_only_with_force_over_old_ones(tiny_gguf, text_file, tmp_path):
+    report = tmp_path / "r.md"
+    report.write_text("old report")
+    args = ["compare", tiny_gguf, "--ref", tiny_gguf, "--text", text_file, "--ctx", "64", "--chunks", "2", "--no-bench", "-o", report]
+    assert_fails(cli(*args), 2, "already exists", "--force")
+    assert report.read_text() == "old report" and listing(tmp_path) == ["r.md"]
+    r = cli(*args, "--force", "--flash-attn")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["eval_settings"]["flash_attn"] is True
+    assert "| file |" in report.read_text()
+
+
+def test_gguf_is_known_by_its_magic_not_its_suffix(tiny_gguf, text_file, tmp_path):
+    """export writes any name; eval and inspect took only *.gguf (.GGUF and .bin were 'not a .gguf')."""
+    for name in ("m.bin", "m.GGUF"):
+        path = tmp_path / name
+        path.write_bytes(tiny_gguf.read_bytes())
+        r = cli("eval", path, "--text", text_file, "--ctx", "64", "--chunks", "2", "--json", "-")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["settings"]["backend"] == "llama.cpp"
+        r = cli("inspect", path, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["architecture"] == "llama"
+
+
+def test_inspect_takes_the_demo_name(smollm2):
+    r = cli("inspect", "smollm2-135m", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["path"] == str(smollm2.path) and info["architecture"] == "llama" and info["n_layers"] == 30
+
+
+# --- --help --------------------------------------------------------------------------------------
+def test_help_shows_recipe_defaults_and_bits_values():
+    """Options whose default depends on --recipe show each recipe's value, from the table itself."""
+    from npft_gguf.choices import BITS
+    from npft_gguf.cli import RECIPES, main
+
+    for command in ("convert", "finetune"):
+        helps = {p.opts[0]: p.help for p in main.commands[command].params}
+        for option, key in (("--calib-samples", "calib_samples"), ("--calib-len", "calib_len"), ("--lr", "lr"),
+                            ("--epochs", "epochs"), ("--batch", "batch"), ("--rank", "rank"), ("--trace-samples", "trace_samples")):
+            shown = ", ".join(f"{name}: {format(r[key], 'g') if isinstance(r[key], float) else r[key]}" for name, r in RECIPES.items())
+            assert f"[{shown}]" in helps[option], (command, option, helps[option])
+        assert "[paper: all, short: 16]" in helps["--fisher-samples"]
+    bits = next(p for p in main.commands["convert"].params if p.name == "bits")
+    assert list(bits.type.choices) == [str(b) for b in BITS] and "5 -> q5_0" in bits.help
+    assert "[2|3|4|5|6|8]" in run("convert", "--help").stdout
+
+
+def test_every_command_has_examples_and_every_option_help():
+    import click
+
+    from npft_gguf.cli import main
+
+    for name, command in main.commands.items():
+        assert "Examples:" in (command.help or ""), name
+        for p in command.params:
+            if isinstance(p, click.Option):
+                assert p.help, f"{name} {p.opts[0]} has no help text"
+    assert any("--debug" in p.opts for p in main.params)

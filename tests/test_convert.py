@@ -11,7 +11,7 @@ import pytest
 from gguf import GGUFReader
 
 from tests.conftest import calib_text
-from tests.test_cli import assert_fails, cli
+from tests.test_cli import assert_fails, cli, no_work, run  # noqa: F401 - no_work is a fixture
 
 TINY = ["--recipe", "short", "--calib-samples", "6", "--calib-len", "32", "--fisher-samples", "2",
         "--trace-samples", "1", "--lr", "1e-3", "--outlier-pct", "1", "--threads", "2"]
@@ -75,13 +75,22 @@ def test_finetune_for_a_simulated_quantizer(tiny_bpe, texts, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_convert_bad_input(tiny_bpe, texts, tmp_path):
-    from npft_gguf.texts import wikitext2_path
+# WikiText-2's test text begins so; calib.py recognises the evaluation set by it (and by its digest)
+WIKITEXT2_TEST_START = " \n = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor .\n"
 
+
+@pytest.fixture(scope="module")
+def wiki_test_raw(tmp_path_factory) -> Path:
+    """A file holding WikiText-2 test text, the evaluation set, as a user might pass it to --calib."""
+    path = tmp_path_factory.mktemp("wikitext-2-raw") / "wiki.test.raw"
+    path.write_text(WIKITEXT2_TEST_START + calib_text(20_000), encoding="utf-8")
+    return path
+
+
+def test_convert_bad_input(tiny_bpe, texts, wiki_test_raw, tmp_path):
     out = tmp_path / "x.gguf"
-    if wikitext2_path():
-        assert_fails(cli("convert", tiny_bpe, "-o", out, "--calib", wikitext2_path(), *TINY), 2, "evaluation set")
-    assert_fails(cli("convert", tiny_bpe, "-o", out, "--calib", tmp_path / "missing.txt", *TINY), 2, "no such file")
+    assert_fails(cli("convert", tiny_bpe, "-o", out, "--calib", wiki_test_raw, *TINY, "--eval-text", "none"), 2, "WikiText-2 test text")
+    assert_fails(cli("convert", tiny_bpe, "-o", out, "--calib", tmp_path / "missing.txt", *TINY, "--eval-text", "none"), 2, "no such file")
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--bits", "7"), 2, "--bits")
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--bits", "3", *TINY), 2, "no 3-bit GGUF type fits")
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--noise-scope", "all", *TINY), 2, "--noise grid")
@@ -122,6 +131,96 @@ def test_baseline_methods_through_convert(tiny_bpe, texts, tmp_path):
         if label == "npft-rtn3":
             assert rec["tune"]["settings"]["grid"] == "rtn3" and rec["quantizer"]["fake_quant"] == "minmax3"
     assert_fails(cli("convert", tiny_bpe, "-o", tmp_path / "y.gguf", "--type", "q9_9"), 2, "--type")
+
+
+def test_convert_checks_every_input_before_any_work(tiny_bpe, texts, wiki_test_raw, tmp_path, no_work):
+    """Each of these failed only after the model was loaded, tuned or written, or ran with it; now
+    each is refused before any of that (no_work fails the test on any model load, tuning, export or
+    evaluation)."""
+    import torch
+
+    out = tmp_path / "x.gguf"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    short_text = tmp_path / "short.txt"
+    short_text.write_text("A text of a few words, far short of two windows.")
+    calib = ["--calib", texts / "calib.txt", *TINY, "--eval-text", "none"]
+    cases = [
+        (["--calib", wiki_test_raw, *TINY, "--eval-text", "none"], ["wiki.test.raw", "WikiText-2 test text"]),
+        (["--method", "rtn", "--type", "q8_0", "--eval-text", tmp_path / "nofile.txt", "--ctx", "64"], ["nofile.txt", "no such file"]),
+        ([*calib, "--targets", "q_proj,foo_proj"], ["--targets foo_proj", "no such linear module", "gate_proj"]),
+        ([*calib, "--targets", ""], ["--targets", "empty"]),
+        ([*calib, "--dropout", "2"], ["--dropout", "range"]),
+        ([*calib, "--dropout", "nan"], ["--dropout", "finite"]),
+        ([*calib, "--outlier-pct", "0"], ["--outlier-pct"]),
+        ([*calib, "--clean-weight", "-1"], ["--clean-weight"]),
+        ([*calib, "--lr", "0"], ["--lr"]),
+        (["--method", "owq", "--type", "q4_0", "--owq-fraction", "1", *calib], ["--owq-fraction"]),
+        (["--method", "gptq", "--type", "q4_k", *calib], ["GPTQ onto q4_k", "not supported"]),
+        ([*calib, "--run-dir", a_file], ["a-file", "is a file"]),
+        (["--method", "rtn", "--type", "q8_0", "--run-dir", a_file / "sub"], ["a-file", "not a directory"]),
+        ([*calib[:-2], "--eval-text", texts / "eval.txt", "--ctx", "1024"], ["--ctx 1024", "training context of 256"]),
+        ([*calib[:-2], "--eval-text", short_text, "--ctx", "64"], ["2 x ctx = 128", "smaller --ctx"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([*calib, "--device", "cuda"], ["--device cuda", "no CUDA"]))
+    for args, words in cases:
+        assert_fails(run("convert", tiny_bpe, "-o", out, *args), 2, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "short.txt"]
+
+
+def test_finetune_checks_every_input_before_any_work(tiny_bpe, texts, wiki_test_raw, tmp_path, no_work):
+    calib = ["--calib", texts / "calib.txt", *TINY]
+    cases = [
+        (tmp_path / "a", [*calib, "--targets", "foo_proj"], ["foo_proj", "no such linear module"]),
+        (tmp_path / "a", ["--calib", wiki_test_raw, *TINY], ["WikiText-2 test text"]),
+        (tmp_path / "a", [*calib, "--dropout", "1"], ["--dropout", "range"]),
+        (Path("/proc/npft-test-dir"), calib, ["cannot write", "/proc"]),  # it failed when saving, after the tuning
+    ]
+    for out, args, words in cases:
+        assert_fails(run("finetune", tiny_bpe, "-o", out, *args), 2, *words)
+        assert not out.exists()
+
+
+def test_resume_is_checked_before_loading_and_force_clears_only_a_run_that_starts(tiny_bpe, texts, tmp_path, no_work):
+    import torch
+
+    from npft_gguf.npft import NPFTSettings
+
+    out = tmp_path / "x.gguf"
+    ckpt = tmp_path / "x.npft-run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.save({"settings": NPFTSettings(lr=0.5).as_dict(), "tokens": "0" * 16}, ckpt)
+    args = ["convert", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none"]
+    assert_fails(run(*args), 2, "unfinished or earlier run", "--resume", "--force")
+    assert_fails(run(*args, "--resume"), 2, "holds a run with different", "lr", "--force")
+    # --force starts over, but only once every input has passed: a refused run keeps the checkpoint
+    assert_fails(run(*args, "--force", "--targets", "foo_proj"), 2, "foo_proj")
+    assert ckpt.exists()
+    ckpt.write_bytes(b"torn")
+    assert_fails(run(*args, "--resume"), 2, "not a readable checkpoint", "--force")
+
+
+def test_convert_tunes_for_the_type_it_writes(tiny_bpe, texts, tmp_path, monkeypatch):
+    """--bits 5 --noise rtn tuned against q4_0's error (the grid was fixed before --bits was
+    resolved) and then wrote q5_0; the grid tuned for is now the type written."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def tune(model, tokens, settings, run_dir, **kw):
+        seen.append(settings.grid)
+        raise Stop
+
+    monkeypatch.setattr("npft_gguf.convert.tune", tune)
+    for args, grid in ((["--bits", "5"], "q5_0"), (["--bits", "8"], "q8_0"), (["--type", "q4_1"], "q4_1")):
+        try:
+            run("convert", tiny_bpe, "-o", tmp_path / "x.gguf", *args, "--noise", "rtn", "--calib", texts / "calib.txt", *TINY,
+                "--eval-text", "none")
+        except Stop:
+            pass
+        assert seen.pop() == grid, args
 
 
 @pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # huggingface_hub, when the test env disables them

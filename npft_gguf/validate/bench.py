@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import llamacpp
 from ..errors import UsageError
 from ..progress import bar
-from .models import default_threads
+from .models import default_threads, require_file, require_gpu_offload
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,12 @@ class BenchSettings:
     reps: int = 5
     threads: int | None = None
     n_gpu_layers: int = 0
+
+    def __post_init__(self):
+        if not self.pp and not self.tg:
+            raise UsageError("--pp 0 with --tg 0 measures nothing; give at least one of them a length")
+        if self.reps < 1:
+            raise UsageError("--reps must be >= 1")
 
 
 @dataclass
@@ -41,12 +47,8 @@ class BenchResult:
 
 
 def bench(path: Path, settings: BenchSettings, progress: bool = True) -> BenchResult:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    if settings.n_gpu_layers and not llamacpp.gpu_offload_supported():
-        raise UsageError("--n-gpu-layers asks for GPU offload, but this llama-cpp-python build has no GPU backend; "
-                         "reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (see README) or drop --n-gpu-layers")
+    path = require_file(path, "give a GGUF file")
+    require_gpu_offload(settings.n_gpu_layers)
     threads = settings.threads or default_threads()
     n_ctx = max(settings.pp, settings.tg) + 8
     llm = llamacpp.load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=settings.n_gpu_layers,

@@ -21,8 +21,12 @@ def machine_label() -> str:
 
 
 def compare(files: list[Path], ref: Path, text: str, text_name: str, settings: EvalSettings,
-            bench_settings: BenchSettings | None, threads: int | None = None, progress: bool = True) -> dict:
-    ref_backend = LlamaCppBackend(ref, settings.ctx, threads)
+            bench_settings: BenchSettings | None, threads: int | None = None, progress: bool = True,
+            n_gpu_layers: int = 0, flash_attn: bool = False) -> dict:
+    def backend(f):
+        return LlamaCppBackend(f, settings.ctx, threads, n_gpu_layers, flash_attn)
+
+    ref_backend = backend(ref)
     ref_result = evaluate(ref_backend, text, text_name, settings, progress=progress)
     rows = []
     for f in [ref, *[f for f in files if Path(f) != Path(ref)]]:
@@ -31,7 +35,7 @@ def compare(files: list[Path], ref: Path, text: str, text_name: str, settings: E
             r = ref_result
             kld = {"mean": 0.0, "same_top1_pct": 100.0}
         else:
-            r = evaluate(LlamaCppBackend(f, settings.ctx, threads), text, text_name, settings, ref=ref_backend, progress=progress)
+            r = evaluate(backend(f), text, text_name, settings, ref=ref_backend, progress=progress)
             kld = r.kld
         speed = bench(f, bench_settings, progress=progress).summary() if bench_settings else {"pp": None, "tg": None}
         rows.append({
@@ -92,15 +96,22 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(report: dict, md_path: Path, plot_path: Path | None) -> None:
-    from ..atomic import atomic_output
+def outputs(md_path: Path, plot_path: Path | None) -> list[Path]:
+    """What `write` writes: the Markdown report, its JSON beside it, and the plot if asked for."""
+    return [Path(md_path), Path(md_path).with_suffix(".json"), *([Path(plot_path)] if plot_path else [])]
 
-    with atomic_output(md_path, force=True) as tmp:
+
+def write(report: dict, md_path: Path, plot_path: Path | None, force: bool = False) -> None:
+    from ..atomic import atomic_output, check_target
+
+    for path in outputs(md_path, plot_path):  # all or none: no report beside a plot that cannot be written
+        check_target(path, force)
+    with atomic_output(md_path, force=force) as tmp:
         tmp.write_text(markdown(report))
-    with atomic_output(md_path.with_suffix(".json"), force=True) as tmp:
+    with atomic_output(md_path.with_suffix(".json"), force=force) as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=str))
     if plot_path:
-        with atomic_output(plot_path, force=True) as tmp:
+        with atomic_output(plot_path, force=force) as tmp:
             plot(report, tmp.with_suffix(".png") if tmp.suffix != ".png" else tmp)
             if tmp.suffix != ".png":
                 tmp.with_suffix(".png").replace(tmp)

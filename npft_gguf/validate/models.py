@@ -62,15 +62,57 @@ def prefetch_torch() -> None:
     threading.Thread(target=run, name="import-torch", daemon=True).start()
 
 
+def require_file(path: Path, hint: str = "give a file") -> Path:
+    """A file a command reads, or one line saying it is missing or is a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a file; {hint}")
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    return path
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path) -> bool:
+    """A GGUF file by its magic bytes, whatever its suffix (llama.cpp users also write .bin), or by
+    its .gguf suffix (so a damaged .gguf still reaches the GGUF reader and its one-line diagnosis)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def check_gguf(path: Path) -> Path:
+    """A GGUF file llama.cpp will run, checked by reading what it holds (inspect: the header, no
+    tensor data), so a truncated or corrupt file fails in one line before any text is loaded or
+    any other file evaluated."""
+    from ..inspect import inspect
+
+    path = require_file(path, "give a GGUF file")
+    inspect(path)
+    return path
+
+
+def require_gpu_offload(n_gpu_layers: int) -> None:
+    """Asking llama.cpp for GPU layers on a build without a GPU backend is refused, not ignored."""
+    if n_gpu_layers and not llamacpp.gpu_offload_supported():
+        raise UsageError("--n-gpu-layers asks for GPU offload, but this llama-cpp-python build has no GPU backend; "
+                         "reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (see README) or drop --n-gpu-layers")
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class LlamaCppBackend(Backend):
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool = False):
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file")
+        path = require_file(path, "give a GGUF file")
+        require_gpu_offload(n_gpu_layers)
         threads = threads or default_threads()
         # a truncated or corrupt file fails here with one line (llamacpp.load reads it with gguf-py then)
         self.llm = llamacpp.load(path, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)

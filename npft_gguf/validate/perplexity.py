@@ -107,12 +107,22 @@ class _Stats:
         }
 
 
+def check_ctx(ctx: int, n_ctx_train: int) -> None:
+    """The window may not exceed the model's training context (0: unknown, not checked)."""
+    if n_ctx_train and ctx > n_ctx_train:
+        raise UsageError(f"--ctx {ctx} is above the model's training context of {n_ctx_train}; use a smaller --ctx")
+
+
+def check_length(n_tokens: int, ctx: int) -> None:
+    """Two windows at least, so the standard error means something."""
+    if n_tokens < 2 * ctx:
+        raise UsageError(f"the text has {n_tokens} tokens; at least 2 x ctx = {2 * ctx} are needed; use a longer text or a smaller --ctx")
+
+
 def windows(tokens: list[int], backend: Backend, settings: EvalSettings) -> list[list[int]]:
     n_ctx = settings.ctx
-    if backend.n_ctx_train and n_ctx > backend.n_ctx_train:
-        raise UsageError(f"--ctx {n_ctx} is above the model's training context of {backend.n_ctx_train}; use a smaller --ctx")
-    if len(tokens) < 2 * n_ctx:
-        raise UsageError(f"the text has {len(tokens)} tokens; at least 2 x ctx = {2 * n_ctx} are needed; use a longer text or a smaller --ctx")
+    check_ctx(n_ctx, backend.n_ctx_train)
+    check_length(len(tokens), n_ctx)
     n = len(tokens) // n_ctx
     if settings.chunks:
         n = min(n, settings.chunks)
