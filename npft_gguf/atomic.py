@@ -1,13 +1,37 @@
-"""Outputs appear whole or not at all: written to a temporary file beside the target, then renamed."""
+"""Outputs appear whole or not at all: written to a temporary beside the target, then put in place.
+
+Every temporary is named `.NAME.npft-PID.KIND` (NAME the output it is for, PID the process that
+writes it) and is locked (flock) by that process while it lives. Ctrl-C, SIGTERM (see signals.py)
+and errors remove it on the way out; what SIGKILL or a crash leaves, the next run that writes the
+same output removes: a temporary whose process is gone and whose lock nobody holds. A live
+process's temporaries are never touched.
+
+Without --force the final name is created exclusively (a hard link), so of two runs writing the
+same output at once, one wins and the other fails in one line instead of both reporting success.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import NpftError, UsageError
+from .signals import pause_for_tests
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the PID alone decides
+    fcntl = None
+
+TEMP = re.compile(r"^\.(?P<name>.+)\.npft-(?P<pid>\d+)(?:-\d+)?\.(?P<kind>[a-z0-9]+)$")
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -27,14 +51,157 @@ def check_target(path: Path, force: bool) -> None:
         raise UsageError(f"cannot write in {parent} ({e.strerror}); choose another output path") from None
 
 
+# --- temporaries ---------------------------------------------------------------------------------
+def temp_path(path: Path, kind: str, n: int = 0) -> Path:
+    """`.NAME.npft-PID.KIND`; `.NAME.npft-PID-N.KIND` for a second one of this process at once."""
+    return path.with_name(f".{path.name}.npft-{os.getpid()}{f'-{n}' if n else ''}.{kind}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Lock without waiting: True taken, False held by another open file, None cannot tell."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        return None
+    return True
+
+
+def remove_stale(path: Path) -> list[Path]:
+    """Remove the temporaries of `path` (`.NAME.npft-PID.KIND` beside it) that no live process
+    owns: their PID is not running (or is ours, from an earlier process of that number) and
+    nobody holds their lock. Returns what was removed."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for p in entries:
+        m = TEMP.match(p.name)
+        if not m or m["name"] != path.name:
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:  # O_NOFOLLOW: a link that merely has such a name is left alone
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd):
+                continue
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextmanager
+def temporary(path: Path, kind: str, directory: bool = False):
+    """An empty temporary file (or directory) `.NAME.npft-PID.KIND` beside `path`, locked while
+    the block runs and removed when it ends, however it ends. Stale ones of `path` go first."""
+    path = Path(path)
+    remove_stale(path)
+    for n in range(1000):  # what is left with our PID after remove_stale is this process's own, live
+        tmp = temp_path(path, kind, n)
+        try:
+            if directory:
+                os.mkdir(tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+            else:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise NpftError(f"cannot create a temporary beside {path}: too many of this process's own")
+    try:
+        _try_lock(fd)
+        yield tmp
+    finally:
+        try:  # removed before the lock goes, so no other run ever sees it unlocked
+            if directory:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def _disk_full_in_one_line(target: Path):
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise NpftError(f"no space left on the device while writing {target} ({e.strerror}); nothing was written: "
+                            "free some space or choose another output path") from None
+        raise
+
+
+def _commit(tmp: Path, path: Path, force: bool) -> None:
+    """Put the finished `tmp` at `path`: replacing it with `force`, else only if `path` does not
+    exist at this moment (a hard link fails if it does; where hard links are not supported, an
+    exclusively created placeholder is replaced)."""
+    if force:
+        os.replace(tmp, path)
+        return
+    taken = UsageError(f"{path} already exists (another run wrote it meanwhile); nothing was written; "
+                       "pass --force to overwrite it")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise taken from None
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            raise taken from None
+        os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_output(path: Path, force: bool = False):
-    """Yield a temporary path; on success it replaces `path`, on any failure it is removed."""
+    """Yield a temporary path; on success it becomes `path` (replacing it only with `force`), on
+    any failure or interruption it is removed."""
     path = Path(path)
     check_target(path, force)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with temporary(path, "part") as tmp, _disk_full_in_one_line(path):
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        pause_for_tests(f"commit:{path.name}")
+        _commit(tmp, path, force)
+
+
+@contextmanager
+def staged_dir(out_dir: Path, last: tuple[str, ...] = ()):
+    """A temporary directory inside `out_dir` to fill; on success its files move into `out_dir`,
+    the names in `last` last (so a folder holding them is complete); removed however it ends."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with temporary(out_dir / "staged", "part", directory=True) as tmp, _disk_full_in_one_line(out_dir):
+        yield tmp
+        pause_for_tests(f"commit:{out_dir.name}/")
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name in last):
+            os.replace(f, out_dir / f.name)

@@ -34,6 +34,12 @@ class Cli(click.Group):
     debug = False
 
     def main(self, *args, **kwargs):
+        from .signals import sigterm_as_interrupt
+
+        with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl-C does, then exits 143 (see signals.py)
+            self._main(*args, **kwargs)
+
+    def _main(self, *args, **kwargs):
         self.debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)

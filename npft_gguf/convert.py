@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -228,25 +226,22 @@ def finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings,
 
 
 def save_checkpoint(model, tokenizer, out_dir: Path):
-    """save_pretrained into a scratch folder, then move files in; config.json last, so a folder
-    with a config.json is a complete model."""
+    """save_pretrained into a scratch folder in `out_dir` (atomic.staged_dir: removed however the
+    run ends, or by the next run after a SIGKILL), then move files in; config.json last, so a
+    folder with a config.json is a complete model."""
     from transformers.utils import logging as hf_logging
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    from .atomic import staged_dir
+
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its one-shard "Writing model shards" bar only adds noise to our log
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
-        for f in files:
-            os.replace(f, out_dir / f.name)
+        with staged_dir(out_dir, last=("config.json",)) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     finally:
         if bars_were_on:  # give back the caller's setting, not ours
             hf_logging.enable_progress_bar()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_header(spec: str) -> dict:

@@ -102,7 +102,16 @@ def read_header(path: Path) -> Header:
     tensors = []
     for name, dims, ggml_type, offset in raw:
         block, size = GGML_QUANT_SIZES[ggml_type]
+        if offset % align:  # llama.cpp refuses such a file; read anyway, its bytes would be garbage
+            raise ValueError(f"tensor {name!r} has data offset {offset}, not a multiple of the alignment {align}")
+        if dims and dims[0] % block:
+            raise ValueError(f"tensor {name!r} has rows of {dims[0]}, not a multiple of {ggml_type.name}'s block of {block}")
         tensors.append(TensorInfo(name, tuple(reversed(dims)), ggml_type, start + offset, math.prod(dims) // block * size))
     if len({t.name for t in tensors}) != len(tensors):
         raise ValueError("duplicate tensor names")
     return Header(fields, tensors)
+
+
+def tensor_problems(tensors) -> list[str]:
+    """What is wrong with readable tensor entries that llama.cpp or an export would trip over."""
+    return [f"tensor {t.name!r} has a zero-sized dimension (shape {tuple(t.shape)})" for t in tensors if 0 in tuple(t.shape)]

@@ -9,22 +9,25 @@ from pathlib import Path
 import numpy as np
 from gguf import LlamaFileType
 
-from .sources import read_gguf
+from .gguf_header import tensor_problems
+from .sources import read_gguf_header
 
 
 def inspect(path: Path) -> dict:
+    """The summary; `problems` lists what llama.cpp or an export would trip over (a zero-sized
+    tensor). Files that cannot be read at all (truncated, misaligned data) fail in one line."""
     path = Path(path)
-    r = read_gguf(path)
+    r = read_gguf_header(path)
 
     def meta(key, default=None):
         f = r.fields.get(key)
-        return default if f is None else f.contents()
+        return default if f is None else f.value
 
     counts, nbytes = Counter(), Counter()
     n_params = 0
     for t in r.tensors:
-        counts[t.tensor_type.name] += 1
-        nbytes[t.tensor_type.name] += int(t.n_bytes)
+        counts[t.type.name] += 1
+        nbytes[t.type.name] += int(t.n_bytes)
         n_params += int(np.prod(t.shape))
     data_bytes = sum(nbytes.values())
     ftype = meta("general.file_type")
@@ -46,7 +49,7 @@ def inspect(path: Path) -> dict:
         "tokenizer": {
             "model": meta("tokenizer.ggml.model"),
             "pre": meta("tokenizer.ggml.pre"),
-            "n_tokens": len(r.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in r.fields else 0,
+            "n_tokens": len(meta("tokenizer.ggml.tokens", [])),
             "add_bos": meta("tokenizer.ggml.add_bos_token"),
             "chat_template": meta("tokenizer.chat_template") is not None,
         },
@@ -56,6 +59,7 @@ def inspect(path: Path) -> dict:
             "source": meta("general.source.npft.spec"),
             "settings": json.loads(settings) if settings else None,
         },
+        "problems": tensor_problems(r.tensors),
     }
 
 
@@ -76,4 +80,5 @@ def format_text(info: dict) -> str:
         lines.append(f"  settings      {json.dumps(p['settings'], sort_keys=True)}")
     else:
         lines.append("  made by       (not npft-gguf)")
+    lines += [f"  PROBLEM       {p}" for p in info.get("problems", [])]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,10 @@ def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: 
     params.nthread = nthread
     with _quiet():
         rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise NpftError(f"llama_model_quantize failed on {src} (code {rc})")
+    if rc != 0:  # llama.cpp says why only in its log; a full disk is the usual cause
+        free = shutil.disk_usage(Path(dst).parent).free
+        raise NpftError(f"llama_model_quantize failed on {src} (code {rc}; {free / 1e6:.0f} MB free beside {dst}); "
+                        "set NPFT_GGUF_VERBOSE=1 to see llama.cpp's log")
 
 
 def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
@@ -57,8 +60,8 @@ def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layer
          vocab_only: bool = False):
     """A llama_cpp.Llama for the file; errors become one line.
 
-    llama.cpp loads first: a file it cannot load is then read with gguf-py (slow on a large
-    vocabulary, so only on failure) to say whether it is truncated or corrupt. `logits_all` only
+    llama.cpp loads first: a file it cannot load is then read by our header reader (only on
+    failure) to say whether it is truncated, misaligned or corrupt. `logits_all` only
     matters to llama-cpp-python's own `eval`/`scores`; `logits()` below asks for what it needs.
     """
     lib = _lib()
@@ -73,9 +76,9 @@ def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layer
             return lib.Llama(**kw)
     except Exception as e:  # noqa: BLE001 - llama-cpp-python raises ValueError/RuntimeError
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-    from .sources import read_gguf
+    from .sources import read_gguf_header
 
-    read_gguf(Path(path))  # raises the one-line "truncated or corrupt" error when that is the cause
+    read_gguf_header(Path(path))  # raises the one-line "truncated or corrupt" error when that is the cause
     raise NpftError(f"llama.cpp could not load {path} ({why})")
 
 

@@ -19,14 +19,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import demo
-from .arch import Arch, arch_for_config, arch_for_gguf
+from .arch import Arch, arch_for_config, arch_for_gguf, head_dim
 from .errors import NpftError, UsageError
 from .tokenizer import Field, bpe_fields, fix_pre_tokenizer, gguf_fields, sentencepiece_fields
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+INTEGER_TYPES = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64}
 SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
+# what AutoTokenizer can build an exportable (fast) tokenizer from: any one of these sets
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 
 class Source:
@@ -89,11 +93,19 @@ class HFDirSource(Source):
             raise UsageError(f"{path} holds a {classes[0]}, not a causal language model")
         self.arch  # unsupported architectures fail here, before any work
         self._files = self._weight_files()
+        self._shapes = self._read_shapes()  # headers only: non-float weights fail here
+        check_tensors(self.arch, self.config, self._shapes, str(path), "config.json")
+        if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+            raise UsageError(f"{path} has no tokenizer files (tokenizer.json or tokenizer.model), which a GGUF file needs; "
+                             "copy them from the model this checkpoint came from")
 
     def _weight_files(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            return {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                return {k: self.path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UsageError(f"{index} is not a readable safetensors index ({_first_line(e)}); download it again") from None
         files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
         if not files:
             raise UsageError(f"{self.path} has a config but no weights (*.safetensors or pytorch_model*.bin)")
@@ -113,17 +125,25 @@ class HFDirSource(Source):
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(f), framework="pt") as h:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # noqa: BLE001 - SafetensorError, OSError...
+                raise _unreadable_weights(f, e) from None
+            with handle as h:
                 yield h
             return
         cache = self.__dict__.setdefault("_bins", {})
         if f not in cache:
             import torch
 
-            cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, pickle errors...
+                raise _unreadable_weights(f, e) from None
         yield cache[f]
 
-    def shapes(self):
+    def _read_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape, from the file headers; a tensor stored as integers is refused here."""
         out = {}
         tied = getattr(self.config, "tie_word_embeddings", False)
         with ExitStack() as stack:
@@ -134,8 +154,24 @@ class HFDirSource(Source):
                 if self.arch.gguf_name(name) is None:
                     raise UsageError(f"tensor {name!r} has no GGUF name in the {self.arch.name} table; is this really a {self.arch.name} model?")
                 h = handles[f]
-                out[name] = tuple(h.get_slice(name).get_shape()) if hasattr(h, "get_slice") else tuple(h[name].shape)
+                if hasattr(h, "get_slice"):
+                    try:
+                        part = h.get_slice(name)
+                    except Exception as e:  # noqa: BLE001 - an index naming a tensor its shard lacks
+                        raise UsageError(f"{f} holds no tensor {name!r} ({_first_line(e)}); the checkpoint is incomplete") from None
+                    shape, dtype = tuple(part.get_shape()), part.get_dtype()
+                    is_float = dtype.startswith("F") or dtype == "BF16"
+                else:
+                    shape, dtype = tuple(h[name].shape), str(h[name].dtype).removeprefix("torch.")
+                    is_float = h[name].dtype.is_floating_point
+                if not is_float:
+                    raise UsageError(f"{self.path}: tensor {name} is stored as {dtype}, not as floats; a quantized or "
+                                     "integer checkpoint cannot be exported: pass the float model")
+                out[name] = shape
         return out
+
+    def shapes(self):
+        return dict(self._shapes)
 
     def load(self, name):
         with self._handle(self._files[name]) as h:
@@ -185,7 +221,7 @@ class GGUFSource(Source):
 
     def __init__(self, spec: str, path: Path):
         super().__init__(spec, path)
-        self.header = _read_header(path)
+        self.header = read_gguf_header(path)
         arch_name = self.meta("general.architecture")
         self._arch = arch_for_gguf(arch_name)
         self.config = self._config()
@@ -194,7 +230,10 @@ class GGUFSource(Source):
             hf = self._arch.hf_name(t.name)
             if hf is None:
                 raise UsageError(f"{path}: tensor {t.name!r} has no Hugging Face name in the {arch_name} table")
+            if t.type in INTEGER_TYPES:
+                raise UsageError(f"{path}: tensor {t.name!r} holds integers ({t.type.name}), not weights that can be read as floats")
             self._tensors[hf] = t
+        check_tensors(self._arch, self.config, self.shapes(), str(path), "its metadata")
 
     @property
     def arch(self):
@@ -298,20 +337,8 @@ class GGUFSource(Source):
         return model.to(device).eval()
 
 
-def read_gguf(path: Path):
-    """GGUFReader with a one-line error for files that are not complete GGUF files."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - GGUFReader raises ValueError, struct.error, IndexError...
-        raise _unreadable(path, e) from None
-    _check_complete(path, reader.tensors)
-    return reader
-
-
-def _read_header(path: Path):
-    """gguf_header.read_header with the same one-line errors as read_gguf."""
+def read_gguf_header(path: Path):
+    """gguf_header.read_header, with one-line errors for files that are not complete GGUF files."""
     from .gguf_header import read_header
 
     try:
@@ -320,6 +347,12 @@ def _read_header(path: Path):
         raise _unreadable(path, e) from None
     _check_complete(path, header.tensors)
     return header
+
+
+def _unreadable_weights(f: Path, e: BaseException) -> UsageError:
+    if isinstance(e, FileNotFoundError):
+        return UsageError(f"{f} is missing (the index names it); the checkpoint is incomplete: download it again")
+    return UsageError(f"{f} is not a readable weights file ({_first_line(e)}); is it truncated or corrupt? download it again")
 
 
 def _unreadable(path: Path, e: BaseException) -> UsageError:
@@ -331,6 +364,57 @@ def _check_complete(path: Path, tensors) -> None:
     for t in tensors:
         if t.data_offset + t.n_bytes > size:
             raise UsageError(f"{path} ends before the data of tensor {t.name!r}: the file is truncated; fetch it again")
+
+
+# --- what the config says every tensor's shape must be (llama.cpp's loader checks the same) ------
+def _llama_shapes(c) -> dict[str, tuple[int, ...]]:
+    h, ff, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    q = c.num_attention_heads * head_dim(c)
+    kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim(c)
+    return {"token_embd.weight": (v, h), "output.weight": (v, h), "output_norm.weight": (h,),
+            "blk.{i}.attn_norm.weight": (h,), "blk.{i}.ffn_norm.weight": (h,), "blk.{i}.attn_q.weight": (q, h),
+            "blk.{i}.attn_k.weight": (kv, h), "blk.{i}.attn_v.weight": (kv, h), "blk.{i}.attn_output.weight": (h, q),
+            "blk.{i}.ffn_gate.weight": (ff, h), "blk.{i}.ffn_up.weight": (ff, h), "blk.{i}.ffn_down.weight": (h, ff)}
+
+
+EXPECTED_SHAPES = {"llama": _llama_shapes}  # GGUF arch -> config -> GGUF name (layer as {i}) -> shape
+OPTIONAL = {"output.weight"}  # llama.cpp uses the embedding when the output matrix is absent
+CONFIG_DIMS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def check_tensors(arch: Arch, config, shapes: dict[str, tuple[int, ...]], where: str, config_name: str = "the config") -> None:
+    """Refuse, from shapes alone and before any work, what would make a GGUF file llama.cpp
+    cannot load: a zero-sized dimension, a shape the config disagrees with, a layer the config
+    does not have, a missing tensor."""
+    for name, shape in shapes.items():
+        if 0 in tuple(shape):
+            raise UsageError(f"{where}: tensor {name} has a zero-sized dimension (shape {tuple(shape)}); the checkpoint is broken")
+    table = EXPECTED_SHAPES.get(arch.name)
+    if table is None:
+        return
+    try:
+        expected = table(config)
+    except (AttributeError, TypeError):  # a config without the sizes: llama.cpp's loader will say
+        return
+    n_layer = config.num_hidden_layers
+    present = set()
+    for name, shape in shapes.items():
+        gguf = arch.gguf_name(name)
+        m = BLOCK.match(gguf or "")
+        if m and int(m[1]) >= n_layer:
+            raise UsageError(f"{where}: tensor {name} belongs to layer {m[1]}, but {config_name} says num_hidden_layers {n_layer}")
+        want = expected.get(f"blk.{{i}}.{m[2]}" if m else gguf)
+        if want is not None and tuple(shape) != want:
+            dims = ", ".join(f"{k} {getattr(config, k)}" for k in CONFIG_DIMS if getattr(config, k, None) is not None)
+            raise UsageError(f"{where}: tensor {name} has shape {tuple(shape)}, but {config_name} ({dims}) makes it {want}; "
+                             "the weights and the config disagree")
+        present.add(gguf)
+    for key in expected:
+        for gguf in ([key.replace("{i}", str(i)) for i in range(n_layer)] if "{i}" in key else [key]):
+            if gguf not in present and key not in OPTIONAL:
+                raise UsageError(f"{where}: tensor {arch.hf_name(gguf)} is missing ({config_name} says {n_layer} layers); "
+                                 "the checkpoint is incomplete")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,10 +17,12 @@ from gguf import GGUFWriter
 
 from . import __version__
 from .atomic import atomic_output
+from .errors import NpftError, UsageError
 from .grids import get_grid
 from .grids.policy import FILE_TYPES, Choice, ModelShape, choose
 from .progress import bar
-from .sources import Source
+from .signals import pause_for_tests
+from .sources import Source, check_tensors
 
 log = logging.getLogger("npft_gguf")
 
@@ -57,11 +59,13 @@ class ExportReport:
 
 
 def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
-    """Every tensor's GGUF name, shape and type, before any weight is read."""
+    """Every tensor's GGUF name, shape and type, before any weight is read; shapes that the config
+    disagrees with (or zero-sized ones) fail here."""
     get_grid(settings.type)  # unknown types fail here
     if settings.type not in FILE_TYPES:
         raise ValueError(settings.type)
     cfg = source.config
+    check_tensors(source.arch, cfg, source.shapes(), source.spec)
     shape = ModelShape(
         n_layer=cfg.num_hidden_layers,
         n_gqa=cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
@@ -95,14 +99,32 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
 def _packed(source: Source, t: PlannedTensor) -> np.ndarray:
     """One tensor's GGUF bytes. A 2-D weight whose rows keep their order streams from the source
     in row chunks, so it is never whole in memory as floats; q/k projections (rows reordered within
-    heads) and 1-D tensors are loaded whole, and freed on return, before the next one is loaded."""
+    heads) and 1-D tensors are loaded whole, and freed on return, before the next one is loaded.
+    Every value is checked to be finite on the way."""
     grid = t.choice.grid
     if len(t.shape) == 2 and not source.arch.permutes(t.hf_name):
-        data = grid.pack_rows(source.row_chunks(t.hf_name, grid.chunk_rows(t.shape[1])), t.shape)
+        data = grid.pack_rows(_finite(source, t.hf_name, source.row_chunks(t.hf_name, grid.chunk_rows(t.shape[1]))), t.shape)
     else:
-        data = grid.pack(source.arch.to_gguf_layout(t.hf_name, source.load(t.hf_name), source.config))
+        (w,) = _finite(source, t.hf_name, [source.load(t.hf_name)])
+        data = grid.pack(source.arch.to_gguf_layout(t.hf_name, w, source.config))
     assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
     return data
+
+
+def _finite(source: Source, name: str, chunks):
+    """The chunks of one tensor, each checked for NaN and infinity on the way (llama.cpp would
+    compute garbage with them); the error names the tensor and its first bad row."""
+    import torch
+
+    row = 0
+    for c in chunks:
+        ok = torch.isfinite(c)
+        if not bool(ok.all()):
+            at = f" (row {row + int((~ok).reshape(len(c), -1).any(1).nonzero()[0])})" if c.ndim > 1 else ""
+            error = UsageError if getattr(source, "kind", "") in ("hf", "gguf") else NpftError
+            raise error(f"tensor {name} of {source.spec} holds NaN or infinite values{at}; nothing was written")
+        row += len(c) if c.ndim else 0
+        yield c
 
 
 @contextmanager
@@ -119,21 +141,33 @@ def _one_torch_thread():
         torch.set_num_threads(before)
 
 
-def export(source: Source, out: Path, settings: ExportSettings, force: bool = False,
-           provenance: dict | None = None, progress: bool = True) -> ExportReport:
-    """Write `source` as a GGUF file at `out` (atomically). Returns what was written."""
-    out = Path(out)
+@dataclass
+class Prepared:
+    """What an export writes, settled from headers alone before any tensor is read."""
+    settings: ExportSettings
+    tensors: list[PlannedTensor]
+    meta: list
+
+
+def prepare(source: Source, settings: ExportSettings, provenance: dict | None = None) -> Prepared:
+    """Plan and metadata (every check that needs no tensor data), with the fallback warnings."""
     tensors = plan(source, settings)
     meta = metadata(source, settings, provenance or {})
     for t in tensors:
         if t.choice.note and t.choice.grid.name != settings.type and "output matrix" not in t.choice.note:
             print(f"warning: {t.name}: {t.choice.note}", file=sys.stderr)
-    with atomic_output(out, force) as tmp:
-        writer = GGUFWriter(tmp, source.arch.name)
-        for key, value, vtype, sub in meta:
+    return Prepared(settings, tensors, meta)
+
+
+def write(source: Source, path: Path, job: Prepared, progress: bool = True) -> None:
+    """Write the prepared file at `path` as it is (callers make it atomic); the file is closed
+    however this ends."""
+    writer = GGUFWriter(path, source.arch.name)
+    try:
+        for key, value, vtype, sub in job.meta:
             if key not in writer.kv_data[0]:
                 writer.add_key_value(key, value, vtype, sub)
-        for t in tensors:
+        for t in job.tensors:
             g = t.choice.grid
             dtype = {"f32": np.float32, "f16": np.float16}.get(g.name, np.uint8)
             byte_shape = t.shape if dtype is not np.uint8 else (*t.shape[:-1], t.shape[-1] // g.block * g.block_bytes)
@@ -142,11 +176,26 @@ def export(source: Source, out: Path, settings: ExportSettings, force: bool = Fa
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with _one_torch_thread():
-            for t in bar(tensors, desc=f"export {settings.type}", unit="tensor", disable=not progress):
+            for t in bar(job.tensors, desc=f"export {job.settings.type}", unit="tensor", disable=not progress):
                 writer.write_tensor_data(_packed(source, t))
+                pause_for_tests("export:tensor")
         writer.close()
-    report = ExportReport(str(out), settings.type, settings.pure, len(tensors), out.stat().st_size)
-    for t in tensors:
+    except BaseException:
+        for f in writer.fout or ():  # closed even when its last flush fails (a full disk)
+            with suppress(OSError):
+                f.close()
+        raise
+
+
+def export(source: Source, out: Path, settings: ExportSettings, force: bool = False,
+           provenance: dict | None = None, progress: bool = True) -> ExportReport:
+    """Write `source` as a GGUF file at `out` (atomically). Returns what was written."""
+    out = Path(out)
+    job = prepare(source, settings, provenance)
+    with atomic_output(out, force) as tmp:
+        write(source, tmp, job, progress)
+    report = ExportReport(str(out), settings.type, settings.pure, len(job.tensors), out.stat().st_size)
+    for t in job.tensors:
         report.types[t.choice.grid.name] = report.types.get(t.choice.grid.name, 0) + 1
         if t.choice.grid.name != settings.type and t.choice.note:
             report.fallbacks[t.name] = t.choice.note

@@ -1,5 +1,5 @@
 """Sources read what gguf-py reads: the lean GGUF header against GGUFReader, row chunks against
-whole tensors."""
+whole tensors; broken sources fail when they are opened, in one line."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ from gguf import GGUFValueType as V
 from npft_gguf.gguf_header import read_header
 from npft_gguf.sources import open_source
 from npft_gguf.writer import ExportSettings, export
+from tests.broken import edit_tensor, model_copy, patch_gguf  # noqa: F401 - model_copy is a fixture
+from tests.test_cli import assert_fails, cli, listing, out  # noqa: F401 - out is a fixture
 
 
 def test_gguf_header_equals_gguf_reader(smollm2):
@@ -59,3 +61,56 @@ def test_gguf_config_without_transformers_writes_what_the_transformers_one_does(
     assert plan(smollm2, settings) == plan(full, settings)
     k = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(smollm2.load(k), full.load(k))
+
+
+# --- broken sources fail at open time, in one line, before any work ------------------------------
+
+
+def test_truncated_safetensors_is_one_line(model_copy, out):
+    f = model_copy / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "model.safetensors", "truncated")
+    assert listing(out) == []
+
+
+def test_model_without_tokenizer_files_fails_at_open_time(model_copy, out):
+    from npft_gguf.errors import UsageError
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_copy / name).unlink(missing_ok=True)
+    with pytest.raises(UsageError, match="no tokenizer files"):
+        open_source(str(model_copy))  # before any tensor is read or any output is opened
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "tokenizer.json", "tokenizer.model")
+    assert listing(out) == []
+
+
+def test_zero_sized_tensor_in_a_hf_source_is_one_line(model_copy, out):
+    edit_tensor(model_copy, "model.layers.0.mlp.up_proj.weight", lambda t: t[:0])
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "model.layers.0.mlp.up_proj.weight", "zero-sized", "(0, 64)")
+    assert listing(out) == []
+
+
+@pytest.fixture
+def zero_sized_gguf(tiny_q8_gguf, tmp_path):
+    """blk.0.ffn_down.weight's rows (its second GGUF dimension) set to 0 in the header."""
+    return patch_gguf(tiny_q8_gguf, tmp_path / "zero.gguf", "blk.0.ffn_down.weight", dims=(128, 0))
+
+
+def test_zero_sized_tensor_in_a_gguf_source_is_one_line(zero_sized_gguf, out):
+    r = cli("export", zero_sized_gguf, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "zero.gguf", "model.layers.0.mlp.down_proj.weight", "zero-sized")
+    assert listing(out) == []
+
+
+def test_inspect_flags_a_zero_sized_tensor(zero_sized_gguf, tiny_q8_gguf):
+    import json
+
+    r = cli("inspect", zero_sized_gguf, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["problems"] == ["tensor 'blk.0.ffn_down.weight' has a zero-sized dimension (shape (0, 128))"]
+    text = cli("inspect", zero_sized_gguf)
+    assert "PROBLEM" in text.stdout and "blk.0.ffn_down.weight" in text.stdout
+    assert json.loads(cli("inspect", tiny_q8_gguf, "--json").stdout)["problems"] == []

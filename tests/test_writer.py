@@ -1,5 +1,8 @@
 """The exporter against llama.cpp itself: its quantizer's bytes, its loader, its logits."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,8 @@ from gguf import GGUFReader
 from npft_gguf import llamacpp
 from npft_gguf.sources import open_source
 from npft_gguf.writer import ExportSettings, export
+from tests.broken import edit_config, edit_tensor, model_copy, patch_gguf  # noqa: F401 - model_copy is a fixture
+from tests.test_cli import ROOT, _env, assert_fails, cli, listing, out  # noqa: F401 - out is a fixture
 
 BYTE_EXACT = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
@@ -85,3 +90,110 @@ def test_q4_0_export_of_tiny_model_matches_fakequant_in_torch(tiny_bpe, tmp_path
     # llama.cpp multiplies q4_0 weights by q8_0-quantized activations, so agreement is close, not exact
     assert np.abs(ours - theirs).max() < 0.05 * np.abs(ours).max()
     assert (ours.argmax(1) == theirs.argmax(1)).mean() > 0.9
+
+
+# --- what would make a broken file is refused in one line, and nothing is written ----------------
+# (each case runs the real console script; the header checks come before any tensor is written)
+
+
+@pytest.fixture(scope="module")
+def tiny_f32(tiny_bpe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-f32") / "tiny-f32.gguf"
+    export(open_source(str(tiny_bpe)), path, ExportSettings("f32"), progress=False)
+    return path
+
+
+def test_export_refuses_a_config_the_weights_disagree_with(model_copy, out):
+    edit_config(model_copy, intermediate_size=96)  # the mlp tensors are 128 wide
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "mlp.", "128", "intermediate_size 96", "disagree")
+    assert listing(out) == []
+
+
+def test_export_refuses_a_tensor_of_the_wrong_shape(model_copy, out):
+    name = "model.layers.1.self_attn.k_proj.weight"  # 2 kv heads x 16 = 32 rows; 16 here
+    edit_tensor(model_copy, name, lambda t: t[:16])
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q4_0")
+    assert_fails(r, 2, name, "(16, 64)", "(32, 64)", "num_key_value_heads 2")
+    assert listing(out) == []
+
+
+def test_export_refuses_a_missing_layer_tensor(model_copy, out):
+    from safetensors.torch import load_file, save_file
+
+    f = model_copy / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q4_0")
+    assert_fails(r, 2, "model.layers.1.mlp.down_proj.weight", "missing")
+    assert listing(out) == []
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "llama.cpp"])
+def test_export_refuses_integer_weights(model_copy, out, quantizer):
+    name = "model.layers.0.self_attn.v_proj.weight"
+    edit_tensor(model_copy, name, lambda t: (t * 100).to(torch.int8))
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q4_0", "--quantizer", quantizer)
+    assert_fails(r, 2, name, "I8", "not as floats")
+    assert listing(out) == []
+
+
+@pytest.mark.parametrize("name,value,row", [
+    ("model.layers.1.mlp.up_proj.weight", float("nan"), 5),      # streamed in row chunks
+    ("model.layers.0.self_attn.q_proj.weight", float("inf"), 3),  # loaded whole (RoPE row order)
+    ("model.norm.weight", float("-inf"), None),                   # 1-D
+], ids=["nan-chunked", "inf-whole", "inf-1d"])
+def test_export_refuses_non_finite_weights_and_removes_the_partial_file(model_copy, out, name, value, row):
+    def poison(t):
+        t = t.clone()
+        t[(row, 7) if row is not None else 7] = value
+        return t
+
+    edit_tensor(model_copy, name, poison)
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q4_0")
+    line = assert_fails(r, 2, name, "NaN or infinite", "nothing was written")
+    assert (f"row {row}" in line) if row is not None else "row" not in line
+    assert listing(out) == []
+
+
+def test_llamacpp_export_refuses_non_finite_weights(model_copy, out):
+    name = "model.layers.1.mlp.down_proj.weight"
+    edit_tensor(model_copy, name, lambda t: t.index_fill(0, torch.tensor([2]), float("nan")))
+    r = cli("export", model_copy, "-o", out / "m.gguf", "--quantizer", "llama.cpp", "--type", "q4_k_m")
+    assert_fails(r, 2, name, "NaN", "row 2")
+    assert listing(out) == []  # neither the .part nor the f32 intermediate
+
+
+def test_export_refuses_a_gguf_source_with_misaligned_tensor_data(tiny_f32, tmp_path, out):
+    """A data offset off the file's alignment: llama.cpp refuses such a file; read as it is, the
+    tensor's bytes are shifted and dequantize to garbage (NaNs)."""
+    bad = patch_gguf(tiny_f32, tmp_path / "misaligned.gguf", "blk.0.ffn_up.weight", offset_delta=4)
+    r = cli("export", bad, "-o", out / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, "misaligned.gguf", "blk.0.ffn_up.weight", "alignment")
+    assert listing(out) == []
+
+
+FULL_DISK = """
+import errno, os, sys
+import gguf
+real, calls = gguf.GGUFWriter.write_tensor_data, []
+def write_tensor_data(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 3:  # the device fills up at the third tensor
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(self, *a, **k)
+gguf.GGUFWriter.write_tensor_data = write_tensor_data
+from npft_gguf.cli import main
+sys.argv[0] = "npft-gguf"
+main()
+"""
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "llama.cpp"])
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_bpe, out, quantizer):
+    args = ["export", str(tiny_bpe), "-o", str(out / "m.gguf"), "--type", "q4_0", "--quantizer", quantizer]
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert_fails(r, 1, "no space left", "m.gguf", "nothing was written")
+    assert listing(out) == []

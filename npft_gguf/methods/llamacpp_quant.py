@@ -7,11 +7,11 @@ importance matrix is used, so the types that require one (IQ1/IQ2) are not offer
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from ..atomic import atomic_output
-from ..writer import ExportReport, ExportSettings, export
+from ..atomic import atomic_output, temporary
+from ..signals import pause_for_tests
+from ..writer import ExportReport, ExportSettings, prepare, write
 
 # llama.cpp file types that need no importance matrix; our RTN names for K-quants map to the _S mixes
 LLAMACPP_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs", "q2_k", "q3_k_s",
@@ -22,7 +22,7 @@ ALIASES = {"q3_k": "q3_k_s", "q4_k": "q4_k_s", "q5_k": "q5_k_s"}
 def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force: bool = False,
                     progress: bool = True) -> ExportReport:
     """Write `source` at `out` quantized by llama.cpp to `type_name` (atomically): F32 first, in a
-    temporary file beside `out`, removed afterwards."""
+    temporary file beside `out` (`.NAME.npft-PID.f32`), removed afterwards however the run ends."""
     from .. import llamacpp
     from ..errors import UsageError
 
@@ -31,11 +31,11 @@ def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force
         raise UsageError(f"llama.cpp's quantizer has no type {type_name!r} here; choose one of: {', '.join(LLAMACPP_TYPES)}")
     out = Path(out)
     provenance = {"method": f"llama.cpp:{ftype}", "quantizer": "llama_model_quantize (no imatrix), from an f32 export"}
-    with atomic_output(out, force) as tmp:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.f32-") as d:
-            f32 = Path(d) / "f32.gguf"
-            export(source, f32, ExportSettings("f32"), provenance=provenance, progress=progress)
-            llamacpp.quantize(f32, tmp, ftype, pure=pure)
+    job = prepare(source, ExportSettings("f32"), provenance)  # every check from headers, before any write
+    with atomic_output(out, force) as tmp, temporary(out, "f32") as f32:
+        write(source, f32, job, progress)
+        pause_for_tests("llamacpp:quantize")
+        llamacpp.quantize(f32, tmp, ftype, pure=pure)
     return _report(out, ftype, pure)
 
 

@@ -1,0 +1,63 @@
+"""Broken copies of good models, for the tests that check each defect is refused in one line:
+a Hugging Face directory with one tensor or config.json changed, a GGUF file with one tensor's
+header entry patched in place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def model_copy(tiny_bpe, tmp_path) -> Path:
+    """A copy of `tiny_bpe` to break."""
+    return copy_model(tiny_bpe, tmp_path / "model")
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(model_dir: Path, **changes) -> Path:
+    cfg = model_dir / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **changes}, indent=2))
+    return model_dir
+
+
+def edit_tensor(model_dir: Path, name: str, fn) -> Path:
+    """model.safetensors with tensor `name` replaced by fn(tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    tensors = load_file(f)
+    tensors[name] = fn(tensors[name]).contiguous()
+    save_file(tensors, f, metadata={"format": "pt"})
+    return model_dir
+
+
+def _tensor_entry(data: bytes, name: str) -> tuple[int, int]:
+    """Where tensor `name`'s header entry starts (after its name) and its number of dimensions."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key) + len(key)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    return at, n_dims
+
+
+def patch_gguf(src: Path, dst: Path, name: str, dims: tuple[int, ...] | None = None, offset_delta: int = 0) -> Path:
+    """A copy of a GGUF file with tensor `name`'s dimensions (GGUF order: row length first) or
+    data offset changed in its header, everything else byte for byte."""
+    data = bytearray(src.read_bytes())
+    at, n_dims = _tensor_entry(bytes(data), name)
+    if dims is not None:
+        assert len(dims) == n_dims
+        struct.pack_into(f"<{n_dims}Q", data, at + 4, *dims)
+    off_at = at + 4 + 8 * n_dims + 4
+    (offset,) = struct.unpack_from("<Q", data, off_at)
+    struct.pack_into("<Q", data, off_at, offset + offset_delta)
+    dst.write_bytes(bytes(data))
+    return dst

@@ -1,0 +1,172 @@
+"""Runs killed at known points leave nothing that outlives the next run.
+
+Each case runs the real console script on a tiny model, held at a named point of the run by the
+test-only hook NPFT_GGUF_TEST_PAUSE_AT (signals.pause_for_tests), and then:
+- SIGKILL: nothing can clean up, so temporaries are left; the next run removes them;
+- SIGTERM: handled as Ctrl-C is: exit 143, one `error: interrupted ...` line, no temporary left;
+and a last run completes. A killed resumable finetune continues with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from npft_gguf.atomic import TEMP
+from npft_gguf.signals import PAUSE_ENV
+from tests.conftest import calib_text
+from tests.test_cli import CLI, ROOT, _env, assert_fails, cli, error_line, listing
+
+PAUSED = "paused at "
+
+
+def temps(d: Path) -> list[Path]:
+    """Every npft temporary below `d`."""
+    return sorted(p for p in d.rglob(".*") if TEMP.match(p.name))
+
+
+def start(args, stage: str, logs: Path) -> subprocess.Popen:
+    """The CLI, started and held at `stage`; returns once it is there."""
+    logs.mkdir(exist_ok=True)
+    n = len(list(logs.glob("*.err")))
+    err, out = logs / f"{n}.err", logs / f"{n}.out"
+    with open(err, "w") as e, open(out, "w") as o:
+        proc = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT, env=_env({PAUSE_ENV: stage}), stdout=o, stderr=e)
+    proc.err = err
+    deadline = time.monotonic() + 600
+    while PAUSED + stage.split("#")[0] not in err.read_text():
+        if proc.poll() is not None:
+            pytest.fail(f"{args[0]} ended (exit {proc.returncode}) before it reached {stage}:\n{err.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{args[0]} did not reach {stage}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop(proc: subprocess.Popen, sig: int) -> tuple[int, list[str]]:
+    """Send `sig`; the exit status and what the run printed on stderr, less the pause line and
+    blank lines (click writes one when a KeyboardInterrupt passes through it, as after Ctrl-C)."""
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=300)
+    return rc, [line for line in proc.err.read_text().splitlines() if line.strip() and not line.startswith(PAUSED)]
+
+
+def kill_then_term(args, stage: str, where: Path, logs: Path) -> list[str]:
+    """SIGKILL a run at `stage` (its temporaries stay), then SIGTERM the next one at the same point:
+    by then the dead run's temporaries are gone, and the terminated one leaves none of its own.
+    Returns the terminated run's stderr."""
+    rc, _ = stop(start(args, stage, logs), signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    left = temps(where)
+    assert left, f"nothing to clean up at {stage}: the test point is not inside a write"
+    proc = start(args, stage, logs)
+    assert not set(left) & set(temps(where)), "the next run did not remove the killed run's temporaries"
+    rc, lines = stop(proc, signal.SIGTERM)
+    assert rc == 143, f"exit {rc} after SIGTERM at {stage}:\n" + "\n".join(lines)
+    assert temps(where) == [], f"SIGTERM at {stage} left {temps(where)}"
+    return lines
+
+
+# --- export --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quantizer,stages", [
+    ("rtn", ["export:tensor", "export:tensor#12", "commit:m.gguf"]),
+    # f32 intermediate half written; f32 complete and llama.cpp not started; llama.cpp done
+    ("llama.cpp", ["export:tensor#12", "llamacpp:quantize", "commit:m.gguf"]),
+])
+def test_export_killed_at_any_point_leaves_nothing(tiny_bpe, tmp_path, quantizer, stages):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["export", tiny_bpe, "-o", out / "m.gguf", "--type", "q4_k_m" if quantizer == "llama.cpp" else "q4_0",
+            "--quantizer", quantizer]
+    for stage in stages:
+        lines = kill_then_term(args, stage, out, tmp_path / "logs")
+        assert error_line("\n".join(lines)) == "error: interrupted; nothing was written"
+        assert listing(out) == []
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert listing(out) == ["m.gguf"]
+
+
+def test_two_exports_to_one_output_one_fails(tiny_bpe, tmp_path):
+    """The slower of two concurrent runs finds the output taken when it is about to put its own
+    in place: one line, exit 2, and the winner's file stays."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["export", tiny_bpe, "-o", out / "m.gguf", "--type", "q8_0"]
+    slow = start(args, "commit:m.gguf", tmp_path / "logs")  # finished writing, not yet in place
+    fast = cli(*args)
+    assert fast.returncode == 0 and "wrote" in fast.stdout, fast.stderr
+    winner = (out / "m.gguf").read_bytes()
+    rc, lines = stop(slow, signal.SIGUSR1)  # let it go on
+    assert rc == 2, lines
+    line = error_line("\n".join(lines))
+    assert "already exists" in line and "--force" in line
+    assert listing(out) == ["m.gguf"] and (out / "m.gguf").read_bytes() == winner
+
+
+# --- finetune and convert ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("texts") / "calib.txt"
+    f.write_text(calib_text(40_000))
+    return f
+
+
+TUNE = ["--recipe", "short", "--calib-samples", "4", "--calib-len", "32", "--fisher-samples", "2", "--batch", "2",
+        "--trace-samples", "0", "--outlier-pct", "1", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_finetune_killed_at_any_point_resumes_and_leaves_nothing(tiny_bpe, calib, tmp_path):
+    out, logs = tmp_path / "tuned", tmp_path / "logs"
+    args = ["finetune", tiny_bpe, "-o", out, "--calib", calib, *TUNE, "--epochs", "2"]
+    # SIGTERM while the first epoch checkpoint is written: nothing of it stays
+    rc, lines = stop(start(args, "commit:checkpoint.pt", logs), signal.SIGTERM)
+    assert rc == 143 and "interrupted" in lines[-1] and "--resume" in lines[-1] and "Traceback" not in "\n".join(lines)
+    assert temps(tmp_path) == [] and not (out / "npft-run" / "checkpoint.pt").exists()
+    # SIGKILL while the second is written: the first one stays, beside the dead run's temporary
+    rc, _ = stop(start(args, "commit:checkpoint.pt#2", logs), signal.SIGKILL)
+    assert rc == -signal.SIGKILL and (out / "npft-run" / "checkpoint.pt").exists() and temps(out / "npft-run")
+    # --resume continues after epoch 1; terminated while the merged model is staged
+    rc, lines = stop(start([*args, "--resume"], f"commit:{out.name}/", logs), signal.SIGTERM)
+    assert rc == 143 and any("resuming" in line and "after epoch 1" in line for line in lines), lines
+    assert "interrupted" in lines[-1] and temps(tmp_path) == [] and not (out / "config.json").exists()
+    # killed there: the staged directory stays until the next run
+    rc, _ = stop(start([*args, "--resume"], f"commit:{out.name}/", logs), signal.SIGKILL)
+    assert rc == -signal.SIGKILL and temps(out)
+    r = cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "after epoch 2" in r.stderr and temps(tmp_path) == [] and (out / "config.json").exists()
+    assert json.loads((out / "report.json").read_text())["tune"]["resumed_at_epoch"] == 2
+
+
+@pytest.mark.slow
+def test_convert_killed_at_any_point_leaves_nothing(tiny_bpe, calib, tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    evaltxt = tmp_path / "eval.txt"
+    evaltxt.write_text(calib_text(200_000)[-20_000:])
+    target = out / "t.gguf"
+    # q5_0: llama.cpp on some CPUs (AMX advertised, not usable in a VM) dies of SIGILL on q4_0/q8_0 matmuls
+    args = ["convert", tiny_bpe, "-o", target, "--type", "q5_0", "--calib", calib, *TUNE, "--epochs", "1",
+            "--eval-text", evaltxt, "--ctx", "64", "--chunks", "1"]
+    rc, _ = stop(start(args, "commit:checkpoint.pt", logs), signal.SIGKILL)  # while tuning
+    assert rc == -signal.SIGKILL and temps(out)
+    # the next run (the checkpoint was never committed, so no --resume) writes its own, then is
+    # terminated while it writes the GGUF: the dead run's temporary went, and so does its own
+    rc, lines = stop(start(args, "export:tensor#3", logs), signal.SIGTERM)
+    assert rc == 143 and "interrupted" in lines[-1], lines
+    assert temps(out) == [] and not target.exists() and (out / "t.npft-run" / "checkpoint.pt").exists()
+    # killed while the untuned float reference for the comparison is written (after the output)
+    rc, _ = stop(start([*args, "--resume"], "commit:float-f32.gguf", logs), signal.SIGKILL)
+    assert rc == -signal.SIGKILL and target.exists() and temps(out)
+    assert_fails(cli(*args, "--resume"), 2, "already exists", "--force")
+    r = cli(*args, "--resume", "--force")
+    assert r.returncode == 0, r.stderr
+    assert temps(out) == [] and {"float-f32.gguf", "rtn-q5_0.gguf"} <= set(listing(out / "t.npft-run"))
