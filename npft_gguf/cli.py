@@ -39,6 +39,12 @@ class Cli(click.Group):
         with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl-C does, then exits 143 (see signals.py)
             self._main(*args, **kwargs)
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # here, before click's own handler prints a blank line first
+            _fail("interrupted; nothing was written", 1)
+
     def _main(self, *args, **kwargs):
         self.debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
         try:

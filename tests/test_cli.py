@@ -489,3 +489,19 @@ def test_every_command_has_examples_and_every_option_help():
             if isinstance(p, click.Option):
                 assert p.help, f"{name} {p.opts[0]} has no help text"
     assert any("--debug" in p.opts for p in main.params)
+
+
+def test_an_interrupt_is_one_error_line_with_no_blank_line_before(tiny_gguf, monkeypatch, capsys):
+    """Ctrl-C inside a command: click's own handler would print an empty line before ours."""
+    import npft_gguf.inspect as inspect_module
+
+    from npft_gguf.cli import main
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_module, "inspect", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(tiny_gguf)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
