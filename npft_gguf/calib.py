@@ -75,6 +75,8 @@ def _one_calibration_text(item: str) -> str:
     if item == "self":
         raise UsageError("--calib self samples from the model: use it alone, not in a list of texts")
     path = Path(item).expanduser()
+    if path.is_dir():
+        raise UsageError(f"calibration text {item!r} is a directory; give UTF-8 text files, or one of {', '.join(NAMED)}")
     if not path.is_file():
         raise UsageError(f"calibration text {item!r}: no such file; use {', '.join(NAMED)} or paths to UTF-8 text files")
     try:

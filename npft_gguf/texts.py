@@ -95,6 +95,8 @@ def load_text(spec: str) -> tuple[str, str]:
         raise UsageError(f"{spec!r} is calibration text (--calib {spec}); evaluate on wiki-heldout "
                          "(the Wikipedia articles calibration never sees), wikitext2, c4 or a file")
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise UsageError(f"text {spec!r} is a directory; give a UTF-8 text file, or one of {', '.join(EVAL_NAMED)}")
     if not path.is_file():
         raise UsageError(f"text {spec!r}: no such file; use {', '.join(EVAL_NAMED)} or a path to a UTF-8 text file")
     try:

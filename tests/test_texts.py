@@ -117,3 +117,12 @@ def test_an_unresolvable_hub_fails_at_once(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
     with pytest.raises(NpftError, match=r"Hub cannot be reached \(hub.invalid: .*\); do this"):
         texts.hub_rows("wikitext", "wikitext-2-raw-v1", "test", "text", instead="do this")
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    from npft_gguf.calib import calibration_text
+
+    with pytest.raises(UsageError, match="is a directory"):
+        load_text(str(tmp_path))
+    with pytest.raises(UsageError, match="is a directory"):
+        calibration_text(str(tmp_path))
