@@ -135,9 +135,12 @@ def main():
 @click.option("--quantizer", default="rtn", show_default=True, type=click.Choice(["rtn", "llama.cpp"]),
               help="rtn: ours, round-to-nearest by ggml's rules; llama.cpp: our f32 export, then llama_model_quantize (no imatrix).")
 @click.option("--pure", is_flag=True, help="One type everywhere (no q6_k/q8_0 output matrix), as llama-quantize --pure.")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="Importance matrix (from `npft-gguf imatrix` or llama-imatrix): quantize q4_0 q4_1 q5_0 q5_1 iq4_nl "
+                   "by llama.cpp's importance-weighted rules, byte for byte as llama-quantize --imatrix, instead of RTN.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(source, output, type_, quantizer, pure, force, as_json):
+def export(source, output, type_, quantizer, pure, imatrix, force, as_json):
     """Convert SOURCE to a GGUF file with plain round-to-nearest quantization (or llama.cpp's quantizer).
 
     \b
@@ -151,6 +154,7 @@ def export(source, output, type_, quantizer, pure, force, as_json):
       npft-gguf export ./Llama-2-7b-hf -o llama2-q4_0.gguf --type q4_0
       npft-gguf export model.gguf -o model-q8.gguf --type q8_0 --pure --force
       npft-gguf export smollm2-135m -o smol-q4_k_m.gguf --quantizer llama.cpp --type q4_k_m
+      npft-gguf export smollm2-135m -o smol-q4_0-im.gguf --type q4_0 --imatrix smol.imatrix.gguf
     """
     from .atomic import check_target
     from .sources import open_source
@@ -162,14 +166,66 @@ def export(source, output, type_, quantizer, pure, force, as_json):
     if quantizer == "llama.cpp":
         from .methods.llamacpp_quant import export_llamacpp
 
-        report = export_llamacpp(src, output, type_, pure=pure, force=force)
+        report = export_llamacpp(src, output, type_, pure=pure, force=force, imatrix=imatrix)
     else:
         from .writer import ExportSettings
         from .writer import export as run_export
 
-        report = run_export(src, output, ExportSettings(type=type_.lower(), pure=pure), force=force)
+        settings = ExportSettings(type=type_.lower(), pure=pure, imatrix=str(imatrix) if imatrix else None)
+        report = run_export(src, output, settings, force=force)
     mix = ", ".join(f"{k} x{v}" for k, v in sorted(report.types.items()))
     _emit(report.__dict__, as_json, f"wrote {report.path}: {report.size_bytes / 1e6:.1f} MB, {report.n_tensors} tensors ({mix})")
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="imatrix GGUF file to write.")
+@click.option("--calib", default="wiki", show_default=True,
+              help="Calibration text: wiki, news, wikitext2 (train split), c4 or FILE, several comma-separated.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Tokens per window (llama-imatrix -c).")
+@click.option("--chunks", type=click.IntRange(min=1), help="Use only the first N windows [default: all, as llama-imatrix].")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where torch runs the model.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def imatrix(source, output, calib, ctx, chunks, batch, device, threads, force, as_json):
+    """Compute llama.cpp's importance matrix of SOURCE on a calibration text, as llama-imatrix does.
+
+    \b
+    Per decoder linear and input column, the sum over every token of the
+    squared activation, from the float model in torch; windows of --ctx
+    tokens, BOS first where the vocabulary adds it. Written in llama-imatrix's
+    GGUF format, which llama-quantize --imatrix and `export --imatrix` read.
+
+    \b
+    Examples:
+      npft-gguf imatrix smollm2-135m --calib wiki -o smol.imatrix.gguf
+      npft-gguf imatrix ./model --calib notes.txt --chunks 100 -o model.imatrix.gguf
+      npft-gguf export smollm2-135m -o smol-q4_0-im.gguf --type q4_0 --imatrix smol.imatrix.gguf
+    """
+    from .atomic import check_target
+    from .calib import calibration_text
+    from .convert import check_context, resolve_device
+    from .imatrix import ImatrixSettings, compute_imatrix, write_imatrix
+    from .sources import open_source
+
+    if calib.strip() == "self":
+        raise UsageError("--calib self is not offered here: an importance matrix needs real text; use wiki, news, c4 or FILE")
+    check_target(output, force)
+    src = open_source(source)
+    check_context(ctx, src)
+    text = calibration_text(calib)  # read and checked (evaluation text is refused) before the model loads
+    dev = resolve_device(device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    im = compute_imatrix(src, ImatrixSettings(calib=calib, ctx=ctx, chunks=chunks, batch=batch), device=dev, text=text)
+    write_imatrix(output, im, force=force)
+    info = {"output": str(output), **im.summary()}
+    _emit(info, as_json, f"wrote {output}: {info['entries']} entries, {info['chunk_count']} chunks x {info['chunk_size']} "
+                         f"tokens ({info['tokens']} tokens) of {calib}")
 
 
 @main.command()
@@ -519,7 +575,9 @@ def finetune(source, output, grid, force, as_json, **kw):
                    "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF).")
 @click.option("--method", default="npft", show_default=True, type=click.Choice(METHODS),
               help="npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
-                   "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it).")
+                   "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it); imatrix: llama.cpp's "
+                   "importance-weighted quantization (llama-quantize --imatrix), the imatrix taken from the float model "
+                   "on the calibration tokens; npft+imatrix: tune, merge, then that (q4_0 q4_1 q5_0 q5_1 iq4_nl).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations).")
 @click.option("--owq-fraction", default=0.01, show_default=True, type=Finite(0, 1, min_open=True, max_open=True),
@@ -549,6 +607,7 @@ def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_t
       npft-gguf convert ./model --type q5_0 --noise grid --clean-weight 0
       npft-gguf convert ./model --method rtn --bits 4   # the baseline alone
       npft-gguf convert ./model --method gptq --type q4_0 --calib c4
+      npft-gguf convert ./model --method npft+imatrix --type q4_0 --calib wiki   # NPFT, then llama.cpp's imatrix rules
       npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
     from .convert import ConvertSettings

@@ -280,6 +280,12 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
         get_grid(type_name)
     if settings.method in ("gptq", "npft+gptq", "owq"):
         gptq_settings(settings, type_name).quantizer()  # an unsupported target fails here
+    if "imatrix" in settings.method:
+        from .imatrix import IMATRIX_TYPES
+
+        if type_name not in IMATRIX_TYPES:
+            raise UsageError(f"--method {settings.method} writes {', '.join(IMATRIX_TYPES)} (llama.cpp's importance-weighted "
+                             f"rules are reproduced for those), not {type_name}")
     if tuning:
         npft = replace(npft, grid=type_name)  # tuned for the grid it is written on, whichever way it was chosen
         check_targets(npft.targets, source)
@@ -318,6 +324,11 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
     else:
         import torch
 
+        imatrix = None
+        if "imatrix" in settings.method:  # on the float model, before any tuning (imatrix.calibration_imatrix)
+            from .imatrix import calibration_imatrix
+
+            imatrix, record["imatrix"] = calibration_imatrix(plan, progress, log)
         if plan.npft is not None:
             result, tokens = tuned_model(plan, force, resume, progress, log, notice)
             record.update(run_record(plan.spec, plan.calib, result))
@@ -351,14 +362,23 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
             provenance["npft"] = plan.npft.as_dict()
         if "quantizer" in record:
             provenance["quantizer"] = {k: v for k, v in record["quantizer"].items() if k != "linears"}
+        if imatrix is not None:
+            provenance["imatrix"] = record["imatrix"]
         tuned = ModelSource(source, model, settings.method)
-        report = export(tuned, out, ExportSettings(type=type_name), force=force, provenance=provenance, progress=progress)
+        report = export(tuned, out, ExportSettings(type=type_name, imatrix=str(imatrix) if imatrix else None), force=force,
+                        provenance=provenance, progress=progress)
         record["output"] = report.__dict__
         log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
     if plan.eval_text:
-        record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text, progress, log)
+        record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text, progress, log,
+                                                         imatrix=record.get("imatrix", {}).get("file"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_report(record | {"evaluation": record.get("comparison", {}).get("markdown")}, run_dir)
+    evaluation = record.get("comparison", {}).get("markdown")
+    if "imatrix" in record:
+        from .imatrix import imatrix_note
+
+        evaluation = imatrix_note(record["imatrix"]) + ("\n" + evaluation if evaluation else "")
+    write_report(record | {"evaluation": evaluation}, run_dir)
     return record
 
 
@@ -408,8 +428,9 @@ def evaluate_in_torch(source: Source, model, label: str, settings: ConvertSettin
 
 
 def evaluate_beside_baselines(source: Source, out: Path, type_name: str, settings: ConvertSettings, run_dir: Path,
-                              text: tuple[str, str], progress: bool, log) -> dict:
-    """PPL and KLD of OUT beside plain RTN of the untuned source, against the float model, in llama.cpp."""
+                              text: tuple[str, str], progress: bool, log, imatrix: str | None = None) -> dict:
+    """PPL and KLD of OUT beside plain RTN of the untuned source (and, for npft+imatrix, llama.cpp's
+    imatrix quantization of the untuned source with the same imatrix), against the float model, in llama.cpp."""
     from .validate.compare import compare, markdown
     from .validate.perplexity import EvalSettings
     from .writer import ExportSettings, export
@@ -429,6 +450,11 @@ def evaluate_beside_baselines(source: Source, out: Path, type_name: str, setting
         if not path.exists():
             log(f"writing {path.name} (untuned {t}, for comparison)")
             export(source, path, ExportSettings(type=t), progress=progress)
+    if settings.method == "npft+imatrix" and imatrix:  # rewritten each run: the imatrix follows the calibration
+        baseline = run_dir / f"imatrix-{type_name}.gguf"
+        log(f"writing {baseline.name} (untuned {type_name} with the same imatrix, for comparison)")
+        export(source, baseline, ExportSettings(type=type_name, imatrix=imatrix), force=True, progress=progress)
+        files.insert(1, baseline)
     report = compare(files, ref, body, text_name, EvalSettings(ctx=settings.ctx, chunks=settings.chunks), None,
                      settings.threads, progress=progress)
     report["markdown"] = markdown(report)

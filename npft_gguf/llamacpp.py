@@ -37,8 +37,10 @@ def _quiet():
             os.close(saved)
 
 
-def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: int = 0) -> None:
-    """llama.cpp's own `llama_model_quantize` (no importance matrix) from a float GGUF."""
+def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: int = 0,
+             imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's own `llama_model_quantize` from a float GGUF; `imatrix` maps GGUF tensor names
+    to their per-column importance (float32), as llama-quantize --imatrix passes it."""
     lib = _lib()
     ftype = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}", None)
     if ftype is None:
@@ -47,6 +49,12 @@ def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: 
     params.ftype = ftype
     params.pure = pure
     params.nthread = nthread
+    if imatrix:  # a name-terminated array of (name, data, size); the arrays live until the call returns
+        arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in imatrix.items()}
+        entries = (lib.llama_model_imatrix_data * (len(arrays) + 1))()
+        for e, (name, a) in zip(entries, arrays.items()):
+            e.name, e.data, e.size = name.encode(), a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(lib.llama_model_imatrix_data))
     with _quiet():
         rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:  # llama.cpp says why only in its log; a full disk is the usual cause

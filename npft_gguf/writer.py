@@ -31,6 +31,7 @@ log = logging.getLogger("npft_gguf")
 class ExportSettings:
     type: str = "q4_0"
     pure: bool = False
+    imatrix: str | None = None  # an imatrix file: llama.cpp's importance-weighted rules (imatrix.py)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]  # HF / numpy order: (rows, cols)
     choice: Choice
+    packer: object = None  # with an imatrix, llama.cpp's quantizer for it (grids/weighted.py); else the grid
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +76,12 @@ def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
     out = []
     for hf_name, dims in source.shapes().items():
         name = source.arch.gguf_name(hf_name)
-        out.append(PlannedTensor(hf_name, name, dims, choose(settings.type, name, dims, shape, settings.pure)))
+        out.append(PlannedTensor(hf_name, name, dims, choose(settings.type, name, dims, shape, settings.pure,
+                                                             imatrix=settings.imatrix is not None)))
+    if settings.imatrix is not None:
+        from .imatrix import attach_rules
+
+        attach_rules(out, settings)
     return out
 
 
@@ -93,6 +100,10 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
     ]
     items += [(k, v, kinds[kind], None) for k, (v, kind) in source.arch.metadata(source.config).items()]
     items += [(f.key, f.value, f.vtype, f.sub_type) for f in source.tokenizer_fields()]
+    if settings.imatrix is not None:  # the keys llama-quantize --imatrix adds
+        from .imatrix import quantize_metadata
+
+        items += [(k, v, vt, None) for k, v, vt in quantize_metadata(settings.imatrix)]
     return items
 
 
@@ -101,7 +112,7 @@ def _packed(source: Source, t: PlannedTensor) -> np.ndarray:
     in row chunks, so it is never whole in memory as floats; q/k projections (rows reordered within
     heads) and 1-D tensors are loaded whole, and freed on return, before the next one is loaded.
     Every value is checked to be finite on the way."""
-    grid = t.choice.grid
+    grid = t.packer or t.choice.grid
     if len(t.shape) == 2 and not source.arch.permutes(t.hf_name):
         data = grid.pack_rows(_finite(source, t.hf_name, source.row_chunks(t.hf_name, grid.chunk_rows(t.shape[1]))), t.shape)
     else:

@@ -49,8 +49,11 @@ def _fit(name: str, grid: Grid, ncols: int) -> Choice:
     return Choice(fallback, f"rows of {ncols} do not fit {grid.name}'s blocks of {grid.block}: {fallback.name}")
 
 
-def choose(ftype: str, name: str, shape: tuple[int, ...], model: ModelShape, pure: bool = False) -> Choice:
-    """The type of GGUF tensor `name` (GGUF shape order reversed: shape[-1] is the row length)."""
+def choose(ftype: str, name: str, shape: tuple[int, ...], model: ModelShape, pure: bool = False,
+           imatrix: bool = False) -> Choice:
+    """The type of GGUF tensor `name` (GGUF shape order reversed: shape[-1] is the row length).
+    With an importance matrix llama.cpp's mix differs in the first eighth of the ffn_down layers:
+    Q4_0/Q5_0 give them Q4_1/Q5_1, IQ4_NL keeps them (instead of Q5_K)."""
     if len(shape) < 2 or not name.endswith(".weight"):
         return Choice(GRIDS["f32"])
     grid = GRIDS[ftype]
@@ -60,6 +63,7 @@ def choose(ftype: str, name: str, shape: tuple[int, ...], model: ModelShape, pur
     if not pure:
         is_output = name == "output.weight" or (model.tied and name == "token_embd.weight")
         layer = re.match(r"blk\.(\d+)\.", name)
+        early = bool(layer) and int(layer.group(1)) < model.n_layer // 8
         if is_output:
             if ncols % grid.block != 0:
                 return Choice(GRIDS["q8_0"], "output matrix, as llama.cpp: q8_0")
@@ -68,8 +72,11 @@ def choose(ftype: str, name: str, shape: tuple[int, ...], model: ModelShape, pur
                 return Choice(c.grid, "output matrix, as llama.cpp: " + c.grid.name)
         elif ftype == "iq4_nl" and (
             (name.endswith("attn_v.weight") and model.n_gqa >= 4)
-            or (name.endswith("ffn_down.weight") and layer and int(layer.group(1)) < model.n_layer // 8)
+            or (name.endswith("ffn_down.weight") and early and not imatrix)
         ):
             c = _fit(name, GRIDS["q5_k"], ncols)
             return Choice(c.grid, "as llama.cpp's iq4_nl mix: " + c.grid.name)
+        elif ftype in ("q4_0", "q5_0") and imatrix and name.endswith("ffn_down.weight") and early:
+            c = _fit(name, GRIDS["q4_1" if ftype == "q4_0" else "q5_1"], ncols)
+            return Choice(c.grid, f"as llama.cpp's {ftype} mix with an imatrix: " + c.grid.name)
     return _fit(name, grid, ncols)

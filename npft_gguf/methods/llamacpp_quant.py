@@ -20,9 +20,10 @@ ALIASES = {"q3_k": "q3_k_s", "q4_k": "q4_k_s", "q5_k": "q5_k_s"}
 
 
 def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force: bool = False,
-                    progress: bool = True) -> ExportReport:
+                    progress: bool = True, imatrix: Path | None = None) -> ExportReport:
     """Write `source` at `out` quantized by llama.cpp to `type_name` (atomically): F32 first, in a
-    temporary file beside `out` (`.NAME.npft-PID.f32`), removed afterwards however the run ends."""
+    temporary file beside `out` (`.NAME.npft-PID.f32`), removed afterwards however the run ends.
+    `imatrix`: an importance matrix file, used as llama-quantize --imatrix uses it."""
     from .. import llamacpp
     from ..errors import UsageError
 
@@ -31,11 +32,18 @@ def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force
         raise UsageError(f"llama.cpp's quantizer has no type {type_name!r} here; choose one of: {', '.join(LLAMACPP_TYPES)}")
     out = Path(out)
     provenance = {"method": f"llama.cpp:{ftype}", "quantizer": "llama_model_quantize (no imatrix), from an f32 export"}
+    weights = None
+    if imatrix is not None:
+        from ..imatrix import load_imatrix
+
+        im = load_imatrix(imatrix)
+        weights = {name: im.weights(name) for name in im.entries}
+        provenance["quantizer"] = f"llama_model_quantize with the imatrix {imatrix}, from an f32 export"
     job = prepare(source, ExportSettings("f32"), provenance)  # every check from headers, before any write
     with atomic_output(out, force) as tmp, temporary(out, "f32") as f32:
         write(source, f32, job, progress)
         pause_for_tests("llamacpp:quantize")
-        llamacpp.quantize(f32, tmp, ftype, pure=pure)
+        llamacpp.quantize(f32, tmp, ftype, pure=pure, imatrix=weights)
     return _report(out, ftype, pure)
 
 

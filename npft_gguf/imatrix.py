@@ -1,0 +1,398 @@
+"""llama.cpp's importance matrix: collected in torch, stored in llama-imatrix's GGUF format.
+
+For every decoder linear the importance matrix holds, per input column j, the sum over calibration
+tokens of x_j^2 (the squared activation entering the matrix) and the number of tokens; the mean,
+sum / count, is what llama-quantize weighs each weight's rounding error by (grids/weighted.py).
+
+Collection follows llama-imatrix: the text is tokenized (BOS first when the vocabulary adds one),
+cut into consecutive windows of `ctx` tokens (the last partial one dropped; at least two needed),
+each window's first token replaced by BOS where the vocabulary adds it, and every token of every
+window is counted. These are the windows `npft-gguf eval` and llama-perplexity use. The float
+model runs in torch; forward pre-hooks add each linear's input squares up in float64.
+
+The file is what llama.cpp's llama-imatrix writes by default (a GGUF file, tools/imatrix):
+general.type = "imatrix", imatrix.datasets (strings), imatrix.chunk_count and imatrix.chunk_size
+(u32), and per weight, in name order, `<GGUF tensor name>.in_sum2` (F32, ne = [n_cols, n_mat]) and
+`<name>.counts` (F32, ne = [1, n_mat]). `read_imatrix` reads that and llama-imatrix's older .dat
+format (sums pre-divided, one call count per entry).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+KV_DATASETS = "imatrix.datasets"
+KV_CHUNK_COUNT = "imatrix.chunk_count"
+KV_CHUNK_SIZE = "imatrix.chunk_size"
+SUMS, COUNTS = ".in_sum2", ".counts"
+
+
+@dataclass
+class Entry:
+    sums: np.ndarray    # float32 (n_mat, n_cols): sum over tokens of x^2, per input column
+    counts: np.ndarray  # float32 (n_mat,): tokens counted
+
+
+@dataclass
+class Imatrix:
+    entries: dict[str, Entry] = field(default_factory=dict)  # GGUF tensor name -> entry
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+    legacy: bool = False  # read from a .dat file: sums are already means times the call count
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def weights(self, name: str) -> np.ndarray | None:
+        """The per-column importance llama-quantize passes to the quantizer for tensor `name`
+        (float32, (n_mat * n_cols,)): sums / round(count) in float32, 1 where nothing was counted;
+        None when the file has no entry for it."""
+        e = self.entries.get(name)
+        if e is None:
+            return None
+        sums = e.sums.astype(np.float32, copy=False)
+        if self.legacy:
+            n = float(e.counts[0]) if e.counts.size else 0.0
+            return (sums / np.float32(n) if n > 0 else sums).reshape(-1)
+        out = np.ones_like(sums)
+        for j, c in enumerate(e.counts):
+            count = np.float32(_lround(float(c)))
+            if count > 0:
+                out[j] = sums[j] / count
+        return out.reshape(-1)
+
+    def summary(self) -> dict:
+        tokens = max((float(e.counts.max()) for e in self.entries.values() if e.counts.size), default=0.0)
+        return {"entries": len(self.entries), "chunk_count": self.chunk_count, "chunk_size": self.chunk_size,
+                "tokens": int(tokens), "datasets": list(self.datasets)}
+
+
+def _lround(x: float) -> int:
+    """C's lround: half away from zero."""
+    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+
+
+# --- the file --------------------------------------------------------------------------------------
+
+def write_imatrix(path: Path, im: Imatrix, force: bool = False) -> Path:
+    """Write `im` as llama-imatrix's GGUF file at `path` (atomically)."""
+    from gguf import GGUFWriter
+
+    from .atomic import atomic_output
+
+    path = Path(path)
+    with atomic_output(path, force) as tmp:
+        w = GGUFWriter(tmp, "")
+        w.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes none
+        w.add_type("imatrix")
+        w.add_array(KV_DATASETS, list(im.datasets))
+        w.add_uint32(KV_CHUNK_COUNT, int(im.chunk_count))
+        w.add_uint32(KV_CHUNK_SIZE, int(im.chunk_size))
+        for name in sorted(im.entries):
+            e = im.entries[name]
+            sums = np.ascontiguousarray(e.sums, np.float32).reshape(len(e.counts), -1)
+            w.add_tensor(name + SUMS, sums)
+            w.add_tensor(name + COUNTS, np.ascontiguousarray(e.counts, np.float32).reshape(-1, 1))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
+
+
+def read_imatrix(path: Path) -> Imatrix:
+    """An importance matrix from llama-imatrix's GGUF file (ours too) or its legacy .dat file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"imatrix {path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    try:
+        return _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - struct/ValueError/IndexError from a damaged file
+        raise UsageError(f"{path} is not a readable imatrix file ({type(e).__name__}: {e}); "
+                         "make one with `npft-gguf imatrix` or llama-imatrix") from None
+
+
+def _read_gguf(path: Path) -> Imatrix:
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    r = GGUFReader(path)
+
+    def value(key, default=None):
+        f = r.fields.get(key)
+        return default if f is None else f.contents()
+
+    for key in (KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE):
+        if key not in r.fields:  # llama-quantize refuses such a file too
+            raise UsageError(f"{path} has no {key}: not an imatrix file (llama-quantize would refuse it)")
+    sums, counts = {}, {}
+    for t in r.tensors:
+        if t.tensor_type != GGMLQuantizationType.F32:
+            raise UsageError(f"{path}: tensor {t.name} is {t.tensor_type.name}; imatrix sums and counts are F32")
+        data = np.array(t.data, np.float32).reshape(int(np.prod(t.shape[1:])), int(t.shape[0]))
+        if t.name.endswith(SUMS):
+            sums[t.name[: -len(SUMS)]] = data
+        elif t.name.endswith(COUNTS):
+            counts[t.name[: -len(COUNTS)]] = data.reshape(-1)
+    if set(sums) != set(counts):
+        odd = sorted(set(sums) ^ set(counts))[0]
+        raise UsageError(f"{path}: {odd} has sums without counts or counts without sums")
+    if not sums:
+        raise UsageError(f"{path} holds no imatrix entries")
+    entries = {n: Entry(sums[n].reshape(len(counts[n]), -1), counts[n]) for n in sums}
+    return Imatrix(entries, [str(d) for d in value(KV_DATASETS, [])], int(value(KV_CHUNK_COUNT, 0)),
+                   int(value(KV_CHUNK_SIZE, 0)))
+
+
+def _read_dat(path: Path) -> Imatrix:
+    """llama-imatrix --output-format dat: n, then per entry name, ncall, nval, values; then optionally
+    the chunk count and the dataset name."""
+    buf = path.read_bytes()
+    at = 0
+
+    def take(fmt):
+        nonlocal at
+        v = struct.unpack_from(fmt, buf, at)
+        at += struct.calcsize(fmt)
+        return v
+
+    (n,) = take("<i")
+    if n < 1:
+        raise UsageError(f"{path} holds no imatrix entries")
+    im = Imatrix(legacy=True)
+    for _ in range(n):
+        (length,) = take("<i")
+        name = buf[at:at + length].decode("utf-8")
+        at += length
+        ncall, nval = take("<ii")
+        vals = np.frombuffer(buf, np.float32, nval, at).copy()
+        at += 4 * nval
+        im.entries[name] = Entry(vals.reshape(1, -1), np.array([ncall], np.float32))
+    if at + 4 <= len(buf):
+        (im.chunk_count,) = take("<i")
+        if at + 4 <= len(buf):
+            (length,) = take("<i")
+            if length > 0:
+                im.datasets.append(buf[at:at + length].decode("utf-8", "replace"))
+    return im
+
+
+# --- collection ----------------------------------------------------------------------------------
+
+class Collector:
+    """Forward pre-hooks on the decoder linears that add up, per input column, x^2 over tokens."""
+
+    def __init__(self, model, arch):
+        import torch
+
+        from .sensitivity import target_linears
+
+        self.names: dict[str, str] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._hooks = []
+        for hf, mod in target_linears(model).items():
+            name = arch.gguf_name(hf + ".weight")
+            if name is None:
+                continue
+            self.names[hf] = name
+            self.sums[name] = torch.zeros(mod.in_features, dtype=torch.float64, device=mod.weight.device)
+            self.counts[name] = 0
+            self._hooks.append(mod.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(_mod, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(self.sums[name].dtype)
+            self.sums[name].add_((x * x).sum(0))
+            self.counts[name] += x.shape[0]
+        return hook
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def result(self, datasets: list[str], chunk_count: int, chunk_size: int) -> Imatrix:
+        entries = {n: Entry(self.sums[n].cpu().numpy().astype(np.float32).reshape(1, -1),
+                            np.array([self.counts[n]], np.float32)) for n in sorted(self.sums)}
+        return Imatrix(entries, datasets, chunk_count, chunk_size)
+
+
+def collect(model, arch, windows, datasets: list[str], batch: int = 1, progress: bool = True) -> Imatrix:
+    """The importance matrix of `model` over `windows` (LongTensor (n, ctx), or a list of equal-length
+    token lists), every token counted; chunk size = the window length."""
+    import torch
+
+    from .progress import bar
+
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    if windows.ndim != 2 or windows.shape[0] < 1:
+        raise UsageError("imatrix collection needs at least one window of tokens")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    col = Collector(model, arch)
+    if not col.sums:
+        col.remove()
+        raise UsageError("the model has no decoder linears to collect an importance matrix for")
+    try:
+        with torch.no_grad():
+            for i in bar(range(0, len(windows), batch), desc="imatrix", unit="batch", disable=not progress):
+                model(input_ids=windows[i:i + batch].to(device), use_cache=False, logits_to_keep=1)  # no logits needed
+    finally:
+        col.remove()
+        model.train(was_training)
+    return col.result(datasets, int(windows.shape[0]), int(windows.shape[1]))
+
+
+@dataclass(frozen=True)
+class ImatrixSettings:
+    calib: str = "wiki"
+    ctx: int = 512
+    chunks: int | None = None  # None: every window of the text, as llama-imatrix
+    batch: int = 1
+
+
+def text_windows(model, tokenizer, text: str, ctx: int, chunks: int | None) -> list[list[int]]:
+    """llama-imatrix's windows of `text`: those of llama-perplexity (validate.perplexity.windows)."""
+    from .validate.models import TorchBackend
+    from .validate.perplexity import EvalSettings, windows
+
+    backend = TorchBackend(model, tokenizer, label="imatrix")
+    return windows(backend.tokenize(text), backend, EvalSettings(ctx=ctx, chunks=chunks))
+
+
+def compute_imatrix(source, settings: ImatrixSettings, device: str = "cpu", progress: bool = True,
+                    text: str | None = None) -> Imatrix:
+    """The importance matrix of `source`'s float model on its calibration text (settings.calib,
+    or `text` when given), chunked as llama-imatrix does."""
+    import torch
+
+    from .calib import calibration_text
+
+    body = calibration_text(settings.calib) if text is None else text
+    model = source.load_model(dtype=torch.float32, device=device)
+    wins = text_windows(model, source.tokenizer(), body, settings.ctx, settings.chunks)
+    return collect(model, source.arch, wins, [settings.calib], batch=settings.batch, progress=progress)
+
+
+# --- export with an imatrix ----------------------------------------------------------------------
+
+IMATRIX_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")  # file types `export --imatrix` reproduces
+
+
+@lru_cache(maxsize=4)
+def _cached(path: str, mtime_ns: int, size: int) -> Imatrix:
+    return read_imatrix(Path(path))
+
+
+def load_imatrix(path) -> Imatrix:
+    """read_imatrix, once per file version (an export's plan and metadata both ask)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"imatrix {p}: no such file")
+    st = p.stat()
+    return _cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def attach_rules(tensors, settings) -> None:
+    """Give each planned tensor (writer.PlannedTensor) llama.cpp's quantizer for its type and its
+    imatrix entry, as llama-quantize --imatrix does: weighted where the file has the tensor
+    (its width must match, except token_embd's, which llama.cpp then quantizes without one);
+    llama.cpp's own unweighted rules where it has not (the same as our RTN for the 32-weight legacy
+    types; a scale search for IQ4_NL and Q6_K). Types without an imatrix rule (Q8_0, floats)
+    are left to the grid, as llama.cpp ignores the imatrix for them."""
+    import sys
+
+    from .grids.weighted import UNWEIGHTED, WEIGHTED, LlamaCppRules
+
+    if settings.type not in IMATRIX_TYPES:
+        raise UsageError(f"--imatrix applies to --type {', '.join(IMATRIX_TYPES)} (llama.cpp's importance-weighted "
+                         f"rules are reproduced for those), not {settings.type}")
+    im = load_imatrix(settings.imatrix)
+    used = 0
+    for t in tensors:
+        g = t.choice.grid.name
+        if len(t.shape) != 2 or g in UNWEIGHTED:
+            continue
+        qw = im.weights(t.name)
+        if qw is not None and qw.size != t.shape[-1]:
+            if t.name != "token_embd.weight":
+                raise UsageError(f"imatrix {settings.imatrix}: the entry for {t.name} has {qw.size} columns, the tensor "
+                                 f"{t.shape[-1]}; was it made for another model?")
+            qw = None
+        used += qw is not None
+        if g not in WEIGHTED:
+            print(f"warning: {t.name}: {g} is written by our RTN, not by llama.cpp's imatrix rules, so this tensor "
+                  "will differ from llama-quantize --imatrix", file=sys.stderr)
+        elif qw is not None or g in ("iq4_nl", "q6_k"):
+            t.packer = LlamaCppRules(t.choice.grid, qw)
+    if not used:
+        raise UsageError(f"imatrix {settings.imatrix} has no entry for any tensor of this model "
+                         f"(it names {', '.join(sorted(im.entries)[:2])}, ...); was it made for another model?")
+
+
+def quantize_metadata(path) -> list[tuple]:
+    """The keys llama-quantize adds when given an imatrix: (key, value, GGUFValueType)."""
+    from gguf import GGUFValueType as V
+
+    im = load_imatrix(path)
+    items = [("quantize.imatrix.file", str(path), V.STRING)]
+    if im.datasets:
+        items.append(("quantize.imatrix.dataset", im.datasets[0], V.STRING))
+    items.append(("quantize.imatrix.entries_count", len(im), V.INT32))
+    if im.chunk_count > 0:
+        items.append(("quantize.imatrix.chunks_count", int(im.chunk_count), V.INT32))
+    return items
+
+
+# --- convert --method imatrix / npft+imatrix --------------------------------------------------------
+
+def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, dict]:
+    """The importance matrix of the float (untuned) model on the run's calibration segments (the
+    same tokens NPFT tunes on; every token of every segment counted, no BOS inserted), written to
+    <run dir>/imatrix.gguf. Returns the path and what the run record says about it."""
+    import gc
+
+    import torch
+
+    from .calib import load_calibration
+
+    model = plan.source.load_model(dtype=torch.float32, device=plan.device)
+    tokens = plan.tokens
+    if tokens is None:  # --calib self: the same seeded sample the tuning draws from this model
+        tokens = load_calibration(plan.calib, plan.source.tokenizer(), model=model, progress=progress)
+    log(f"imatrix: llama.cpp's importance matrix of the float model on {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
+    im = collect(model, plan.source.arch, tokens, [plan.calib.calib], progress=progress)
+    del model
+    gc.collect()
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    path = write_imatrix(plan.run_dir / "imatrix.gguf", im, force=True)
+    info = {"file": str(path), "computed_on": "the float (untuned) model", "tokens": f"{tokens.shape[0]} x {tokens.shape[1]}",
+            "calibration": plan.calib.calib, "entries": len(im),
+            "weights": "NPFT-tuned and merged" if plan.npft is not None else "untuned",
+            "rules": "llama.cpp's importance-weighted quantization (llama-quantize --imatrix)"}
+    return path, info
+
+
+def imatrix_note(info: dict) -> str:
+    """One paragraph for the run report: which weights, which imatrix, which rules."""
+    return (f"Quantizer: {info['rules']}, applied to the {info['weights']} weights; the importance matrix was computed "
+            f"on {info['computed_on']} over the same {info['tokens']} calibration tokens ({info['calibration']}; "
+            f"{info['entries']} entries, {info['file']}).\n")

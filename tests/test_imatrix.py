@@ -1,0 +1,250 @@
+"""The importance matrix: collection in torch, llama-imatrix's file format, and `export --imatrix`
+byte for byte against llama.cpp's own quantizer given the same imatrix."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+from npft_gguf.errors import UsageError
+from npft_gguf.imatrix import Entry, Imatrix, collect, read_imatrix, text_windows, write_imatrix
+from npft_gguf.sources import open_source
+from tests.conftest import calib_text, make_tiny_llama
+from tests.test_cli import assert_fails, cli
+
+
+# --- the file --------------------------------------------------------------------------------------
+
+def test_file_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    im = Imatrix({"blk.0.attn_q.weight": Entry(rng.random((1, 64), np.float32), np.array([512], np.float32)),
+                  "blk.0.ffn_down.weight": Entry(rng.random((1, 128), np.float32), np.array([0], np.float32))},
+                 ["wiki.txt"], 3, 512)
+    path = write_imatrix(tmp_path / "im.gguf", im)
+    back = read_imatrix(path)
+    assert (back.datasets, back.chunk_count, back.chunk_size) == (["wiki.txt"], 3, 512)
+    for name, e in im.entries.items():
+        assert np.array_equal(back.entries[name].sums, e.sums) and np.array_equal(back.entries[name].counts, e.counts)
+    assert np.array_equal(back.weights("blk.0.attn_q.weight"), im.entries["blk.0.attn_q.weight"].sums[0] / np.float32(512))
+    assert np.all(back.weights("blk.0.ffn_down.weight") == 1.0)  # nothing counted: llama-quantize uses 1
+    assert back.weights("blk.1.attn_q.weight") is None
+
+
+def test_file_layout_is_llama_imatrix_s(tmp_path):
+    """What llama.cpp's loader (common/imatrix-loader.cpp) looks for: F32 `<name>.in_sum2` of
+    ne [n_cols, n_mat], `<name>.counts` of ne [1, n_mat], the three imatrix.* keys, no architecture."""
+    im = Imatrix({"blk.1.ffn_up.weight": Entry(np.ones((1, 32), np.float32), np.array([64], np.float32))}, ["t"], 1, 64)
+    r = GGUFReader(write_imatrix(tmp_path / "im.gguf", im))
+    assert [(t.name, t.shape.tolist(), t.tensor_type.name) for t in r.tensors] == [
+        ("blk.1.ffn_up.weight.in_sum2", [32, 1], "F32"), ("blk.1.ffn_up.weight.counts", [1, 1], "F32")]
+    keys = [k for k in r.fields if not k.startswith("GGUF.")]
+    assert keys == ["general.type", "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"]
+    assert r.fields["general.type"].contents() == "imatrix"
+
+
+def test_legacy_dat_file_is_read(tmp_path):
+    """llama-imatrix --output-format dat: sums already divided by the count and times ncall."""
+    vals = np.arange(1, 33, dtype=np.float32)
+    name = b"blk.0.attn_k.weight"
+    blob = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 4, 32) + vals.tobytes()
+    blob += struct.pack("<i", 4) + struct.pack("<i", 4) + b"wiki"
+    (tmp_path / "im.dat").write_bytes(blob)
+    im = read_imatrix(tmp_path / "im.dat")
+    assert im.legacy and im.chunk_count == 4 and im.datasets == ["wiki"]
+    assert np.array_equal(im.weights("blk.0.attn_k.weight"), vals / np.float32(4))
+
+
+def test_unreadable_files_are_one_line_usage_errors(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + b"\0" * 7)
+    with pytest.raises(UsageError, match="not a readable imatrix"):
+        read_imatrix(tmp_path / "x.gguf")
+    with pytest.raises(UsageError, match="no such file"):
+        read_imatrix(tmp_path / "missing.gguf")
+
+
+# --- collection ------------------------------------------------------------------------------------
+
+def direct_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every decoder linear, by writing the llama forward out by hand (no hooks)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    m, cfg = model.model, model.config
+    h = m.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])[None]
+    cos, sin = m.rotary_emb(h, pos)
+    n, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // n
+    T = ids.shape[1]
+    out = {}
+    for i, layer in enumerate(m.layers):
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = a.q_proj(x).view(1, T, n, hd).transpose(1, 2)
+        k = a.k_proj(x).view(1, T, nkv, hd).transpose(1, 2)
+        v = a.v_proj(x).view(1, T, nkv, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = repeat_kv(k, n // nkv), repeat_kv(v, n // nkv)
+        att = (q @ k.transpose(-1, -2)) / hd ** 0.5
+        att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+        o = (att @ v).transpose(1, 2).reshape(1, T, n * hd)
+        h = h + a.o_proj(o)
+        x2 = layer.post_attention_layernorm(h)
+        mlp = layer.mlp
+        d = mlp.act_fn(mlp.gate_proj(x2)) * mlp.up_proj(x2)
+        h = h + mlp.down_proj(d)
+        for proj, inp in (("attn_q", x), ("attn_k", x), ("attn_v", x), ("attn_output", o),
+                          ("ffn_gate", x2), ("ffn_up", x2), ("ffn_down", d)):
+            out[f"blk.{i}.{proj}.weight"] = inp.reshape(T, -1).double()
+    assert torch.allclose(model.lm_head(m.norm(h)), model(ids).logits, atol=1e-4)  # the hand-written forward is the model's
+    return out
+
+
+def test_collection_equals_a_direct_computation(tiny_bpe):
+    src = open_source(str(tiny_bpe))
+    model = src.load_model()
+    wins = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    im = collect(model, src.arch, wins, ["random"], batch=2, progress=False)
+    assert (im.chunk_count, im.chunk_size, len(im)) == (3, 40, 7 * model.config.num_hidden_layers)
+    want = {}
+    with torch.no_grad():
+        for w in wins:
+            for name, x in direct_inputs(model, w[None]).items():
+                want[name] = want.get(name, 0) + (x * x).sum(0)
+    for name, e in im.entries.items():
+        assert e.counts.tolist() == [3 * 40]
+        np.testing.assert_allclose(e.sums[0], want[name].numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_text_windows_are_llama_imatrix_s(tiny_spm):
+    """Consecutive windows of ctx tokens, the last partial one dropped, BOS first in each when the
+    vocabulary adds BOS (the SentencePiece tokenizer here does)."""
+    src = open_source(str(tiny_spm))
+    tok = src.tokenizer()
+    text = calib_text(20_000)
+    ids = tok(text)["input_ids"]
+    wins = text_windows(src.load_model(), tok, text, ctx=64, chunks=None)
+    assert len(wins) == len(ids) // 64
+    assert all(w[0] == tok.bos_token_id for w in wins)
+    assert wins[1][1:] == ids[65:128]
+    assert len(text_windows(src.load_model(), tok, text, ctx=64, chunks=3)) == 3
+
+
+# --- the command and export --imatrix ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deep_tiny(tmp_path_factory):
+    """8 layers (so llama.cpp's first-eighth ffn_down rule applies to layer 0) of rows of 256 (so the
+    output matrix is Q6_K), untied (so token_embd is quantized without an imatrix entry)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("deep-tiny"), hidden=256, layers=8, heads=4, kv_heads=2, ffn=256)
+
+
+@pytest.fixture(scope="module")
+def deep_imatrix(deep_tiny, tmp_path_factory):
+    text = tmp_path_factory.mktemp("calib") / "calib.txt"
+    text.write_text(calib_text(30_000), encoding="utf-8")
+    out = tmp_path_factory.mktemp("im") / "im.gguf"
+    r = cli("imatrix", deep_tiny, "--calib", text, "--ctx", "64", "--chunks", "4", "-o", out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"chunk_count": 4' in r.stdout
+    return out
+
+
+def test_imatrix_command_writes_every_linear(deep_imatrix):
+    im = read_imatrix(deep_imatrix)
+    assert len(im) == 7 * 8 and im.chunk_size == 64 and im.chunk_count == 4
+    assert all(e.counts.tolist() == [256] for e in im.entries.values())
+
+
+def test_imatrix_command_refuses_bad_input(deep_tiny, deep_imatrix, tmp_path):
+    assert_fails(cli("imatrix", deep_tiny, "--calib", "wiki", "-o", deep_imatrix), 2, "exists")
+    assert_fails(cli("imatrix", deep_tiny, "--calib", "self", "-o", tmp_path / "im.gguf"), 2, "--calib self")
+    assert not (tmp_path / "im.gguf").exists()
+
+
+@pytest.mark.parametrize("type_name", ["q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"])
+def test_export_with_imatrix_equals_llama_cpp_byte_for_byte(deep_tiny, deep_imatrix, tmp_path, type_name):
+    from npft_gguf.methods.llamacpp_quant import export_llamacpp
+    from npft_gguf.writer import ExportSettings, export
+
+    src = open_source(str(deep_tiny))
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    rep = export(src, ours, ExportSettings(type_name, imatrix=str(deep_imatrix)), progress=False)
+    export_llamacpp(src, theirs, type_name, imatrix=deep_imatrix, progress=False)
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert sorted(a) == sorted(b)
+    types = {n: t.tensor_type.name.lower() for n, t in a.items()}
+    assert types == {n: t.tensor_type.name.lower() for n, t in b.items()}
+    assert types["output.weight"] == "q6_k"
+    if type_name in ("q4_0", "q5_0"):  # llama.cpp's mix with an imatrix: the first eighth of ffn_down one step up
+        assert types["blk.0.ffn_down.weight"] == type_name[:2] + "_1" and types["blk.1.ffn_down.weight"] == type_name
+    differ = [n for n in a if not np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))]
+    assert differ == []
+    assert rep.types[type_name] >= 50
+
+
+def test_export_imatrix_option(deep_tiny, deep_imatrix, tmp_path):
+    out = tmp_path / "m.gguf"
+    r = cli("export", deep_tiny, "-o", out, "--type", "q4_0", "--imatrix", deep_imatrix)
+    assert r.returncode == 0, r.stderr
+    fields = GGUFReader(out).fields
+    assert fields["quantize.imatrix.entries_count"].contents() == 56
+    assert fields["quantize.imatrix.chunks_count"].contents() == 4
+
+
+def test_export_refuses_what_it_cannot_reproduce(deep_tiny, tiny_bpe, deep_imatrix, tmp_path):
+    from npft_gguf.writer import ExportSettings, export
+
+    with pytest.raises(UsageError, match="--imatrix applies to"):
+        export(open_source(str(deep_tiny)), tmp_path / "k.gguf", ExportSettings("q4_k", imatrix=str(deep_imatrix)))
+    with pytest.raises(UsageError, match="another model"):  # rows of 64, entries of 256
+        export(open_source(str(tiny_bpe)), tmp_path / "m.gguf", ExportSettings("q4_0", imatrix=str(deep_imatrix)))
+    with pytest.raises(UsageError, match="no such file"):
+        export(open_source(str(tiny_bpe)), tmp_path / "m.gguf", ExportSettings("q4_0", imatrix=str(tmp_path / "no.gguf")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- convert --method npft+imatrix -------------------------------------------------------------------
+
+def test_convert_npft_then_imatrix(tiny_bpe, tmp_path):
+    import json
+
+    from tests.test_convert import TINY
+
+    (tmp_path / "calib.txt").write_text(calib_text(40_000))
+    out = tmp_path / "tiny-npft-im.gguf"
+    r = cli("convert", tiny_bpe, "-o", out, "--method", "npft+imatrix", "--type", "q4_0", "--calib", tmp_path / "calib.txt",
+            *TINY, "--eval-text", "none", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["imatrix"]["computed_on"] == "the float (untuned) model" and rec["imatrix"]["tokens"] == "6 x 32"
+    assert rec["imatrix"]["weights"] == "NPFT-tuned and merged"
+    run_dir = out.with_name(out.stem + ".npft-run")
+    im = read_imatrix(run_dir / "imatrix.gguf")
+    assert im.chunk_count == 6 and im.chunk_size == 32 and all(e.counts[0] == 6 * 32 for e in im.entries.values())
+    assert GGUFReader(out).fields["quantize.imatrix.entries_count"].contents() == 14
+    report = (run_dir / "report.md").read_text()
+    assert "NPFT-tuned and merged weights" in report and "computed on the float (untuned) model" in report
+    assert_fails(cli("convert", tiny_bpe, "-o", tmp_path / "k.gguf", "--method", "imatrix", "--type", "q4_k",
+                     "--calib", tmp_path / "calib.txt"), 2, "--method imatrix")
+
+
+def test_npft_imatrix_is_compared_beside_llama_cpp_s_imatrix_quantization(deep_tiny, deep_imatrix, tmp_path, monkeypatch):
+    """The closing comparison of npft+imatrix adds the untuned model quantized with the same imatrix."""
+    import npft_gguf.validate.compare as compare_mod
+    from npft_gguf.convert import ConvertSettings, evaluate_beside_baselines
+
+    seen = {}
+    monkeypatch.setattr(compare_mod, "compare", lambda files, ref, *a, **k: seen.update(files=files, ref=ref) or {"rows": []})
+    monkeypatch.setattr(compare_mod, "markdown", lambda report: "")
+    src = open_source(str(deep_tiny))
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"")
+    settings = ConvertSettings(type="q4_0", method="npft+imatrix")
+    evaluate_beside_baselines(src, out, "q4_0", settings, tmp_path, ("t", "text"), False, lambda m: None, imatrix=str(deep_imatrix))
+    assert [p.name for p in seen["files"]] == ["rtn-q4_0.gguf", "imatrix-q4_0.gguf", "out.gguf"]
+    assert GGUFReader(tmp_path / "imatrix-q4_0.gguf").fields["quantize.imatrix.file"].contents() == str(deep_imatrix)
