@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -149,16 +148,10 @@ def measure(name: str, cmd: list[str], log_path: Path, env: dict | None = None, 
 # llama.cpp's converter, from the llama-cpp-python sdist
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def llama_cpp_tree(cache: Path) -> Path:
     """The llama.cpp tree (converter, conversion/, gguf-py/) from the sdist, fetched and extracted once."""
+    from npft_gguf.fetch import sha256
+
     root = cache / "llama.cpp-sdist" / SDIST_VERSION
     tree = root / "llama.cpp"
     stamp = root / ".complete"
@@ -175,7 +168,7 @@ def llama_cpp_tree(cache: Path) -> Path:
         if done.returncode != 0 or not sdists:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise BenchError(f"could not download the {SDIST_NAME}=={SDIST_VERSION} sdist ({last})")
-        if _sha256(sdists[0]) != SDIST_SHA256:
+        if sha256(sdists[0]) != SDIST_SHA256:
             raise BenchError(f"{sdists[0].name} does not have the expected sha256; refusing to use it")
         staging = Path(tmp) / "tree"
         n = 0

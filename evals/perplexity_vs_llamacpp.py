@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -87,16 +86,10 @@ class EvalError(RuntimeError):
 # llama.cpp source and the llama-perplexity build
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_tree(root: Path) -> Path:
     """vendor/llama.cpp of the llama-cpp-python sdist, fetched with pip and extracted once."""
+    from npft_gguf.fetch import sha256
+
     tree = root / "llama.cpp"
     stamp = root / ".source-complete"
     if stamp.is_file() and (tree / "CMakeLists.txt").is_file():
@@ -112,7 +105,7 @@ def source_tree(root: Path) -> Path:
         if done.returncode != 0 or not sdists:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise EvalError(f"could not download the {SDIST_NAME}=={SDIST_VERSION} sdist ({last})")
-        if _sha256(sdists[0]) != SDIST_SHA256:
+        if sha256(sdists[0]) != SDIST_SHA256:
             raise EvalError(f"{sdists[0].name} does not have the expected sha256; refusing to use it")
         staging = Path(tmp) / "tree"
         with tarfile.open(sdists[0]) as tar:
