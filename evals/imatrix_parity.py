@@ -40,9 +40,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from export_bench import _sha256 as sha256_file  # noqa: E402
 from export_bench import git_rev, machine_info, npft_cmd, versions  # noqa: E402
 from llamacpp_tools import tools  # noqa: E402
+
+from npft_gguf.fetch import sha256 as sha256_file  # noqa: E402
 
 TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
 
