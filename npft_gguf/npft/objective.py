@@ -106,8 +106,7 @@ class _HeadLoss(torch.autograd.Function):
         grad = torch.zeros_like(h, dtype=torch.float32)
         for i in range(0, t, step):
             hs = h[:, i:i + step]
-            z = F.linear(hs, weight, bias).float()
-            capped = torch.tanh(z / softcap) * softcap if softcap else z
+            capped = _logits(hs, weight, bias, softcap)
             log_q = F.log_softmax(capped, -1)
             q = log_q.exp()
             g = torch.zeros_like(q)
@@ -127,7 +126,7 @@ class _HeadLoss(torch.autograd.Function):
             if softcap:
                 g *= 1 - (capped / softcap).square()
             grad[:, i:i + step] = g.to(weight.dtype) @ weight
-            del z, capped, log_q, q, g
+            del capped, log_q, q, g
         ctx.save_for_backward(grad)
         return total
 
@@ -146,8 +145,7 @@ def head_loss(lm, h: torch.Tensor, h_teacher: torch.Tensor | None, labels: torch
         raise NotImplementedError("the fused head loss assumes a frozen vocabulary head (it is not a LoRA target)")
     b, t, _ = h.shape
     step = max(1, chunk_bytes // (4 * b * head.weight.shape[0]))
-    out = _HeadLoss.apply(h, h_teacher, labels, head.weight, head.bias, softcap, step)
-    return out
+    return _HeadLoss.apply(h, h_teacher, labels, head.weight, head.bias, softcap, step)
 
 
 def kl_from_hidden(lm, h_student: torch.Tensor, h_teacher: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
