@@ -253,6 +253,31 @@ def inspect(source, as_json):
     _emit(info, as_json, format_text(info))
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def archs(as_json):
+    """List the model families every stage supports, with what each supports.
+
+    \b
+    Each family is one module of npft_gguf/arch/: its Hugging Face classes and model types, its
+    GGUF architecture, the RoPE scalings it can write for llama.cpp, and NPFT's default LoRA
+    targets (--targets). Anything else is refused by name before a model is loaded.
+
+    \b
+    Examples:
+      npft-gguf archs
+      npft-gguf archs --json
+    """
+    from .arch import FAMILIES
+
+    rows = [f.describe() for f in FAMILIES.values()]
+    lines = [f"{'GGUF arch':<10} {'models':<38} {'HF classes':<40} {'RoPE':<22} LoRA targets"]
+    for r in rows:
+        lines.append(f"{r['arch']:<10} {r['models']:<38} {', '.join(r['hf_classes']):<40} {', '.join(r['rope']):<22} "
+                     + ",".join(r["lora_targets"]))
+    _emit({"families": rows}, as_json, "\n".join(lines))
+
+
 def _gguf_file(name) -> Path:
     """A GGUF file argument: a path, or a demo name, which means its fetched GGUF file."""
     from .demo import DEMOS, fetch
@@ -459,8 +484,8 @@ def npft_options(f):
         click.option("--rank", type=click.IntRange(min=1), help="LoRA rank " + _recipe("rank") + "."),
         click.option("--alpha", type=click.IntRange(min=1), help="LoRA alpha " + _recipe("alpha") + "."),
         click.option("--dropout", default=0.05, show_default=True, type=Finite(0, 1, max_open=True), help="LoRA dropout."),
-        click.option("--targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj", show_default=True,
-                     help="LoRA target modules: linear modules of the decoder (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."),
+        click.option("--targets", help="LoRA target modules, comma-separated: linear modules of the decoder [default: the "
+                     "family's, e.g. llama " + ",".join(_family_default("llama")) + "; `npft-gguf archs` lists each]."),
         click.option("--lr", type=Finite(min=0, min_open=True), help="Learning rate (AdamW, linear decay) " + _recipe("lr") + "."),
         click.option("--epochs", type=click.IntRange(min=1), help="Epochs " + _recipe("epochs") + "."),
         click.option("--batch", type=click.IntRange(min=1), help="Batch size " + _recipe("batch") + "."),
@@ -482,6 +507,17 @@ def npft_options(f):
     return f
 
 
+def _family_default(name: str) -> tuple[str, ...]:
+    from .arch import FAMILIES
+
+    return FAMILIES[name].lora_targets
+
+
+def _targets(text: str | None) -> tuple[str, ...] | None:
+    """--targets as given (None: the family's defaults); an empty list is refused by the plan."""
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _tuning_settings(kw: dict, grid: str = "q4_0"):
     from .calib import CalibSettings
     from .npft import NPFTSettings
@@ -496,7 +532,7 @@ def _tuning_settings(kw: dict, grid: str = "q4_0"):
     npft = NPFTSettings(
         outlier_pct=kw["outlier_pct"], fisher_samples=pick("fisher_samples"), noise=kw["noise"], noise_scope=kw["noise_scope"],
         grid=grid, resample=kw["resample"], clean_weight=kw["clean_weight"], objective=kw["objective"], rank=pick("rank"), alpha=pick("alpha"),
-        dropout=kw["dropout"], targets=tuple(t.strip() for t in kw["targets"].split(",") if t.strip()), lr=pick("lr"),
+        dropout=kw["dropout"], targets=_targets(kw["targets"]), lr=pick("lr"),
         epochs=pick("epochs"), batch=pick("batch"), grad_accum=kw["grad_accum"], max_steps_per_epoch=pick("max_steps"),
         seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], trace_samples=pick("trace_samples"),
         trace_probes=kw["trace_probes"], trace_len=kw["trace_len"],

@@ -92,7 +92,7 @@ def check_targets(targets: tuple[str, ...], source: Source) -> None:
     """LoRA targets must name linear modules of the decoder, as peft matches them (a module whose
     name is the target or ends in `.target`), checked on the tensor names before any loading."""
     modules = [n.removesuffix(".weight") for n, s in source.shapes().items()
-               if len(s) == 2 and ".layers." in n and n.endswith(".weight")]
+               if len(s) == 2 and source.arch.layer_name(n) and n.endswith(".weight")]
     if not targets:
         raise UsageError("--targets is empty; name the linear modules to adapt, e.g. q_proj,v_proj")
     missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
@@ -207,6 +207,7 @@ def plan_finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSett
     run_dir = out_dir / "npft-run"
     check_run_dir(run_dir, force, resume)
     source = open_source(spec)
+    npft = npft.for_family(source.arch)
     check_targets(npft.targets, source)
     tokens = calibration_tokens(calib, source)
     if resume:
@@ -287,7 +288,7 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
             raise UsageError(f"--method {settings.method} writes {', '.join(IMATRIX_TYPES)} (llama.cpp's importance-weighted "
                              f"rules are reproduced for those), not {type_name}")
     if tuning:
-        npft = replace(npft, grid=type_name)  # tuned for the grid it is written on, whichever way it was chosen
+        npft = replace(npft, grid=type_name).for_family(source.arch)  # tuned for the grid it is written on
         check_targets(npft.targets, source)
     in_torch = settings.method != "rtn" or settings.simulated
     eval_text = None

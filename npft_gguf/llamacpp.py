@@ -65,7 +65,7 @@ def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: 
 
 def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
          logits_all: bool = False, flash_attn: bool = False, n_batch: int | None = None,
-         vocab_only: bool = False):
+         vocab_only: bool = False, kv_f32: bool = False):
     """A llama_cpp.Llama for the file; errors become one line.
 
     llama.cpp loads first: a file it cannot load is then read by our header reader (only on
@@ -76,6 +76,8 @@ def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layer
     kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch or n_ctx, n_ubatch=n_batch or n_ctx,
               logits_all=logits_all, verbose=False, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
               vocab_only=vocab_only)
+    if kv_f32:  # the K/V cache in float32, not llama.cpp's default f16: exact parity checks need it
+        kw["type_k"] = kw["type_v"] = lib.GGML_TYPE_F32
     if n_threads:
         kw["n_threads"] = n_threads
         kw["n_threads_batch"] = n_threads

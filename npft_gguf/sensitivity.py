@@ -15,21 +15,22 @@ import torch
 
 from .progress import bar
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def target_linears(model, suffixes=LINEARS) -> dict[str, torch.nn.Linear]:
+def target_linears(model, suffixes: tuple[str, ...] | None = None) -> dict[str, torch.nn.Linear]:
     """HF name of each decoder linear ('model.layers.0.self_attn.q_proj') -> its (base) nn.Linear.
 
     Works on plain transformers models and on peft-wrapped ones (where the frozen weight lives in
-    `.base_layer`)."""
+    `.base_layer`). `suffixes` default: every decoder linear of the model's family (arch/)."""
+    from .arch import of_model
+
+    family = of_model(model)
+    suffixes = suffixes or family.perturbed
     out = {}
     for name, mod in model.named_modules():
         if name.endswith(".base_layer"):
             continue
         base = getattr(mod, "base_layer", mod)
-        if isinstance(base, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes and ".layers." in name:
-            clean = name[name.index("model.layers."):] if "model.layers." in name else name
+        clean = family.layer_name(name)
+        if isinstance(base, torch.nn.Linear) and name.rsplit(".", 1)[-1] in suffixes and clean:
             out[clean] = base
     return out
 

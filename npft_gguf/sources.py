@@ -16,13 +16,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import cached_property
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import demo
-from .arch import Arch, arch_for_config, arch_for_gguf, head_dim
+from . import arch as families
+from .arch import Family
 from .errors import NpftError, UsageError
 from .tokenizer import Field, bpe_fields, fix_pre_tokenizer, gguf_fields, sentencepiece_fields
 
@@ -44,8 +44,13 @@ class Source:
     config = None  # transformers PretrainedConfig, or for GGUF sources a plain namespace of the same names
 
     @cached_property
-    def arch(self) -> Arch:
-        return arch_for_config(self.config)
+    def arch(self) -> Family:
+        """The model's family (arch/): unsupported families and features fail here."""
+        return families.for_config(self.config)
+
+    def extra_tensors(self) -> dict[str, np.ndarray]:
+        """GGUF tensors with no HF parameter (llama3's rope_freqs), by GGUF name."""
+        return self.arch.extra_tensors(self.config)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape, in the order they should be written."""
@@ -88,16 +93,36 @@ class HFDirSource(Source):
             self.config = AutoConfig.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
             raise UsageError(f"{path}/config.json cannot be read as a model config ({_first_line(e)})") from None
+        inner = families.unwrap(self.config)  # a multimodal checkpoint: its text model
+        self._prefix = None
+        if inner is not None:
+            self.config, self._prefix = inner
         classes = getattr(self.config, "architectures", None) or []
         if classes and not any(c.endswith(("ForCausalLM", "LMHeadModel")) for c in classes):
             raise UsageError(f"{path} holds a {classes[0]}, not a causal language model")
         self.arch  # unsupported architectures fail here, before any work
-        self._files = self._weight_files()
+        self._files = self._text_model(self._weight_files())
         self._shapes = self._read_shapes()  # headers only: non-float weights fail here
         check_tensors(self.arch, self.config, self._shapes, str(path), "config.json")
         if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
             raise UsageError(f"{path} has no tokenizer files (tokenizer.json or tokenizer.model), which a GGUF file needs; "
                              "copy them from the model this checkpoint came from")
+
+    def _text_model(self, files: dict[str, Path]) -> dict[str, Path]:
+        """For a multimodal checkpoint, its text model's tensors under their text-model names
+        ('model.language_model.layers.0...' -> 'model.layers.0...'); the others are left out."""
+        self._stored = {}
+        if self._prefix is None:
+            return files
+        out = {}
+        for name, f in files.items():
+            prefix = next((p for p in self._prefix if name.startswith(p)), None)
+            if prefix is not None:
+                text = "model." + name[len(prefix):]
+                out[text], self._stored[text] = f, name
+            elif name in ("lm_head.weight", "language_model.lm_head.weight"):
+                out["lm_head.weight"], self._stored["lm_head.weight"] = f, name
+        return out
 
     def _weight_files(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
@@ -156,14 +181,14 @@ class HFDirSource(Source):
                 h = handles[f]
                 if hasattr(h, "get_slice"):
                     try:
-                        part = h.get_slice(name)
+                        part = h.get_slice(self._stored.get(name, name))
                     except Exception as e:  # noqa: BLE001 - an index naming a tensor its shard lacks
                         raise UsageError(f"{f} holds no tensor {name!r} ({_first_line(e)}); the checkpoint is incomplete") from None
                     shape, dtype = tuple(part.get_shape()), part.get_dtype()
                     is_float = dtype.startswith("F") or dtype == "BF16"
                 else:
-                    shape, dtype = tuple(h[name].shape), str(h[name].dtype).removeprefix("torch.")
-                    is_float = h[name].dtype.is_floating_point
+                    t = h[self._stored.get(name, name)]
+                    shape, dtype, is_float = tuple(t.shape), str(t.dtype).removeprefix("torch."), t.dtype.is_floating_point
                 if not is_float:
                     raise UsageError(f"{self.path}: tensor {name} is stored as {dtype}, not as floats; a quantized or "
                                      "integer checkpoint cannot be exported: pass the float model")
@@ -174,8 +199,9 @@ class HFDirSource(Source):
         return dict(self._shapes)
 
     def load(self, name):
+        stored = self._stored.get(name, name)
         with self._handle(self._files[name]) as h:
-            return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+            return h.get_tensor(stored) if hasattr(h, "get_tensor") else h[stored]
 
     def row_chunks(self, name, rows):
         f = self._files[name]
@@ -183,11 +209,11 @@ class HFDirSource(Source):
             yield from super().row_chunks(name, rows)
             return
         with self._handle(f) as h:
-            n = h.get_slice(name).get_shape()[0]
+            n = h.get_slice(self._stored.get(name, name)).get_shape()[0]
         step = rows * 16  # a handle per 16 chunks (opening one costs about 0.3 ms), so their pages go with them
         for r in range(0, n, step):
             with self._handle(f) as h:
-                block = h.get_slice(name)[r : r + step]
+                block = h.get_slice(self._stored.get(name, name))[r : r + step]
             yield from block.split(rows)
 
     def tokenizer(self):
@@ -209,6 +235,8 @@ class HFDirSource(Source):
         import torch
         from transformers import AutoModelForCausalLM
 
+        if self._prefix is not None:  # the text model alone, filled from the multimodal checkpoint
+            return fill_model(self.config, self.shapes(), self.load, self.arch, {}, dtype, device)
         return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype or torch.float32, local_files_only=True).to(device).eval()
 
 
@@ -223,15 +251,22 @@ class GGUFSource(Source):
         super().__init__(spec, path)
         self.header = read_gguf_header(path)
         arch_name = self.meta("general.architecture")
-        self._arch = arch_for_gguf(arch_name)
-        self.config = self._config()
-        self._tensors = {}
+        self._arch = families.for_gguf(arch_name)
         for t in self.header.tensors:
-            hf = self._arch.hf_name(t.name)
-            if hf is None:
-                raise UsageError(f"{path}: tensor {t.name!r} has no Hugging Face name in the {arch_name} table")
             if t.type in INTEGER_TYPES:
                 raise UsageError(f"{path}: tensor {t.name!r} holds integers ({t.type.name}), not weights that can be read as floats")
+        self._extras = {t.name: t for t in self.header.tensors if self._arch.passthrough(t.name)}
+        self.config = self._hf_config(self._arch.config_from_extras(self._config_kwargs(), self.extra_tensors()))
+        self._arch.check_config(self.config)
+        names = self._arch.hf_names(self.config)
+        self._tensors = {}
+        for t in self.header.tensors:
+            if t.name in self._extras:
+                continue
+            hf = names.get(t.name)
+            if hf is None:
+                raise UsageError(f"{path}: tensor {t.name!r} is not part of a {arch_name} model as transformers builds it; "
+                                 "the file is not one this tool can read")
             self._tensors[hf] = t
         check_tensors(self._arch, self.config, self.shapes(), str(path), "its metadata")
 
@@ -243,43 +278,29 @@ class GGUFSource(Source):
         f = self.header.fields.get(key)
         return default if f is None else f.value
 
-    def _config(self):
-        """The HF config the file's metadata describes. Where the file states every hyperparameter
-        an export reads, a plain namespace of them serves, so a plain export does not import
-        transformers (about 2 s and 100 MB); `hf_config` builds the transformers config."""
-        kw = self._config_kwargs()
-        stated = [src for src, _ in self._arch.hparams.values() if not callable(src)] + ["rope_parameters"]
-        return SimpleNamespace(**kw) if all(k in kw for k in stated) else self._hf_config(kw)
-
     def hf_config(self):
         """The transformers config (a PretrainedConfig), for building the model."""
-        return self.config if not isinstance(self.config, SimpleNamespace) else self._hf_config(vars(self.config))
+        return self.config
 
     @staticmethod
     def _hf_config(kw: dict):
         from transformers import AutoConfig
 
-        return AutoConfig.for_model(**kw)
+        try:
+            return AutoConfig.for_model(**kw)
+        except (ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"the metadata of this GGUF file does not make a {kw.get('model_type')} config ({_first_line(e)})") from None
 
     def _config_kwargs(self) -> dict:
-        a = self._arch.name
-        kw = {"model_type": a, "architectures": [self._arch.hf_classes[0]]}
-        for key, (src, _) in self._arch.hparams.items():
-            value = self.meta(f"{a}.{key}")
-            if value is None or callable(src):
-                continue
-            kw[src] = value
-        if self.meta(f"{a}.vocab_size") is None:
-            kw["vocab_size"] = len(self.meta("tokenizer.ggml.tokens"))
-        if self.meta(f"{a}.rope.freq_base") is not None:
-            kw["rope_parameters"] = {"rope_type": "default", "rope_theta": float(self.meta(f"{a}.rope.freq_base"))}
-        if self.meta(f"{a}.attention.key_length") is not None:
-            kw["head_dim"] = self.meta(f"{a}.attention.key_length")
-        kw["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.header.tensors)
-        for role in ("bos", "eos", "padding"):
+        kw = self._arch.config_kwargs(self.meta)
+        if kw.get("vocab_size") is None:
+            kw["vocab_size"] = len(self.meta("tokenizer.ggml.tokens") or ())
+        names = {t.name for t in self.header.tensors}
+        kw["tie_word_embeddings"] = "output.weight" not in names
+        kw.update(self._arch.config_from_tensors(names))
+        for role in ("bos", "eos", "padding"):  # the file's, not the family config's defaults (phi3: pad 32000)
             tid = self.meta(f"tokenizer.ggml.{role}_token_id")
-            if tid is not None:
-                kw[{"padding": "pad"}.get(role, role) + "_token_id"] = int(tid)
+            kw[{"padding": "pad"}.get(role, role) + "_token_id"] = None if tid is None else int(tid)
         return kw
 
     def shapes(self):
@@ -289,18 +310,26 @@ class GGUFSource(Source):
         (w,) = self._stored_rows(name)
         return self._arch.to_hf_layout(name, w.reshape(self._tensors[name].shape), self.config)
 
+    def extra_tensors(self):
+        """The file's own tensors that have no HF parameter (rope_freqs), carried over as they are."""
+        out = {}
+        for name, t in self._extras.items():
+            (w,) = self._stored_rows(name, table=self._extras)
+            out[name] = w.reshape(t.shape).numpy()
+        return out
+
     def row_chunks(self, name, rows):
         if self._arch.permutes(name):  # the stored row order is not HF's
             return super().row_chunks(name, rows)
         return self._stored_rows(name, rows)
 
-    def _stored_rows(self, name: str, rows: int | None = None) -> Iterator["torch.Tensor"]:
+    def _stored_rows(self, name: str, rows: int | None = None, table=None) -> Iterator["torch.Tensor"]:
         """The tensor in its stored row order, float32, `rows` rows at a time (default: all at once),
         read from the file as it goes, so each chunk's bytes are freed with it."""
         import torch
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        t = (table or self._tensors)[name]
         nrows = math.prod(t.shape[:-1])
         row_bytes = t.n_bytes // nrows
         with open(self.path, "rb") as f:
@@ -322,19 +351,26 @@ class GGUFSource(Source):
 
     def load_model(self, dtype=None, device="cpu"):
         """Build the HF model uninitialised, then fill it one tensor at a time (one copy in memory)."""
-        import torch
-        from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
+        return fill_model(self.config, self._tensors, self.load, self._arch, self.extra_tensors(), dtype, device)
 
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(self.hf_config(), dtype=dtype or torch.float32)
-        params = dict(model.named_parameters())
-        for name in self._tensors:
-            with torch.no_grad():
-                params[name].copy_(self.load(name))
-        if self.config.tie_word_embeddings:
-            model.tie_weights()
-        return model.to(device).eval()
+
+def fill_model(config, names, load, family, extras: dict, dtype=None, device="cpu"):
+    """The transformers model of `config`, built uninitialised and filled one tensor at a time
+    (`load(name)`), so only one copy of the weights is ever in memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    params = dict(model.named_parameters())
+    for name in names:
+        with torch.no_grad():
+            params[name].copy_(load(name))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    family.apply_extra_tensors(model, extras)
+    return model.to(device).eval()
 
 
 def read_gguf_header(path: Path):
@@ -367,34 +403,19 @@ def _check_complete(path: Path, tensors) -> None:
 
 
 # --- what the config says every tensor's shape must be (llama.cpp's loader checks the same) ------
-def _llama_shapes(c) -> dict[str, tuple[int, ...]]:
-    h, ff, v = c.hidden_size, c.intermediate_size, c.vocab_size
-    q = c.num_attention_heads * head_dim(c)
-    kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim(c)
-    return {"token_embd.weight": (v, h), "output.weight": (v, h), "output_norm.weight": (h,),
-            "blk.{i}.attn_norm.weight": (h,), "blk.{i}.ffn_norm.weight": (h,), "blk.{i}.attn_q.weight": (q, h),
-            "blk.{i}.attn_k.weight": (kv, h), "blk.{i}.attn_v.weight": (kv, h), "blk.{i}.attn_output.weight": (h, q),
-            "blk.{i}.ffn_gate.weight": (ff, h), "blk.{i}.ffn_up.weight": (ff, h), "blk.{i}.ffn_down.weight": (h, ff)}
-
-
-EXPECTED_SHAPES = {"llama": _llama_shapes}  # GGUF arch -> config -> GGUF name (layer as {i}) -> shape
-OPTIONAL = {"output.weight"}  # llama.cpp uses the embedding when the output matrix is absent
 CONFIG_DIMS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
 BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def check_tensors(arch: Arch, config, shapes: dict[str, tuple[int, ...]], where: str, config_name: str = "the config") -> None:
+def check_tensors(arch: Family, config, shapes: dict[str, tuple[int, ...]], where: str, config_name: str = "the config") -> None:
     """Refuse, from shapes alone and before any work, what would make a GGUF file llama.cpp
     cannot load: a zero-sized dimension, a shape the config disagrees with, a layer the config
     does not have, a missing tensor."""
     for name, shape in shapes.items():
         if 0 in tuple(shape):
             raise UsageError(f"{where}: tensor {name} has a zero-sized dimension (shape {tuple(shape)}); the checkpoint is broken")
-    table = EXPECTED_SHAPES.get(arch.name)
-    if table is None:
-        return
     try:
-        expected = table(config)
+        expected = arch.expected_shapes(config)
     except (AttributeError, TypeError):  # a config without the sizes: llama.cpp's loader will say
         return
     n_layer = config.num_hidden_layers
@@ -412,9 +433,17 @@ def check_tensors(arch: Arch, config, shapes: dict[str, tuple[int, ...]], where:
         present.add(gguf)
     for key in expected:
         for gguf in ([key.replace("{i}", str(i)) for i in range(n_layer)] if "{i}" in key else [key]):
-            if gguf not in present and key not in OPTIONAL:
-                raise UsageError(f"{where}: tensor {arch.hf_name(gguf)} is missing ({config_name} says {n_layer} layers); "
+            if gguf not in present and key not in arch.optional:
+                raise UsageError(f"{where}: tensor {_hf_name(arch, config, gguf)} is missing ({config_name} says {n_layer} layers); "
                                  "the checkpoint is incomplete")
+
+
+def _hf_name(arch: Family, config, gguf: str) -> str:
+    """The HF name of a GGUF tensor, for messages (the GGUF name where the config cannot say)."""
+    try:
+        return arch.hf_names(config).get(gguf, gguf)
+    except Exception:  # noqa: BLE001 - a config transformers cannot build: the GGUF name still says it
+        return gguf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +500,9 @@ class ModelSource(Source):
     @property
     def arch(self):
         return self.base.arch
+
+    def extra_tensors(self):
+        return self.base.extra_tensors()
 
     def shapes(self):
         return self.base.shapes()

@@ -36,11 +36,12 @@ class ExportSettings:
 
 @dataclass
 class PlannedTensor:
-    hf_name: str
+    hf_name: str | None  # None: a tensor the family computes (llama3's rope_freqs), held in `data`
     name: str
     shape: tuple[int, ...]  # HF / numpy order: (rows, cols)
     choice: Choice
     packer: object = None  # with an imatrix, llama.cpp's quantizer for it (grids/weighted.py); else the grid
+    data: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -73,7 +74,8 @@ def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
         n_gqa=cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),
     )
-    out = []
+    out = [PlannedTensor(None, name, tuple(a.shape), Choice(get_grid("f32")), data=np.asarray(a, np.float32))
+           for name, a in source.extra_tensors().items()]  # first, where llama.cpp's converter puts them
     for hf_name, dims in source.shapes().items():
         name = source.arch.gguf_name(hf_name)
         out.append(PlannedTensor(hf_name, name, dims, choose(settings.type, name, dims, shape, settings.pure,
@@ -86,7 +88,6 @@ def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
 
 
 def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list[tuple[str, object, V, V | None]]:
-    kinds = {"u32": V.UINT32, "f32": V.FLOAT32}
     name = getattr(source.config, "_name_or_path", "") or Path(source.spec).stem
     items = [
         ("general.name", Path(str(name)).name or source.spec, V.STRING, None),
@@ -98,7 +99,7 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
         ("general.npft.method", provenance.get("method", "rtn"), V.STRING, None),
         ("general.npft.settings", json.dumps({**asdict(settings), **provenance}, sort_keys=True, default=str), V.STRING, None),
     ]
-    items += [(k, v, kinds[kind], None) for k, (v, kind) in source.arch.metadata(source.config).items()]
+    items += hparams(source)
     items += [(f.key, f.value, f.vtype, f.sub_type) for f in source.tokenizer_fields()]
     if settings.imatrix is not None:  # the keys llama-quantize --imatrix adds
         from .imatrix import quantize_metadata
@@ -107,12 +108,24 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
     return items
 
 
+def hparams(source: Source) -> list[tuple[str, object, V, V | None]]:
+    """The family's `<arch>.*` keys, as its typed GGUFWriter calls write them (recorded on a
+    writer with no file, so the plan holds them before anything is opened)."""
+    rec = GGUFWriter(None, source.arch.name)
+    source.arch.write_hparams(rec, source.config)
+    return [(k, v.value, v.type, v.sub_type) for k, v in rec.kv_data[0].items() if k != "general.architecture"]
+
+
 def _packed(source: Source, t: PlannedTensor) -> np.ndarray:
     """One tensor's GGUF bytes. A 2-D weight whose rows keep their order streams from the source
     in row chunks, so it is never whole in memory as floats; q/k projections (rows reordered within
     heads) and 1-D tensors are loaded whole, and freed on return, before the next one is loaded.
     Every value is checked to be finite on the way."""
     grid = t.packer or t.choice.grid
+    if t.hf_name is None:
+        import torch
+
+        return grid.pack(torch.from_numpy(np.ascontiguousarray(t.data)))
     if len(t.shape) == 2 and not source.arch.permutes(t.hf_name):
         data = grid.pack_rows(_finite(source, t.hf_name, source.row_chunks(t.hf_name, grid.chunk_rows(t.shape[1]))), t.shape)
     else:

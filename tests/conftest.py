@@ -122,8 +122,12 @@ class SliceSource:
         self.spec = f"{source.spec}[:{n_layers}]"
         self.config = copy.deepcopy(source.config)
         self.config.num_hidden_layers = n_layers
-        keep = {f"model.layers.{i}." for i in range(n_layers)}
-        self._names = [n for n in source.shapes() if not n.startswith("model.layers.") or any(n.startswith(k) for k in keep)]
+        layers = source.arch.layers + "."
+        keep = {f"{layers}{i}." for i in range(n_layers)}
+        self._names = [n for n in source.shapes() if not n.startswith(layers) or any(n.startswith(k) for k in keep)]
+
+    def extra_tensors(self):
+        return self._src.extra_tensors()
 
     def shapes(self):
         full = self._src.shapes()

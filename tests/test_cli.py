@@ -121,15 +121,14 @@ def test_export_non_causal_model(out, tmp_path):
 
 
 def test_export_unsupported_architecture(out, tmp_path):
-    d = tmp_path / "qwen2"
+    d = tmp_path / "neox"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 16,
-        "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "bos_token_id": 0, "eos_token_id": 1,
+        "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 256, "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "bos_token_id": 0, "eos_token_id": 1,
     }))
     r = cli("export", d, "-o", out / "m.gguf", "--type", "q4_0")
-    assert_fails(r, 2, "qwen2", "not supported", "llama")
+    assert_fails(r, 2, "gpt_neox", "not supported", "llama", "qwen2")
     assert listing(out) == []
 
 

@@ -45,24 +45,6 @@ def test_row_chunks_equal_the_whole_tensor(kind, tiny_bpe, tiny_q8_gguf):
             assert torch.equal(torch.cat(chunks), src.load(name)), name
 
 
-def test_gguf_config_without_transformers_writes_what_the_transformers_one_does(smollm2):
-    """The demo states every hyperparameter, so its config is a plain namespace (no transformers
-    import); export metadata, plan and q/k layout are the same with the full transformers config."""
-    import copy
-    from types import SimpleNamespace
-
-    from npft_gguf.writer import metadata, plan
-
-    full = copy.copy(smollm2)
-    full.config = smollm2.hf_config()
-    assert isinstance(smollm2.config, SimpleNamespace) and not isinstance(full.config, SimpleNamespace)
-    settings = ExportSettings("q4_k")
-    assert metadata(smollm2, settings, {}) == metadata(full, settings, {})
-    assert plan(smollm2, settings) == plan(full, settings)
-    k = "model.layers.0.self_attn.k_proj.weight"
-    assert torch.equal(smollm2.load(k), full.load(k))
-
-
 # --- broken sources fail at open time, in one line, before any work ------------------------------
 
 

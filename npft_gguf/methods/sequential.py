@@ -25,10 +25,6 @@ import torch
 
 from .gptq import GPTQ
 
-# (linears sharing one input), in the order a layer computes them
-LLAMA_STEPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-
 Method = Callable[[str, torch.nn.Linear, GPTQ], dict]
 
 
@@ -45,17 +41,18 @@ class _Stop(Exception):
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", model)
-    if not hasattr(inner, "layers"):
-        raise TypeError(f"{type(model).__name__} has no .model.layers: not a llama-family causal LM")
-    return inner.layers
+    from ..arch import of_model
+
+    return of_model(model).decoder_layers(model)
 
 
 @torch.no_grad()
 def capture_inputs(model, calib: torch.Tensor, batch_size: int, device) -> list[tuple[torch.Tensor, dict]]:
     """(hidden_states, kwargs) that the first decoder layer receives, one pair per calibration batch."""
-    layers = decoder_layers(model)
-    inner = getattr(model, "model", model)
+    from ..arch import of_model
+
+    family = of_model(model)
+    layers = family.decoder_layers(model)
     seen = []
 
     def hook(_mod, args, kwargs):
@@ -65,7 +62,7 @@ def capture_inputs(model, calib: torch.Tensor, batch_size: int, device) -> list[
         raise _Stop
 
     # only what runs before the first layer needs to be on the device
-    front = [m for m in (inner.embed_tokens, getattr(inner, "rotary_emb", None)) if m is not None]
+    front = family.front_modules(model)
     homes = [next(m.parameters(), next(m.buffers(), torch.empty(0))).device for m in front]
     for m in front:
         m.to(device)
@@ -93,7 +90,7 @@ def _run_layer(layer, inputs):
 
 @torch.no_grad()
 def run_layerwise(model, calib: torch.Tensor, method: Method, *, device=None, batch_size: int = 8,
-                  true_sequential: bool = False, steps=LLAMA_STEPS, progress: bool = True) -> SequentialReport:
+                  true_sequential: bool = False, steps=None, progress: bool = True) -> SequentialReport:
     """Apply `method` to every listed linear of every decoder layer, in order, on calibration ids."""
     from ..progress import bar
 
@@ -102,7 +99,11 @@ def run_layerwise(model, calib: torch.Tensor, method: Method, *, device=None, ba
     calib = torch.as_tensor(calib, dtype=torch.long)
     was_training = model.training
     model.eval()
-    layers = decoder_layers(model)
+    from ..arch import of_model
+
+    family = of_model(model)
+    steps = steps or family.steps  # the family's linears in the order a layer computes them
+    layers = family.decoder_layers(model)
     inputs = capture_inputs(model, calib, batch_size, device)
     report = SequentialReport(layers=len(layers), tokens=int(calib.numel()))
     plan = [steps] if not true_sequential else [(s,) for s in steps]
@@ -123,7 +124,7 @@ def run_layerwise(model, calib: torch.Tensor, method: Method, *, device=None, ba
                     hd.remove()
             for names, h in hessians.items():
                 for name in names:
-                    full = f"model.layers.{li}.{name}"
+                    full = f"{family.layers}.{li}.{name}"
                     report.linears[full] = method(full, layer.get_submodule(name), h)
                 h.free()
         inputs = [(out, kw) for out, (_, kw) in zip(_run_layer(layer, inputs), inputs)]

@@ -73,11 +73,14 @@ def parse_simulated(spec: str) -> MinMax | None:
 
 def fake_quantize_minmax_(model, bits: int = 4, group: int = 0) -> dict:
     """Replace every decoder linear weight by its per-channel (or grouped) min-max RTN, in place."""
+    from ..arch import of_model
+
+    family = of_model(model)
     q = MinMax(bits, group)
     n = 0
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            if isinstance(mod, torch.nn.Linear) and family.layer_name(name) == name:
                 mod.weight.copy_(q.fakequant(mod.weight).to(mod.weight.dtype))
                 n += 1
     return {"fake_quant": q.name, "fake_quant_layers": n}

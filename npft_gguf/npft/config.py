@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # gate excluded, as in the code
-PERTURBED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -24,8 +22,8 @@ class NPFTSettings:
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    targets: tuple[str, ...] = LORA_TARGETS
-    perturbed: tuple[str, ...] = PERTURBED
+    targets: tuple[str, ...] | None = None     # None: the family's (arch/), filled in by `for_family`
+    perturbed: tuple[str, ...] | None = None
     # optimisation
     lr: float = 5e-5
     epochs: int = 3
@@ -63,8 +61,15 @@ class NPFTSettings:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["targets"], d["perturbed"] = list(self.targets), list(self.perturbed)
+        d["targets"], d["perturbed"] = (list(v) if v is not None else None for v in (self.targets, self.perturbed))
         return d
+
+    def for_family(self, family) -> "NPFTSettings":
+        """These settings with the family's default LoRA targets and perturbed set where none were given."""
+        from dataclasses import replace
+
+        return replace(self, targets=family.lora_targets if self.targets is None else self.targets,
+                       perturbed=family.perturbed if self.perturbed is None else self.perturbed)
 
     def same_run(self, other: dict) -> list[str]:
         """Names of settings that differ from a saved run's (a resume must not change them)."""

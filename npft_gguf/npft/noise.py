@@ -136,10 +136,13 @@ class Perturbations:
 
 def merged_weights(peft_model) -> dict:
     """HF linear name -> a function giving W + BA (scaled) for the peft LoRA layers, no copy kept."""
+    from ..arch import of_model
+
+    family = of_model(peft_model)
     out = {}
     for name, mod in peft_model.named_modules():
-        if hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight") and "model.layers." in name:
-            clean = name[name.index("model.layers."):]
+        clean = family.layer_name(name)
+        if hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight") and clean:
 
             def merged(mod=mod):
                 w = mod.base_layer.weight.detach()

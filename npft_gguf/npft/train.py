@@ -30,6 +30,7 @@ import torch
 from ..atomic import atomic_output
 from ..errors import NpftError, UsageError
 from ..progress import bar
+from ..arch import of_model
 from ..sensitivity import fisher_diagonal, outliers, summary, target_linears
 from .config import NPFTSettings
 from .hessian import outlier_trace
@@ -88,7 +89,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
+                     target_modules=list(settings.targets or of_model(model).lora_targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(settings.seed)  # LoRA A's initialisation
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -135,7 +136,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
                 result.trace_before = outlier_trace(peft_model, trace_tokens, linears, found, settings.trace_probes,
                                                     settings.seed, progress, desc="hessian trace (before)")
         del fisher
-        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
+        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed or of_model(model).perturbed,
                               merged_weights(peft_model))
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)

@@ -171,11 +171,14 @@ def fake_quantize_(model, type_name: str) -> dict:
 
     from ..grids import get_grid
 
+    from ..arch import of_model
+
+    family = of_model(model)
     grid = get_grid(type_name)
     n = 0
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers.") and grid.fits(mod.in_features):
+            if isinstance(mod, torch.nn.Linear) and family.layer_name(name) == name and grid.fits(mod.in_features):
                 mod.weight.copy_(grid.fakequant(mod.weight).to(mod.weight.dtype))
                 n += 1
     return {"fake_quant": grid.name, "fake_quant_layers": n}
