@@ -453,8 +453,10 @@ def open_source(spec: str) -> Source:
         return GGUFSource(spec, demo.fetch(spec))
     path = Path(spec).expanduser()
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise UsageError(f"{spec} is a file but not a .gguf; pass a .gguf file or a Hugging Face model directory")
+        from .validate.models import is_gguf
+
+        if not is_gguf(path):  # by its magic, whatever the suffix (.GGUF, .bin as llama.cpp users name them)
+            raise UsageError(f"{spec} is a file but not a GGUF file; pass a GGUF file or a Hugging Face model directory")
         return GGUFSource(spec, path)
     if path.is_dir():
         return HFDirSource(spec, path)

@@ -450,6 +450,11 @@ def test_gguf_is_known_by_its_magic_not_its_suffix(tiny_gguf, text_file, tmp_pat
         r = cli("inspect", path, "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["architecture"] == "llama"
+        r = cli("export", path, "--type", "q8_0", "-o", tmp_path / f"{name}.q8_0.gguf")  # and as a source
+        assert r.returncode == 0, r.stderr
+    not_gguf = tmp_path / "notes.bin"
+    not_gguf.write_text("just text")
+    assert_fails(cli("export", not_gguf, "-o", tmp_path / "x.gguf"), 2, "not a GGUF file")
 
 
 def test_inspect_takes_the_demo_name(smollm2):
