@@ -8,6 +8,7 @@ short CPU recipe on --calib (default `wiki`: the fetched Wikipedia calibration a
 
     .venv/bin/python evals/npft_smollm2.py                      # all variants
     .venv/bin/python evals/npft_smollm2.py --only paper,control  # a subset
+    .venv/bin/python evals/npft_smollm2.py --render             # evals/NPFT_ROUNDS.md from the rounds' JSON
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 OUT = ROOT / "evals" / "out" / "npft"
 CLI = [str(ROOT / ".venv" / "bin" / "npft-gguf")]
+
+from evals._run import machine, run  # noqa: E402
 
 VARIANTS = {  # name -> extra convert options (on top of --recipe short)
     "paper": ["--noise", "paper", "--clean-weight", "0.5"],
@@ -37,15 +38,6 @@ VARIANTS = {  # name -> extra convert options (on top of --recipe short)
 }
 
 
-def run(cmd: list[str]) -> tuple[float, str]:
-    print("$", shlex.join(cmd), flush=True)
-    t = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
-    return time.time() - t, r.stdout
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated variants: " + ",".join(VARIANTS))
@@ -54,10 +46,13 @@ def main():
     ap.add_argument("--extra", default="", help="extra convert options for every variant, e.g. '--epochs 2'")
     ap.add_argument("--tag", default="short", help="names this round's files: evals/out/npft_smollm2-TAG.{json,md}")
     ap.add_argument("--calib", default="wiki", help="calibration text, as npft-gguf --calib")
+    ap.add_argument("--render", action="store_true", help="only rewrite evals/NPFT_ROUNDS.md from the rounds' JSON under evals/out/")
     a = ap.parse_args()
+    if a.render:
+        return write_rounds()
     names = a.only.split(",") if a.only else list(VARIANTS)
     OUT.mkdir(parents=True, exist_ok=True)
-    record = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": _machine(), "tag": a.tag,
+    record = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "tag": a.tag,
               "extra": a.extra, "variants": {}}
     files = []
     for name in names:
@@ -108,14 +103,72 @@ def markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    import os
+ROUNDS_HEAD = """# NPFT variants on SmolLM2-135M: paper vs grid noise, lambda on/off, the outlier trace
 
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+Built by `.venv/bin/python evals/npft_smollm2.py --render` from the JSON that `evals/npft_smollm2.py` and the
+commands below leave under evals/out/; each section names its commands, machine and date. The evaluation is the one
+of evals/RESULTS.md (WikiText-2 test, ctx 512, first 40 chunks, llama.cpp, KLD against the F32 export).
+"""
+
+
+def write_rounds() -> None:
+    """evals/NPFT_ROUNDS.md from the rounds' JSON; refuses to replace it with nothing."""
+    body = npft_rounds() + extra_checks()
+    if not body:
+        sys.exit("no NPFT rounds under evals/out/ (run evals/npft_smollm2.py first); evals/NPFT_ROUNDS.md left as it is")
+    (ROOT / "evals" / "NPFT_ROUNDS.md").write_text(ROUNDS_HEAD + "\n" + "\n".join(body))
+
+
+EXTRA = ROOT / "evals" / "out" / "npft"
+
+
+def extra_checks() -> list[str]:
+    """Single runs kept beside the rounds: the outlier trace with enough paired probes, and the
+    grid-noise variant's evaluation (each with the command that made it)."""
+    out = []
+    rep = EXTRA / "trace-paper" / "report.json"
+    if rep.exists():
+        t = json.loads(rep.read_text())["tune"]
+        b, a = t["trace_before"], t["trace_after"]
+        d = [x - y for x, y in zip(a["estimates"], b["estimates"])]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+        out += ["## The method's own claim: outlier Hessian trace, paper noise", "",
+                "```", "npft-gguf finetune smollm2-135m -o evals/out/npft/trace-paper --calib ../shared/data/calib/wiki_excerpt.txt "
+                "--recipe short --noise paper --calib-samples 32 --epochs 1 --lr 2e-4 --trace-samples 8 --trace-probes 2 "
+                "--trace-len 128 --threads 2 --force", "```", "",
+                f"Hutchinson, {b['n']} paired estimates ({b['samples']} samples of 128 tokens x {b['probes']} Rademacher probes) on the "
+                f"first epoch's outliers: Tr(H_outliers) {b['trace']:.1f} before, {a['trace']:.1f} after; paired change "
+                f"{mean:+.1f} ± {se:.1f} ({100 * mean / b['trace']:+.1f} %, {abs(mean) / se:.1f} standard errors). "
+                f"Wall time {t['seconds']:.0f} s (contended machine).", ""]
+    for name, noise, title in (("grid", "--noise grid --clean-weight 0.5", "Grid noise at the outliers"),
+                               ("paper-nolambda", "--noise paper --clean-weight 0", "Paper noise without the clean term (lambda 0, as the public code)")):
+        ev = EXTRA / f"short-b-{name}-eval.json"
+        if not ev.exists():
+            continue
+        e = json.loads(ev.read_text())
+        out += [f"## {title} (round `short`'s recipe)", "", "```",
+                f"npft-gguf convert smollm2-135m --bits 4 --recipe short --calib ../shared/data/calib/wiki_excerpt.txt {noise} "
+                f"--calib-samples 32 --epochs 1 --lr 2e-4 --threads 2 --eval-text none -o evals/out/npft/smollm2-short-b-{name}-q4_0.gguf --force",
+                f"npft-gguf eval evals/out/npft/smollm2-short-b-{name}-q4_0.gguf --ref evals/out/results/smollm2-f32.gguf --chunks 40 "
+                f"--threads 2 --json evals/out/npft/short-b-{name}-eval.json", "```", "",
+                f"PPL {e['ppl']:.4f} ± {e['ppl_se']:.4f}, mean KLD {e['kld']['mean']:.4f}, same top-1 {e['kld']['same_top1_pct']:.2f} %.", ""]
+    return out
+
+
+def npft_rounds() -> list[str]:
+    """The NPFT variant rounds of evals/npft_smollm2.py, where they have been run."""
+    out = []
+    for path in sorted((ROOT / "evals" / "out").glob("npft_smollm2-*.json")):
+        r = json.loads(path.read_text())
+        md = path.with_suffix(".md")
+        out += [f"## NPFT variants, round `{r.get('tag', path.stem)}`", "",
+                f"`.venv/bin/python evals/npft_smollm2.py --tag {r.get('tag')} --extra \"{r.get('extra', '')}\"` "
+                f"({r['date']}, {r['machine']}); each variant is one `npft-gguf convert`:", "", "```"]
+        out += [v["command"].replace(str(ROOT) + "/", "") for v in r["variants"].values()]
+        out += ["```", "", md.read_text() if md.exists() else "", ""]
+    return out
+
 
 
 if __name__ == "__main__":

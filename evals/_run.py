@@ -1,0 +1,48 @@
+"""What every eval script shares: running the project's own commands (printed as a user would
+type them, timed, stopped at the first failure) and naming the machine the numbers came from."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(ROOT / ".venv" / "bin" / "npft-gguf")
+
+
+def shown(cmd: list) -> str:
+    """The command as a reader would type it from the repository root."""
+    return shlex.join([str(c) for c in cmd]).replace(CLI, "npft-gguf").replace(str(ROOT) + "/", "")
+
+
+def run(cmd: list, log: list | None = None, label: str | None = None) -> tuple[float, str]:
+    """Run `cmd` from the repository root; exit with its stderr's tail if it fails. Returns
+    (seconds, stdout) and, given a log, appends {command, seconds, label} to it."""
+    cmd = [str(c) for c in cmd]
+    line = shown(cmd)
+    print("$", line, flush=True)
+    t = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {line}\n{r.stderr[-3000:]}")
+    seconds = time.time() - t
+    if log is not None:
+        log.append({"command": line, "seconds": round(seconds, 1), "label": label})
+    return seconds, r.stdout
+
+
+def npft(*args, log: list | None = None, label: str | None = None) -> tuple[float, str]:
+    """`npft-gguf ARGS` from this checkout's .venv."""
+    return run([CLI, *args], log, label)
+
+
+def machine() -> str:
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
