@@ -271,10 +271,10 @@ def archs(as_json):
     from .arch import FAMILIES
 
     rows = [f.describe() for f in FAMILIES.values()]
-    lines = [f"{'GGUF arch':<10} {'models':<38} {'HF classes':<40} {'RoPE':<22} LoRA targets"]
-    for r in rows:
-        lines.append(f"{r['arch']:<10} {r['models']:<38} {', '.join(r['hf_classes']):<40} {', '.join(r['rope']):<22} "
-                     + ",".join(r["lora_targets"]))
+    cells = [("GGUF arch", "models", "HF classes", "RoPE scaling", "default LoRA targets")]
+    cells += [(r["arch"], r["models"], ", ".join(r["hf_classes"]), ", ".join(r["rope"]), ",".join(r["lora_targets"])) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     _emit({"families": rows}, as_json, "\n".join(lines))
 
 

@@ -49,7 +49,7 @@ class Gemma3(Family):
     gguf_arch = MODEL_ARCH.GEMMA3
     hf_classes = ("Gemma3ForCausalLM",)
     hf_model_types = ("gemma3_text",)
-    title = "Gemma 3 (text; and the text model of Gemma3ForConditionalGeneration)"
+    title = "Gemma 3 (the text model)"
     rope_types = ("default", "linear")
     norm_offset = 1.0
     # the hub's checkpoints store the text model as language_model.model.*; transformers 5 names it model.language_model.*
