@@ -45,6 +45,18 @@ NOISES = {"paper": "the paper's noise at the outliers", "grid": "grid-sized nois
           "rtn": "the exact RTN error, straight-through (ours)", "none": "none: plain LoRA, the control"}
 
 
+class Log(list):
+    """The commands run, with their wall times, saved after each one."""
+
+    def __init__(self, path: Path):
+        super().__init__(json.loads(path.read_text()) if path.exists() else [])
+        self.path = path
+
+    def append(self, item) -> None:
+        super().append(item)
+        self.path.write_text(json.dumps(self, indent=1))
+
+
 def once(path: Path, make) -> Path:
     if not path.exists():
         make()
@@ -99,7 +111,7 @@ def main():
         write(json.loads((ROOT / "evals" / "RESULTS.json").read_text()))
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    log: list = []
+    log = Log(OUT / "commands.json")  # kept on disk: a continued run still lists what the first one ran
     th = ["--threads", a.threads]
     f32 = once(OUT / "f32.gguf", lambda: npft("export", "smollm2-135m", "--type", "f32", "-o", OUT / "f32.gguf", log=log))
     files: dict[str, Path] = {}
@@ -143,7 +155,7 @@ def main():
         results[name] = json.loads(md.with_suffix(".json").read_text())
     rec = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "chunks": a.chunks,
            "calib": a.calib, "npft": a.npft, "files": {k: str(v.relative_to(ROOT)) for k, v in files.items()},
-           "results": results, "commands": log,
+           "results": results, "commands": list(log),
            "domains": {d: domains.sha256(domains.path(d)) for d in domains.DOMAINS}}
     (ROOT / "evals" / "RESULTS.json").write_text(json.dumps(rec, indent=2, default=str))
     write(rec)
@@ -240,7 +252,7 @@ def write(rec: dict):
         lines.append("")
     lines += ["## Domain texts (sha256)", ""] + [f"- {d}: `{h}`" for d, h in rec.get("domains", {}).items()] + [""]
     lines += ["## Commands", "", "| command | seconds |", "|---|---|"]
-    lines += [f"| `{c['command']}` | {c['seconds']} |" for c in rec["commands"]]
+    lines += [f"| `{c['command']}` | {'-' if c['seconds'] is None else c['seconds']} |" for c in rec["commands"]]
     (ROOT / "evals" / "RESULTS.md").write_text("\n".join(lines) + "\n")
     plot(t, texts_)
 
