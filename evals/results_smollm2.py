@@ -105,6 +105,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2, help="throughput repetitions per file (first text only)")
     ap.add_argument("--no-imatrix-rows", action="store_true", help="skip NPFT + importance-weighted export rows")
+    ap.add_argument("--texts", help="only these evaluation texts, comma-separated display names (default: all)")
     ap.add_argument("--render", action="store_true")
     a = ap.parse_args()
     if a.render:
@@ -146,7 +147,10 @@ def main():
                 files[f"NPFT {objective}/{noise} {t.upper()} + imatrix"] = once(p, lambda t=t, p=p: npft(
                     "export", d, "--type", t, "--imatrix", imat, "-o", p, log=log))
     results = {}
-    for i, (name, spec) in enumerate(texts().items()):
+    chosen = texts()
+    if a.texts:
+        chosen = {k: v for k, v in chosen.items() if k in a.texts.split(",")}
+    for i, (name, spec) in enumerate(chosen.items()):
         md = OUT / f"compare-{name}.md"
         if not md.with_suffix(".json").exists():
             bench = ["--reps", a.reps] if i == 0 else ["--no-bench"]
