@@ -256,6 +256,7 @@ class GGUFSource(Source):
             if t.type in INTEGER_TYPES:
                 raise UsageError(f"{path}: tensor {t.name!r} holds integers ({t.type.name}), not weights that can be read as floats")
         self._extras = {t.name: t for t in self.header.tensors if self._arch.passthrough(t.name)}
+        self._extra_data = self._read_extras()  # small (one value per RoPE frequency): read once
         self.config = self._hf_config(self._arch.config_from_extras(self._config_kwargs(), self.extra_tensors()))
         self._arch.check_config(self.config)
         names = self._arch.hf_names(self.config)
@@ -295,9 +296,7 @@ class GGUFSource(Source):
         kw = self._arch.config_kwargs(self.meta)
         if kw.get("vocab_size") is None:
             kw["vocab_size"] = len(self.meta("tokenizer.ggml.tokens") or ())
-        names = {t.name for t in self.header.tensors}
-        kw["tie_word_embeddings"] = "output.weight" not in names
-        kw.update(self._arch.config_from_tensors(names))
+        kw["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.header.tensors)
         for role in ("bos", "eos", "padding"):  # the file's, not the family config's defaults (phi3: pad 32000)
             tid = self.meta(f"tokenizer.ggml.{role}_token_id")
             kw[{"padding": "pad"}.get(role, role) + "_token_id"] = None if tid is None else int(tid)
@@ -312,6 +311,9 @@ class GGUFSource(Source):
 
     def extra_tensors(self):
         """The file's own tensors that have no HF parameter (rope_freqs), carried over as they are."""
+        return dict(self._extra_data)
+
+    def _read_extras(self) -> dict[str, np.ndarray]:
         out = {}
         for name, t in self._extras.items():
             (w,) = self._stored_rows(name, table=self._extras)

@@ -74,7 +74,8 @@ def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
         n_gqa=cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
         tied=bool(getattr(cfg, "tie_word_embeddings", False)),
     )
-    out = [PlannedTensor(None, name, tuple(a.shape), Choice(get_grid("f32")), data=np.asarray(a, np.float32))
+    out = [PlannedTensor(None, name, tuple(a.shape), choose(settings.type, name, tuple(a.shape), shape, settings.pure),
+                         data=np.asarray(a, np.float32))
            for name, a in source.extra_tensors().items()]  # first, where llama.cpp's converter puts them
     for hf_name, dims in source.shapes().items():
         name = source.arch.gguf_name(hf_name)

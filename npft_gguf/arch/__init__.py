@@ -60,4 +60,4 @@ def of_model(model):
 
 
 from . import gemma3, llama, phi3, qwen2, qwen3  # noqa: E402,F401 - each registers itself
-from .base import Family, head_dim, rope_theta  # noqa: E402,F401
+from .base import Family  # noqa: E402,F401

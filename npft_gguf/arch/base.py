@@ -76,6 +76,12 @@ LLAMA_HPARAMS = (
     HParam(Keys.LLM.VOCAB_SIZE, GGUFWriter.add_vocab_size, "vocab_size"),
 )
 
+def with_hparams(base: tuple[HParam, ...], *new: HParam) -> tuple[HParam, ...]:
+    """`base` with `new` added, each replacing the entry of `base` with the same key."""
+    keys = {h.key for h in new}
+    return tuple(h for h in base if h.key not in keys) + new
+
+
 # (linears sharing one input), in the order a decoder layer computes them: GPTQ's sequential order
 LLAMA_STEPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -130,21 +136,25 @@ class Family:
             raise UsageError(f"RoPE scaling {rope!r} is not supported for {self.name} (llama.cpp's {self.name} takes "
                              f"{', '.join(self.rope_types)}); nothing was loaded or written")
 
+    @staticmethod
+    def refuse_sliding_window(config, why: str) -> None:
+        """A `sliding_window` shorter than the context is attention llama.cpp's graph would not
+        compute (`why` says how it lacks it)."""
+        window = getattr(config, "sliding_window", None)
+        if window and window < getattr(config, "max_position_embeddings", 0):
+            raise UsageError(f"this {config.model_type} model uses sliding-window attention ({window} of "
+                             f"{config.max_position_embeddings} positions), {why}; nothing was loaded or written")
+
     # --- names -----------------------------------------------------------------------------------
     @staticmethod
     @lru_cache(maxsize=None)
     def _name_map(arch: MODEL_ARCH):
         return get_tensor_name_map(arch, 1)  # layer 0 only: other layers are renumbered around it
 
-    def hf_key(self, hf_name: str) -> str:
-        """The HF name as gguf-py's tables know it (families with a wrapper prefix strip it)."""
-        return hf_name
-
     def gguf_name(self, hf_name: str) -> str | None:
         """GGUF tensor name of an HF parameter name, through gguf-py's TensorNameMap."""
-        key = self.hf_key(hf_name)
-        m = BLOCK.match(key)
-        lookup = f"{m[1]}0{m[3]}" if m else key
+        m = BLOCK.match(hf_name)
+        lookup = f"{m[1]}0{m[3]}" if m else hf_name
         name = self._name_map(self.gguf_arch).get_name(lookup, try_suffixes=(".weight", ".bias"))
         if name is None:
             return None
@@ -195,10 +205,6 @@ class Family:
         if meta(Keys.Rope.SCALING_TYPE.format(arch=self.name)) == "linear":
             kw["rope_parameters"].update(rope_type="linear", factor=float(meta(Keys.Rope.SCALING_FACTOR.format(arch=self.name))))
         return kw
-
-    def config_from_tensors(self, names: set[str]) -> dict:
-        """Config settings a GGUF file states only by which tensors it has (biases, say)."""
-        return {}
 
     def config_from_extras(self, kw: dict, extras: dict[str, np.ndarray]) -> dict:
         """The config keyword arguments completed from a GGUF file's extra tensors (phi3's longrope factors)."""
@@ -266,24 +272,20 @@ class Family:
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def decoder_layers(self, model):
-        m = self.causal_lm(model)
-        for part in self.layers.split("."):
-            if not hasattr(m, part):
-                raise TypeError(f"{type(model).__name__} has no .{self.layers}: not a {self.name} causal LM")
-            m = getattr(m, part)
-        return m
+        try:
+            return self.causal_lm(model).get_submodule(self.layers)
+        except AttributeError:
+            raise TypeError(f"{type(model).__name__} has no .{self.layers}: not a {self.name} causal LM") from None
 
     def front_modules(self, model) -> list:
+        """The modules of `front` this model has (a family may lack one, e.g. a rotary module)."""
         m = self.causal_lm(model)
         out = []
         for path in self.front:
-            mod = m
-            for part in path.split("."):
-                mod = getattr(mod, part, None)
-                if mod is None:
-                    break
-            if mod is not None:
-                out.append(mod)
+            try:
+                out.append(m.get_submodule(path))
+            except AttributeError:
+                pass
         return out
 
     def layer_name(self, module_name: str) -> str | None:

@@ -18,7 +18,7 @@ from gguf import MODEL_ARCH, GGUFWriter, Keys, RopeScalingType
 
 from ..errors import UsageError
 from . import register
-from .base import LLAMA_HPARAMS, Family, HParam, head_dim
+from .base import LLAMA_HPARAMS, Family, HParam, head_dim, with_hparams
 
 
 def _rope(config, kind: str) -> dict:
@@ -54,7 +54,8 @@ class Gemma3(Family):
     norm_offset = 1.0
     # the hub's checkpoints store the text model as language_model.model.*; transformers 5 names it model.language_model.*
     wrappers = {"Gemma3ForConditionalGeneration": ("text_config", ("language_model.model.", "model.language_model."))}
-    hparams = tuple(h for h in LLAMA_HPARAMS if h.key != Keys.Rope.FREQ_BASE) + (
+    hparams = with_hparams(
+        LLAMA_HPARAMS,
         HParam(Keys.Rope.FREQ_BASE, GGUFWriter.add_rope_freq_base, None, _global_theta),
         HParam(Keys.Rope.FREQ_BASE_SWA, GGUFWriter.add_rope_freq_base_swa, None, _local_theta),
         HParam(Keys.Attention.SLIDING_WINDOW, GGUFWriter.add_sliding_window, "sliding_window"),

@@ -25,11 +25,7 @@ class Llama(Family):
 
     def check_config(self, config) -> None:
         super().check_config(config)
-        window = getattr(config, "sliding_window", None)
-        if window and window < getattr(config, "max_position_embeddings", 0):
-            raise UsageError(f"this {config.model_type} model uses sliding-window attention ({window} of "
-                             f"{config.max_position_embeddings} positions), which llama.cpp's llama architecture "
-                             "does not have; nothing was loaded or written")
+        self.refuse_sliding_window(config, "which llama.cpp's llama architecture does not have")
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
             raise UsageError("this llama model has linear biases (attention_bias or mlp_bias), which llama.cpp's "
                              "llama architecture does not read; nothing was loaded or written")

@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import MODEL_ARCH, GGUFWriter, Keys
 
-from ..errors import UsageError
 from . import register
-from .base import LLAMA_HPARAMS, Family, HParam, head_dim, n_kv_heads, rope_parameters
+from .base import LLAMA_HPARAMS, Family, HParam, head_dim, n_kv_heads, rope_parameters, with_hparams
 
 
 def _rotary_dims(config) -> int:
@@ -29,18 +28,13 @@ class Phi3(Family):
     hf_model_types = ("phi3",)
     title = "Phi-3, Phi-3.5 mini, Phi-4-mini"
     rope_types = ("default", "longrope")
-    hparams = tuple(h for h in LLAMA_HPARAMS if h.key != Keys.Rope.DIMENSION_COUNT) + (
-        HParam(Keys.Rope.DIMENSION_COUNT, GGUFWriter.add_rope_dimension_count, None, _rotary_dims),
-    )
+    hparams = with_hparams(LLAMA_HPARAMS, HParam(Keys.Rope.DIMENSION_COUNT, GGUFWriter.add_rope_dimension_count, None, _rotary_dims))
     steps = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
     lora_targets = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # gate is fused with up here
 
     def check_config(self, config) -> None:
         super().check_config(config)
-        window = getattr(config, "sliding_window", None)
-        if window and window < config.max_position_embeddings:
-            raise UsageError(f"this phi3 model uses sliding-window attention ({window} of {config.max_position_embeddings} "
-                             "positions), which llama.cpp's phi3 graph has disabled; nothing was loaded or written")
+        self.refuse_sliding_window(config, "which llama.cpp's phi3 graph has disabled")
 
     def write_rope_scaling(self, writer: GGUFWriter, config) -> None:
         rope = rope_parameters(config)

@@ -76,6 +76,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     from transformers import get_linear_schedule_with_warmup
 
     t0 = time.time()
+    settings = settings.for_family(of_model(model))  # the family's LoRA targets and perturbed set where none were given
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -89,7 +90,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=list(settings.targets or of_model(model).lora_targets), bias="none", task_type="CAUSAL_LM")
+                     target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(settings.seed)  # LoRA A's initialisation
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -136,7 +137,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
                 result.trace_before = outlier_trace(peft_model, trace_tokens, linears, found, settings.trace_probes,
                                                     settings.seed, progress, desc="hessian trace (before)")
         del fisher
-        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed or of_model(model).perturbed,
+        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
                               merged_weights(peft_model))
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
