@@ -39,10 +39,12 @@ $(STAMP): requirements.lock pyproject.toml
 test: setup
 	$(VENV)/bin/pytest -q
 
-# The main job on the built-in demo: NPFT with the short CPU recipe, then Q4_0, then llama.cpp
-# measures it beside plain RTN Q4_0 and the float model. The noise is our `rtn` variant (the exact
-# RTN error, straight-through), which evals/RESULTS.md shows working where the paper's noise does
-# not on this model. Nothing beside the clone is needed: the calibration text is `wiki`, the
+# The main job on the built-in demo: NPFT with the short CPU recipe, then Q4_0 with importance-
+# weighted scales, then llama.cpp measures it beside plain RTN Q4_0, the untuned model quantized
+# with the same importance matrix, and the float model. Every choice is convert's default, which is
+# what evals/RESULTS.md measures closest to the float model: --objective kl (the float model as
+# teacher), --noise rtn (the exact RTN error, straight-through), --method auto (= npft+imatrix at
+# Q4_0). Nothing beside the clone is needed: the calibration text is `wiki`, the
 # Wikipedia articles fetched from PyPI (gensim's test data); the evaluation text is WikiText-2's
 # test split where $NPFT_GGUF_WIKITEXT2 names a local copy, else `wiki-heldout`, the articles of
 # the same dump that calibration never sees (docs/METHOD.md, "Texts").
@@ -50,7 +52,7 @@ CALIB ?= wiki
 EVAL_TEXT ?= $(if $(NPFT_GGUF_WIKITEXT2),wikitext2,wiki-heldout)
 demo: setup
 	@mkdir -p $(DEMO_OUT)
-	$(VENV)/bin/npft-gguf convert smollm2-135m --bits 4 --recipe short --noise rtn --calib $(CALIB) \
+	$(VENV)/bin/npft-gguf convert smollm2-135m --bits 4 --recipe short --calib $(CALIB) \
 		--eval-text $(EVAL_TEXT) --chunks 20 -o $(DEMO_OUT)/smollm2-135m-npft-q4_0.gguf --force
 	$(VENV)/bin/npft-gguf inspect $(DEMO_OUT)/smollm2-135m-npft-q4_0.gguf
 

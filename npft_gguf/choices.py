@@ -3,4 +3,5 @@ build its options (and `--help`) from them without loading torch or gguf."""
 
 # --bits N: the pure-RTN GGUF types of that width, best first (the first one every row length fits wins)
 BITS = {2: ("q2_k",), 3: ("q3_k",), 4: ("q4_0",), 5: ("q5_0",), 6: ("q6_k", "q8_0"), 8: ("q8_0",)}
-METHODS = ("npft", "rtn", "gptq", "npft+gptq", "owq", "imatrix", "npft+imatrix")
+# auto: npft+imatrix where llama.cpp's importance-weighted rules exist for the type written, else npft
+METHODS = ("auto", "npft", "rtn", "gptq", "npft+gptq", "owq", "imatrix", "npft+imatrix")

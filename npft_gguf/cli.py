@@ -469,9 +469,10 @@ def npft_options(f):
         click.option("--outlier-pct", default=0.05, show_default=True, type=Finite(0, 100, min_open=True),
                      help="Outliers per module, percent, by Fisher score."),
         click.option("--fisher-samples", type=click.IntRange(min=1), help="Samples for each Fisher pass " + _recipe("fisher_samples") + "."),
-        click.option("--noise", type=click.Choice(["paper", "grid", "rtn", "none"]), default="paper", show_default=True,
-                     help="paper: U[min,max] of the row's outliers, mean-subtracted; grid: U[-D/2,D/2] of the target block's step; "
-                          "rtn (ours): the exact RTN error of W+BA on every weight, straight-through; none: a plain-LoRA control."),
+        click.option("--noise", type=click.Choice(["paper", "grid", "rtn", "none"]), default="rtn", show_default=True,
+                     help="rtn (ours): the exact RTN error of W+BA on every weight, straight-through; paper: U[min,max] of the "
+                          "row's outliers, mean-subtracted (the paper's); grid: U[-D/2,D/2] of the target block's step; "
+                          "none: a plain-LoRA control."),
         click.option("--noise-scope", type=click.Choice(["outliers", "all"]), default="outliers", show_default=True,
                      help="Perturb only the outliers (the method) or every weight (grid noise only)."),
         click.option("--resample", type=click.Choice(["step", "epoch"]), default="step", show_default=True, help="Draw new noise every step or once per epoch."),
@@ -609,8 +610,9 @@ def finetune(source, output, grid, force, as_json, **kw):
 @click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
               help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "
                    "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF).")
-@click.option("--method", default="npft", show_default=True, type=click.Choice(METHODS),
-              help="npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
+@click.option("--method", default="auto", show_default=True, type=click.Choice(METHODS),
+              help="auto: npft+imatrix for the types it writes, npft for the others (what evals/RESULTS.md measures "
+                   "closest to the float model); npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
                    "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it); imatrix: llama.cpp's "
                    "importance-weighted quantization (llama-quantize --imatrix), the imatrix taken from the float model "
                    "on the calibration tokens; npft+imatrix: tune, merge, then that (q4_0 q4_1 q5_0 q5_1 iq4_nl).")
@@ -627,12 +629,16 @@ def finetune(source, output, grid, force, as_json, **kw):
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @npft_options
 def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_text, ctx, chunks, run_dir, force, as_json, **kw):
-    """Calibrate, tune (NPFT), merge, quantize (RTN) and write SOURCE as GGUF, then measure it.
+    """Calibrate, tune (NPFT), merge, quantize and write SOURCE as GGUF, then measure it.
 
     \b
-    The closing evaluation runs the new file, plain RTN of the untuned model and
-    the float model in llama.cpp (perplexity by llama-perplexity's protocol, KL
-    divergence against the float model) and prints them side by side.
+    By default (--method auto) the tuned weights get llama.cpp's importance-
+    weighted scales (the float model's imatrix on the calibration tokens) where
+    llama.cpp has those rules (q4_0 q4_1 q5_0 q5_1 iq4_nl), plain RTN otherwise.
+    The closing evaluation runs the new file, plain RTN of the untuned model
+    (and the untuned model with the same imatrix) and the float model in
+    llama.cpp (perplexity by llama-perplexity's protocol, KL divergence against
+    the float model) and prints them side by side.
     `--recipe short` is the quick CPU recipe (the demo uses it); the default is
     the paper's recipe, meant for real models on a GPU.
 
@@ -643,7 +649,7 @@ def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_t
       npft-gguf convert ./model --type q5_0 --noise grid --clean-weight 0
       npft-gguf convert ./model --method rtn --bits 4   # the baseline alone
       npft-gguf convert ./model --method gptq --type q4_0 --calib c4
-      npft-gguf convert ./model --method npft+imatrix --type q4_0 --calib wiki   # NPFT, then llama.cpp's imatrix rules
+      npft-gguf convert ./model --method npft --type q4_0 --calib wiki   # NPFT, then plain RTN
       npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
     from .convert import ConvertSettings
@@ -652,7 +658,7 @@ def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_t
     target = (type_ or "").lower() or None
     if output is None:
         stem = Path(source.rstrip("/")).name.removesuffix(".gguf") or "model"
-        output = Path(f"{stem}-{method}-{target or f'{bits}bit'}.gguf")
+        output = Path(f"{stem}-{'npft' if method == 'auto' else method}-{target or f'{bits}bit'}.gguf")
     calib, npft = _tuning_settings(kw, target or "q4_0")  # the plan sets the grid to the type written, --bits or --type
     settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks,
                                threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction)

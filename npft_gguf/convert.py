@@ -30,7 +30,7 @@ from .sources import ModelSource, Source, open_source
 class ConvertSettings:
     bits: int = 4
     type: str | None = None
-    method: str = "npft"
+    method: str = "auto"           # resolved by the plan (resolve_method)
     eval_text: str = "wikitext2"  # or "none"
     ctx: int = 512
     chunks: int | None = None
@@ -62,6 +62,17 @@ class Plan:
     settings: ConvertSettings | None = None
     type_name: str | None = None   # the type written (and, for NPFT, tuned for)
     eval_text: tuple[str, str] | None = None  # (name, text) for the closing evaluation
+
+
+def resolve_method(method: str, type_name: str) -> str:
+    """`auto` is what evals/RESULTS.md measures closest to the float model: NPFT, then llama.cpp's
+    importance-weighted scales (the imatrix of the float model on the calibration tokens) where
+    those rules exist for the type written; NPFT then plain RTN for every other type."""
+    if method != "auto":
+        return method
+    from .imatrix import IMATRIX_TYPES
+
+    return "npft+imatrix" if type_name in IMATRIX_TYPES else "npft"
 
 
 def type_for_bits(bits: int, source: Source) -> str:
@@ -268,13 +279,14 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
         raise UsageError(f"--method {settings.method!r}: choose one of {', '.join(METHODS)}")
     check_target(out, force)
     run_dir = Path(run_dir) if run_dir else out.with_name(out.stem + ".npft-run")
+    source = open_source(spec)
+    type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
+    settings = replace(settings, method=resolve_method(settings.method, type_name))
     tuning = "npft" in settings.method
     if tuning:
         check_run_dir(run_dir, force, resume)
     else:
         check_directory_target(run_dir, "the run directory")
-    source = open_source(spec)
-    type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
     if not settings.simulated:
         from .grids import get_grid
 

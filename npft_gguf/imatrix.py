@@ -374,7 +374,9 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
 
     from .calib import load_calibration
 
-    model = plan.source.load_model(dtype=torch.float32, device=plan.device)
+    # the precision the tuning holds the base weights in (CUDA: bf16), so that the default method
+    # needs no more memory than the tuning itself; the sums are float64 either way
+    model = plan.source.load_model(dtype=torch.bfloat16 if plan.device == "cuda" else torch.float32, device=plan.device)
     tokens = plan.tokens
     if tokens is None:  # --calib self: the same seeded sample the tuning draws from this model
         tokens = load_calibration(plan.calib, plan.source.tokenizer(), model=model, progress=progress)

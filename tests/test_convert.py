@@ -33,14 +33,17 @@ def test_convert_writes_tuned_gguf_and_compares(tiny_bpe, texts, tmp_path):
     rec = json.loads(r.stdout)
     assert "quick CPU recipe" in r.stderr
     rows = {row["file"].rsplit("/", 1)[-1]: row for row in rec["comparison"]["rows"]}
-    assert set(rows) == {"float-f32.gguf", "rtn-q4_0.gguf", out.name}
+    # the defaults at 4 bits: NPFT with the rtn noise, then importance-weighted Q4_0 (method auto),
+    # measured beside plain RTN and the untuned model quantized with the same imatrix
+    assert set(rows) == {"float-f32.gguf", "rtn-q4_0.gguf", "imatrix-q4_0.gguf", out.name}
     assert rows["float-f32.gguf"]["kld_mean"] == 0.0 and rows[out.name]["kld_mean"] > 0
+    assert rec["convert"]["method"] == "npft+imatrix" and rec["imatrix"]["weights"] == "NPFT-tuned and merged"
     t = rec["tune"]
     assert t["trace_before"]["n"] == 2 and t["trace_after"]["n"] == 2 and len(t["history"]) >= 1
-    # the GGUF is RTN Q4_0 of the tuned weights, with the method in its provenance
+    # the GGUF is Q4_0 of the tuned weights, with the method in its provenance
     meta = GGUFReader(out).fields
-    assert bytes(meta["general.npft.method"].parts[-1]).decode() == "npft"
-    assert '"noise": "paper"' in bytes(meta["general.npft.settings"].parts[-1]).decode()
+    assert bytes(meta["general.npft.method"].parts[-1]).decode() == "npft+imatrix"
+    assert '"noise": "rtn"' in bytes(meta["general.npft.settings"].parts[-1]).decode()
     run = out.with_name(out.stem + ".npft-run")
     assert (run / "report.md").read_text().count("Hessian trace") == 1 and (run / "checkpoint.pt").exists()
     # a second run without --force or --resume refuses to touch either
@@ -221,6 +224,22 @@ def test_convert_tunes_for_the_type_it_writes(tiny_bpe, texts, tmp_path, monkeyp
         except Stop:
             pass
         assert seen.pop() == grid, args
+
+
+def test_the_default_method_follows_the_type_written(tiny_bpe, texts, tmp_path):
+    """--method auto (the default) is NPFT then importance-weighted scales where llama.cpp's
+    imatrix rules exist for the type, NPFT then plain RTN elsewhere; a method asked for is kept."""
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.convert import ConvertSettings, plan_convert
+    from npft_gguf.npft import NPFTSettings
+
+    calib = CalibSettings(calib=str(texts / "calib.txt"), samples=4, length=32)
+    cases = ((dict(bits=4), "npft+imatrix"), (dict(type="q5_1"), "npft+imatrix"), (dict(bits=8), "npft"),
+             (dict(type="rtn3"), "npft"), (dict(bits=4, method="npft"), "npft"), (dict(bits=4, method="gptq"), "gptq"))
+    for kw, method in cases:
+        plan = plan_convert(str(tiny_bpe), tmp_path / "x.gguf", ConvertSettings(eval_text="none", **kw), calib, NPFTSettings())
+        assert plan.settings.method == method, kw
+        assert (plan.npft is not None) == ("npft" in method), kw
 
 
 @pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # huggingface_hub, when the test env disables them
