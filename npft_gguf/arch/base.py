@@ -34,6 +34,28 @@ def rope_parameters(config) -> dict:
     return params
 
 
+def yarn_original_context(config) -> int:
+    """The pre-training context YaRN scales from (transformers falls back to max_position_embeddings)."""
+    return int(rope_parameters(config).get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+# YaRN settings llama.cpp's GGUF form carries as its defaults only: factor and the original context
+# are keys; the rest must be what both llama.cpp and transformers assume when they are absent
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+
+
+def check_yarn(config) -> None:
+    rope = rope_parameters(config)
+    if not rope.get("factor"):
+        raise UsageError("this model's YaRN RoPE scaling has no factor; nothing was loaded or written")
+    odd = [f"{k}={rope[k]!r}" for k, v in YARN_DEFAULTS.items() if rope.get(k) is not None and rope[k] != v]
+    odd += [f"{k}={rope[k]!r}" for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None]
+    if odd:
+        raise UsageError(f"this model's YaRN RoPE scaling sets {', '.join(odd)}, which npft-gguf does not write for "
+                         "llama.cpp yet (it writes YaRN's factor and original context with the default ramp and "
+                         "attention factor); nothing was loaded or written")
+
+
 def rope_theta(config) -> float:
     return float(rope_parameters(config)["rope_theta"])
 
@@ -135,6 +157,8 @@ class Family:
         if rope not in self.rope_types:
             raise UsageError(f"RoPE scaling {rope!r} is not supported for {self.name} (llama.cpp's {self.name} takes "
                              f"{', '.join(self.rope_types)}); nothing was loaded or written")
+        if rope == "yarn":
+            check_yarn(config)
 
     @staticmethod
     def refuse_sliding_window(config, why: str) -> None:
@@ -192,6 +216,10 @@ class Family:
         if rope["rope_type"] == "linear":
             writer.add_rope_scaling_type(RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))
+        elif rope["rope_type"] == "yarn":  # static YaRN, as llama.cpp applies it at every length
+            writer.add_rope_scaling_type(RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+            writer.add_rope_scaling_orig_ctx_len(int(yarn_original_context(config)))
 
     def config_kwargs(self, meta: Callable[[str], object]) -> dict:
         """HF config keyword arguments from a GGUF file's metadata (`meta(key)`, None when absent)."""
@@ -202,8 +230,11 @@ class Family:
                 kw[h.attr] = value
         base = meta(Keys.Rope.FREQ_BASE.format(arch=self.name))
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": float(base if base is not None else 10000.0)}
-        if meta(Keys.Rope.SCALING_TYPE.format(arch=self.name)) == "linear":
-            kw["rope_parameters"].update(rope_type="linear", factor=float(meta(Keys.Rope.SCALING_FACTOR.format(arch=self.name))))
+        scaling = meta(Keys.Rope.SCALING_TYPE.format(arch=self.name))
+        if scaling in ("linear", "yarn"):
+            kw["rope_parameters"].update(rope_type=scaling, factor=float(meta(Keys.Rope.SCALING_FACTOR.format(arch=self.name))))
+        if scaling == "yarn":
+            kw["rope_parameters"]["original_max_position_embeddings"] = int(meta(Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=self.name)))
         return kw
 
     def config_from_extras(self, kw: dict, extras: dict[str, np.ndarray]) -> dict:

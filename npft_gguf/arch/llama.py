@@ -20,7 +20,7 @@ class Llama(Family):
     hf_classes = ("LlamaForCausalLM", "MistralForCausalLM")
     hf_model_types = ("llama", "mistral")
     title = "Llama 2, Llama 3.x, Mistral, SmolLM2"
-    rope_types = ("default", "linear", "llama3")
+    rope_types = ("default", "linear", "llama3", "yarn")
     rope_permute = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
 
     def check_config(self, config) -> None:

@@ -17,7 +17,7 @@ class Qwen2(Family):
     hf_classes = ("Qwen2ForCausalLM",)
     hf_model_types = ("qwen2",)
     title = "Qwen2, Qwen2.5 (incl. Coder, Math)"
-    rope_types = ("default",)
+    rope_types = ("default", "yarn")
 
     def check_config(self, config) -> None:
         super().check_config(config)

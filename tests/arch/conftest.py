@@ -36,6 +36,14 @@ def _qwen2(vocab):
     return Qwen2ForCausalLM, Qwen2Config(vocab_size=vocab, rope_parameters=rope, tie_word_embeddings=True, **SIZES)
 
 
+def _qwen2_yarn(vocab):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # Qwen2.5's long-context setting (factor 4 over the pre-training context), here over 64 positions
+    rope = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    return Qwen2ForCausalLM, Qwen2Config(vocab_size=vocab, rope_parameters=rope, tie_word_embeddings=False, **SIZES)
+
+
 def _qwen3(vocab):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -68,9 +76,9 @@ def _phi3(vocab):
                                        sliding_window=None, pad_token_id=None, **SIZES)
 
 
-BUILDERS = {"llama3": _llama3, "llama-linear": _llama_linear, "qwen2": _qwen2, "qwen3": _qwen3, "gemma3": _gemma3, "phi3": _phi3}
-PRE = {"llama3": "llama-bpe", "llama-linear": "gpt-2", "qwen2": "qwen2", "qwen3": "qwen2", "gemma3": "spm", "phi3": "spm"}  # Phi-3 has Llama 2's SentencePiece vocabulary  # tokenizer.ggml.pre
-GGUF_ARCH = {"llama3": "llama", "llama-linear": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
+BUILDERS = {"llama3": _llama3, "llama-linear": _llama_linear, "qwen2": _qwen2, "qwen2-yarn": _qwen2_yarn, "qwen3": _qwen3, "gemma3": _gemma3, "phi3": _phi3}
+PRE = {"llama3": "llama-bpe", "llama-linear": "gpt-2", "qwen2": "qwen2", "qwen2-yarn": "qwen2", "qwen3": "qwen2", "gemma3": "spm", "phi3": "spm"}  # Phi-3 has Llama 2's SentencePiece vocabulary  # tokenizer.ggml.pre
+GGUF_ARCH = {"llama3": "llama", "llama-linear": "llama", "qwen2": "qwen2", "qwen2-yarn": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
 
 
 def make_tiny(kind: str, out_dir: Path, seed: int = 0) -> Path:

@@ -54,7 +54,7 @@ def test_f32_export_runs_in_llama_cpp_with_transformers_logits(family_model, f32
     tok = src.tokenizer()
     text = real_text()
     all_ids = tok(text)["input_ids"]
-    ids = all_ids[:200]  # longer than llama3's original 64 positions and gemma3's window of 16
+    ids = all_ids[:200]  # longer than llama3's and YaRN's original 64 positions and gemma3's window of 16
     llm = llamacpp.load(f32, n_ctx=256, kv_f32=True)  # llama.cpp's default f16 K/V cache rounds by ~1e-3
     assert llamacpp.tokenize(llm, text, add_bos=all_ids[:1] == [tok.bos_token_id]) == all_ids
     theirs = llamacpp.logits(llm, ids)
@@ -143,6 +143,10 @@ def test_archs_lists_every_family():
     ({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}, ["gpt_neox", "not supported", "archs"]),
     ({"rope_scaling": None, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, ["dynamic", "rope"]),
     ({"sliding_window": 16}, ["sliding-window"]),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 64, "beta_fast": 16.0}}, ["YaRN", "beta_fast=16.0"]),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 64, "attention_factor": 1.5}}, ["YaRN", "attention_factor"]),
 ])
 def test_unsupported_family_or_feature_is_refused_by_name_before_work(tiny_bpe, tmp_path, out, patch, words):
     import shutil
