@@ -85,7 +85,20 @@ def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
         from .imatrix import attach_rules
 
         attach_rules(out, settings)
+    else:
+        searched_without_imatrix(out)
     return out
+
+
+def searched_without_imatrix(tensors: list[PlannedTensor]) -> None:
+    """Without an imatrix, llama.cpp still searches the scale of IQ4_NL and Q6_K blocks (weights
+    x^2, quantize_row_iq4_nl_ref / quantize_row_q6_K_ref) instead of rounding the plain one: those
+    tensors get llama.cpp's rules (grids/weighted.py), so the bytes are llama_model_quantize's."""
+    from .grids.weighted import LlamaCppRules
+
+    for t in tensors:
+        if len(t.shape) == 2 and t.choice.grid.name in ("iq4_nl", "q6_k"):
+            t.packer = LlamaCppRules(t.choice.grid, None)
 
 
 def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list[tuple[str, object, V, V | None]]:

@@ -14,7 +14,7 @@ from npft_gguf.writer import ExportSettings, export
 from tests.broken import edit_config, edit_tensor, model_copy, patch_gguf  # noqa: F401 - model_copy is a fixture
 from tests.test_cli import ROOT, _env, assert_fails, cli, listing, out  # noqa: F401 - out is a fixture
 
-BYTE_EXACT = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+BYTE_EXACT = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]  # iq4_nl: llama.cpp's scale search
 
 
 def tensors(path):
@@ -43,6 +43,25 @@ def test_bytes_equal_llama_model_quantize(smollm2_slice, slice_f32, tmp_path, ty
     # the tied embedding is the output matrix: q8_0 unless --pure (576 is not a multiple of 256)
     assert a["token_embd.weight"].tensor_type.name.lower() == (type_name if pure else "q8_0")
     assert report.types["f32"] == 1 + 2 * 2  # output_norm + two norms per block
+
+
+@pytest.mark.parametrize("type_name, pure", [("q4_0", False), ("q6_k", True)], ids=["q4_0-mix", "q6_k-pure"])
+def test_q6_k_bytes_equal_llama_model_quantize(tmp_path, monkeypatch, type_name, pure):
+    """Rows of 256: Q6_K fits, as in llama.cpp's Q4_0 mix for an untied output matrix (Qwen2.5's)
+    and in a pure Q6_K file; llama.cpp searches each 16-weight scale, and so do we."""
+    import tests.arch.conftest as families
+
+    monkeypatch.setattr(families, "SIZES", {**families.SIZES, "hidden_size": 256, "intermediate_size": 512})
+    src = open_source(str(families.make_tiny("qwen3", tmp_path / "m")))  # qwen3's tiny model has an untied output
+    f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    export(src, f32, ExportSettings("f32"), progress=False)
+    export(src, ours, ExportSettings(type_name, pure=pure), progress=False)
+    llamacpp.quantize(f32, theirs, type_name, pure=pure)
+    a, b = tensors(ours), tensors(theirs)
+    assert sorted(a) == sorted(b) and a["output.weight"].tensor_type.name == "Q6_K"
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)), name
 
 
 def test_export_is_streaming_and_atomic(smollm2_slice, tmp_path):
