@@ -143,11 +143,8 @@ def write(rec: dict):
         lines.append(f"| {names.get(Path(r['file']).name, Path(r['file']).name)} | {r['size_mb']:.1f} | {r['ppl']:.3f} | "
                      f"{r['kld_mean']:.4f} | {r['same_top1_pct']:.1f} |")
     d = rec.get("differ", [])
-    lines += ["", f"Tensor by tensor, our RTN Q4_0 file and llama.cpp's differ in {len(d)} of them"
-              + (f": {', '.join(d)}" if d else "")
-              + (". Every Q4_0 tensor is byte-identical; what differs is Q6_K (llama.cpp's mix gives the output matrix "
-                 "Q6_K, whose scales llama.cpp chooses by a search our K-quant encoder does not reproduce bit for bit)."
-                 if d and all("Q6_K" in x for x in d) else ".")]
+    lines += ["", (f"Tensor by tensor, our RTN Q4_0 file and llama.cpp's differ in {len(d)} of them: {', '.join(d)}."
+                   if d else "Tensor by tensor, our RTN Q4_0 file and llama.cpp's are byte-identical (types and bytes).")]
     lines += ["", "## Commands", "", "| command | seconds |", "|---|---|"]
     lines += [f"| `{c['command']}` | {c['seconds']} |" for c in rec["commands"]]
     (ROOT / "evals" / "QWEN2_CODER.md").write_text("\n".join(lines) + "\n")
