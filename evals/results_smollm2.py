@@ -17,7 +17,8 @@ Texts: WikiText-2 test (where $NPFT_GGUF_WIKITEXT2 names a copy), the held-out W
 or calibration reads any of them. Throughput (pp512/tg128) is measured on the first text only.
 
 Every step is skipped when its output exists (delete evals/out/results to start over), so an
-interrupted run continues. Writes evals/RESULTS.md, .json and .png.
+interrupted run continues, and a variant added later (`--variants kl/rtn,ce/rtn`) is tuned, exported
+and compared on its own against the same F32 file and tokens, rerunning nothing else. Writes evals/RESULTS.md, .json and .png.
 
     .venv/bin/python evals/results_smollm2.py                                   # kl/rtn and ce/rtn
     .venv/bin/python evals/results_smollm2.py --variants kl/rtn,ce/rtn,kl/none,ce/none,kl/paper,ce/paper,kl/grid,ce/grid
@@ -135,12 +136,13 @@ def main():
         p = OUT / f"llamacpp-{t}{'-imatrix' if use else ''}.gguf"
         files[name] = once(p, lambda t=t, use=use, p=p: run(
             [quant, *(["--imatrix", imat] if use else []), f32, p, t.upper(), a.threads], log, name))
+    ablation_files: dict[str, Path] = {}  # the other variants: one Q4_0 file each, compared on their own
     for i, v in enumerate(v for v in a.variants.split(",") if v):
         objective, noise = v.split("/")
         d = tuned(a, objective, noise, log)
         for t in ("q4_0", "iq4_nl") if i == 0 else ("q4_0",):  # the first variant in full, the others for the ablation
             p = OUT / f"npft-{objective}-{noise}-{t}.gguf"
-            files[f"NPFT {objective}/{noise} {t.upper()}"] = once(p, lambda t=t, p=p: npft(
+            (files if i == 0 else ablation_files)[f"NPFT {objective}/{noise} {t.upper()}"] = once(p, lambda t=t, p=p: npft(
                 "export", d, "--type", t, "-o", p, log=log))
             if not a.no_imatrix_rows and i == 0:  # the tuned weights, then importance-weighted scales from the float model's imatrix
                 p = OUT / f"npft-{objective}-{noise}-{t}-imatrix.gguf"
@@ -157,6 +159,16 @@ def main():
             npft("compare", *files.values(), "--ref", f32, "--text", spec, "--chunks", a.chunks, *th, *bench, "-o", md,
                  "--force", log=log, label=f"compare {name}")
         results[name] = json.loads(md.with_suffix(".json").read_text())
+        # an ablation variant is one more file against the same reference on the same tokens, so it
+        # is measured in a comparison of its own: adding a variant reruns nothing that exists
+        for label, f in ablation_files.items():
+            amd = OUT / f"compare-{name}-{f.stem}.md"
+            if not amd.with_suffix(".json").exists():
+                npft("compare", f, "--ref", f32, "--text", spec, "--chunks", a.chunks, *th, "--no-bench", "-o", amd,
+                     "--force", log=log, label=f"compare {name} {label}")
+            extra = json.loads(amd.with_suffix(".json").read_text())["rows"]
+            results[name]["rows"] += [r for r in extra if Path(r["file"]).name != f32.name]
+    files |= ablation_files
     rec = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "chunks": a.chunks,
            "calib": a.calib, "npft": a.npft, "files": {k: str(v.relative_to(ROOT)) for k, v in files.items()},
            "results": results, "commands": list(log),
