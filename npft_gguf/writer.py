@@ -191,9 +191,13 @@ def prepare(source: Source, settings: ExportSettings, provenance: dict | None = 
     """Plan and metadata (every check that needs no tensor data), with the fallback warnings."""
     tensors = plan(source, settings)
     meta = metadata(source, settings, provenance or {})
+    by_note: dict[str, list[str]] = {}
     for t in tensors:
         if t.choice.note and t.choice.grid.name != settings.type and "output matrix" not in t.choice.note:
-            print(f"warning: {t.name}: {t.choice.note}", file=sys.stderr)
+            by_note.setdefault(t.choice.note, []).append(t.name)
+    for note, names in by_note.items():  # one line per reason, however many layers it concerns
+        which = names[0] if len(names) == 1 else f"{len(names)} tensors ({names[0]} ... {names[-1]})"
+        print(f"warning: {which}: {note}", file=sys.stderr)
     return Prepared(settings, tensors, meta)
 
 

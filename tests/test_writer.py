@@ -64,6 +64,15 @@ def test_q6_k_bytes_equal_llama_model_quantize(tmp_path, monkeypatch, type_name,
         assert np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)), name
 
 
+def test_fallbacks_are_one_warning_per_reason(tiny_bpe, tmp_path, capsys):
+    """Rows of 64 cannot hold Q4_K's 256-weight super-blocks: every layer's linears fall back,
+    said once per reason rather than once per tensor."""
+    export(open_source(str(tiny_bpe)), tmp_path / "k.gguf", ExportSettings("q4_k"), progress=False)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert lines and len(lines) == len(set(ln.split(": ", 2)[2] for ln in lines)), lines
+    assert any(" tensors (" in ln for ln in lines), lines
+
+
 def test_export_is_streaming_and_atomic(smollm2_slice, tmp_path):
     out = tmp_path / "a.gguf"
     export(smollm2_slice, out, ExportSettings("q4_0"), progress=False)
