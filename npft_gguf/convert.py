@@ -99,6 +99,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def tuning_dtype(device: str):
+    """The precision base weights are held in on `device` while tuning (CUDA: bf16; the adapters
+    train in fp32)."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def check_targets(targets: tuple[str, ...], source: Source) -> None:
     """LoRA targets must name linear modules of the decoder, as peft matches them (a module whose
     name is the target or ends in `.target`), checked on the tensor names before any loading."""
@@ -188,10 +196,8 @@ def calibrated_model(source: Source, calib: CalibSettings, device: str, progress
                      dtype=None, tokens=None):
     """The model on its device (CUDA: bf16 base weights; the adapters train in fp32) and its
     calibration tokens (`tokens` when the plan already read them)."""
-    import torch
-
     dev = resolve_device(device)
-    model = source.load_model(dtype=dtype or (torch.bfloat16 if dev == "cuda" else torch.float32), device=dev)
+    model = source.load_model(dtype=dtype or tuning_dtype(dev), device=dev)
     if tokens is None:
         tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
     log(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.calib}")

@@ -320,7 +320,7 @@ def attach_rules(tensors, settings) -> None:
     are left to the grid, as llama.cpp ignores the imatrix for them."""
     import sys
 
-    from .grids.weighted import UNWEIGHTED, WEIGHTED, LlamaCppRules
+    from .grids.weighted import SEARCHED, UNWEIGHTED, WEIGHTED, LlamaCppRules
 
     if settings.type not in IMATRIX_TYPES:
         raise UsageError(f"--imatrix applies to --type {', '.join(IMATRIX_TYPES)} (llama.cpp's importance-weighted "
@@ -341,7 +341,7 @@ def attach_rules(tensors, settings) -> None:
         if g not in WEIGHTED:
             print(f"warning: {t.name}: {g} is written by our RTN, not by llama.cpp's imatrix rules, so this tensor "
                   "will differ from llama-quantize --imatrix", file=sys.stderr)
-        elif qw is not None or g in ("iq4_nl", "q6_k"):
+        elif qw is not None or g in SEARCHED:
             t.packer = LlamaCppRules(t.choice.grid, qw)
     if not used:
         raise UsageError(f"imatrix {settings.imatrix} has no entry for any tensor of this model "
@@ -370,13 +370,12 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
     <run dir>/imatrix.gguf. Returns the path and what the run record says about it."""
     import gc
 
-    import torch
-
     from .calib import load_calibration
+    from .convert import tuning_dtype
 
-    # the precision the tuning holds the base weights in (CUDA: bf16), so that the default method
-    # needs no more memory than the tuning itself; the sums are float64 either way
-    model = plan.source.load_model(dtype=torch.bfloat16 if plan.device == "cuda" else torch.float32, device=plan.device)
+    # in the tuning's precision, so that the default method needs no more memory than the tuning
+    # itself; the sums are float64 either way
+    model = plan.source.load_model(dtype=tuning_dtype(plan.device), device=plan.device)
     tokens = plan.tokens
     if tokens is None:  # --calib self: the same seeded sample the tuning draws from this model
         tokens = load_calibration(plan.calib, plan.source.tokenizer(), model=model, progress=progress)

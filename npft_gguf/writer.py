@@ -94,10 +94,10 @@ def searched_without_imatrix(tensors: list[PlannedTensor]) -> None:
     """Without an imatrix, llama.cpp still searches the scale of IQ4_NL and Q6_K blocks (weights
     x^2, quantize_row_iq4_nl_ref / quantize_row_q6_K_ref) instead of rounding the plain one: those
     tensors get llama.cpp's rules (grids/weighted.py), so the bytes are llama_model_quantize's."""
-    from .grids.weighted import LlamaCppRules
+    from .grids.weighted import SEARCHED, LlamaCppRules
 
     for t in tensors:
-        if len(t.shape) == 2 and t.choice.grid.name in ("iq4_nl", "q6_k"):
+        if len(t.shape) == 2 and t.choice.grid.name in SEARCHED:
             t.packer = LlamaCppRules(t.choice.grid, None)
 
 

@@ -219,7 +219,7 @@ class Family:
         elif rope["rope_type"] == "yarn":  # static YaRN, as llama.cpp applies it at every length
             writer.add_rope_scaling_type(RopeScalingType.YARN)
             writer.add_rope_scaling_factor(float(rope["factor"]))
-            writer.add_rope_scaling_orig_ctx_len(int(yarn_original_context(config)))
+            writer.add_rope_scaling_orig_ctx_len(yarn_original_context(config))
 
     def config_kwargs(self, meta: Callable[[str], object]) -> dict:
         """HF config keyword arguments from a GGUF file's metadata (`meta(key)`, None when absent)."""

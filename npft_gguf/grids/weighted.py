@@ -36,6 +36,7 @@ from .nonuniform import IQ4NL_LEVELS
 F = np.float32
 GROUP_MAX_EPS = F(1e-15)
 WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q6_k")  # types with llama.cpp's imatrix rules here
+SEARCHED = ("iq4_nl", "q6_k")  # types llama.cpp quantizes by a scale search even without an imatrix (weights x^2)
 UNWEIGHTED = ("q8_0", "f32", "f16", "bf16")  # llama.cpp ignores the imatrix for these
 CHUNK_WEIGHTS = 1 << 16  # weights per numpy pass (64 K: the (32, n_blocks) temporaries stay in cache)
 
