@@ -11,6 +11,7 @@ from ..inspect import inspect
 from .bench import BenchSettings, bench
 from .models import LlamaCppBackend
 from .perplexity import EvalSettings, evaluate
+from .reference import recorded
 
 COLUMNS = ["file", "type mix", "size MB", "bits/weight", "PPL", "delta-PPL %", "mean KLD", "same top-1 %", "pp t/s", "tg t/s"]
 
@@ -26,7 +27,12 @@ def compare(files: list[Path], ref: Path, text: str, text_name: str, settings: E
     def backend(f):
         return LlamaCppBackend(f, settings.ctx, threads, n_gpu_layers, flash_attn)
 
-    ref_backend = backend(ref)
+    # the reference runs once: its logits are recorded on this first pass and replayed for every file
+    with recorded(backend(ref)) as ref_backend:
+        return _compare(files, ref, ref_backend, text, text_name, settings, bench_settings, backend, progress)
+
+
+def _compare(files, ref, ref_backend, text, text_name, settings, bench_settings, backend, progress) -> dict:
     ref_result = evaluate(ref_backend, text, text_name, settings, progress=progress)
     rows = []
     for f in [ref, *[f for f in files if Path(f) != Path(ref)]]:

@@ -1,0 +1,76 @@
+"""The reference model's logits, computed once per comparison and replayed for every file.
+
+`compare` measures N files against one reference on the same windows. Run naively, the
+reference (the float model, the slowest file of all) runs N+1 times. Its logits for each window
+are recorded as float32 .npy files in a temporary directory on the first pass and read back
+afterwards (mostly from the page cache), so the KL divergence is the same to the bit. The
+directory goes when the comparison ends, Ctrl-C and SIGTERM included (signals.py). Recording
+stops, and the reference simply runs again, when it would pass its disk budget or leave the disk
+nearly full: a long text on a 150k-token vocabulary is gigabytes per pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .models import Backend
+
+BUDGET_BYTES = 16 << 30  # recorded logits per comparison, at most
+FREE_BYTES = 2 << 30  # left free on the temporary directory's disk, at least
+
+
+class RecordedBackend(Backend):
+    """`inner`, with its logits for each (window, first) kept after the first call."""
+
+    def __init__(self, inner: Backend, directory: Path, budget: int = BUDGET_BYTES, free: int = FREE_BYTES):
+        super().__init__(label=inner.label, n_vocab=inner.n_vocab, add_bos=inner.add_bos, bos_id=inner.bos_id,
+                         n_ctx_train=inner.n_ctx_train, settings=inner.settings)
+        self.inner, self.directory, self.budget, self.free = inner, Path(directory), budget, free
+        self.recorded = 0  # bytes
+        self.replayed = 0  # calls answered from the record
+        self._tokens: dict[str, list[int]] = {}
+        self._fingerprint: dict[int, tuple] = {}
+
+    def tokenize(self, text):
+        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        if key not in self._tokens:
+            self._tokens[key] = self.inner.tokenize(text)
+        return list(self._tokens[key])
+
+    def vocab_fingerprint(self, n=256):
+        if n not in self._fingerprint:
+            self._fingerprint[n] = self.inner.vocab_fingerprint(n)
+        return self._fingerprint[n]
+
+    def logits(self, tokens, first=0):
+        key = hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes() + int(first).to_bytes(8, "little")).hexdigest()
+        path = self.directory / f"{key}.npy"
+        if path.exists():
+            self.replayed += 1
+            return np.load(path)
+        x = self.inner.logits(tokens, first)
+        if self._room_for(x.nbytes):
+            part = path.with_suffix(".part")
+            with open(part, "wb") as f:
+                np.save(f, np.ascontiguousarray(x, dtype=np.float32))
+            os.replace(part, path)  # a half-written record is never read back
+            self.recorded += x.nbytes
+        return x
+
+    def _room_for(self, nbytes: int) -> bool:
+        return (self.recorded + nbytes <= self.budget
+                and shutil.disk_usage(self.directory).free - nbytes >= self.free)
+
+
+@contextmanager
+def recorded(inner: Backend, budget: int = BUDGET_BYTES, free: int = FREE_BYTES):
+    """A RecordedBackend over `inner` whose record lives as long as the block."""
+    with tempfile.TemporaryDirectory(prefix="npft-gguf-ref-") as d:
+        yield RecordedBackend(inner, Path(d), budget, free)

@@ -1,0 +1,81 @@
+"""The reference's logits, recorded once and replayed: the same KLD to the bit, one reference pass."""
+
+from pathlib import Path
+
+import pytest
+
+from npft_gguf.sources import open_source
+from npft_gguf.validate.compare import compare
+from npft_gguf.validate.models import LlamaCppBackend
+from npft_gguf.validate.perplexity import EvalSettings, evaluate
+from npft_gguf.validate.reference import RecordedBackend, recorded
+from npft_gguf.writer import ExportSettings, export
+
+CTX = 64
+
+
+@pytest.fixture(scope="module")
+def files(tiny_bpe, tmp_path_factory):
+    src = open_source(str(tiny_bpe))
+    d = tmp_path_factory.mktemp("ref")
+    for t in ("f32", "q8_0", "q4_0"):
+        export(src, d / f"{t}.gguf", ExportSettings(t, pure=True), progress=False)
+    return d
+
+
+class Counting(LlamaCppBackend):
+    calls = 0
+
+    def logits(self, tokens, first=0):
+        Counting.calls += 1
+        return super().logits(tokens, first)
+
+
+def test_replayed_reference_gives_the_same_kld_to_the_bit(files, wiki_text, tmp_path):
+    text, s = wiki_text[:20_000], EvalSettings(CTX)
+    direct = evaluate(LlamaCppBackend(files / "q4_0.gguf", CTX), text, "wiki", s,
+                      ref=LlamaCppBackend(files / "f32.gguf", CTX), progress=False)
+    Counting.calls = 0
+    ref = RecordedBackend(Counting(files / "f32.gguf", CTX), tmp_path)
+    first = evaluate(ref, text, "wiki", s, progress=False)
+    again = [evaluate(LlamaCppBackend(files / f"{t}.gguf", CTX), text, "wiki", s, ref=ref, progress=False)
+             for t in ("q4_0", "q8_0")]
+    assert Counting.calls == first.chunks > 1  # the reference ran once per window, for three evaluations
+    assert ref.replayed == 2 * first.chunks and ref.recorded > 0
+    assert again[0].kld == direct.kld and again[0].ppl_ref == direct.ppl_ref
+    assert first.ppl == pytest.approx(direct.ppl_ref, rel=1e-6)  # float32 NLL there, float64 log-softmax here
+    assert again[1].kld["mean"] < again[0].kld["mean"]  # q8_0 is closer than q4_0: the replay is not one answer
+
+
+def test_a_reference_over_its_budget_runs_again_with_the_same_result(files, wiki_text, tmp_path):
+    text, s = wiki_text[:20_000], EvalSettings(CTX)
+    Counting.calls = 0
+    ref = RecordedBackend(Counting(files / "f32.gguf", CTX), tmp_path, budget=1)
+    first = evaluate(ref, text, "wiki", s, progress=False)
+    r = evaluate(LlamaCppBackend(files / "q4_0.gguf", CTX), text, "wiki", s, ref=ref, progress=False)
+    assert ref.recorded == ref.replayed == 0 and not list(tmp_path.iterdir())
+    assert Counting.calls == 2 * first.chunks
+    direct = evaluate(LlamaCppBackend(files / "q4_0.gguf", CTX), text, "wiki", s,
+                      ref=LlamaCppBackend(files / "f32.gguf", CTX), progress=False)
+    assert r.kld == direct.kld
+
+
+def test_the_record_is_removed_when_the_block_ends_even_by_interrupt(files):
+    seen: list[Path] = []
+    with pytest.raises(KeyboardInterrupt):
+        with recorded(LlamaCppBackend(files / "f32.gguf", CTX)) as ref:
+            ref.logits(list(range(1, CTX + 1)), CTX // 2)
+            seen += list(ref.directory.iterdir())
+            raise KeyboardInterrupt
+    assert len(seen) == 1 and not seen[0].parent.exists()
+
+
+def test_compare_matches_file_by_file_evaluation(files, wiki_text):
+    text, s = wiki_text[:20_000], EvalSettings(CTX)
+    rep = compare([files / "q4_0.gguf", files / "q8_0.gguf"], files / "f32.gguf", text, "wiki", s, None,
+                  progress=False)
+    by = {Path(r["file"]).name: r for r in rep["rows"]}
+    for t in ("q4_0", "q8_0"):
+        direct = evaluate(LlamaCppBackend(files / f"{t}.gguf", CTX), text, "wiki", s,
+                          ref=LlamaCppBackend(files / "f32.gguf", CTX), progress=False)
+        assert by[f"{t}.gguf"]["kld"] == direct.kld and by[f"{t}.gguf"]["ppl"] == direct.ppl
