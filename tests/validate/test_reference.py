@@ -12,6 +12,7 @@ from npft_gguf.validate.reference import RecordedBackend, recorded
 from npft_gguf.writer import ExportSettings, export
 
 CTX = 64
+N_CHARS = 8_000  # a dozen windows: enough to tell a replay from a rerun, cheap enough to run often
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,13 @@ def files(tiny_bpe, tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def direct(files, wiki_text):
+    """q4_0 and q8_0 against F32 the plain way: the reference run beside each file."""
+    return {t: evaluate(LlamaCppBackend(files / f"{t}.gguf", CTX), wiki_text[:N_CHARS], "wiki", EvalSettings(CTX),
+                        ref=LlamaCppBackend(files / "f32.gguf", CTX), progress=False) for t in ("q4_0", "q8_0")}
+
+
 class Counting(LlamaCppBackend):
     calls = 0
 
@@ -31,10 +39,8 @@ class Counting(LlamaCppBackend):
         return super().logits(tokens, first)
 
 
-def test_replayed_reference_gives_the_same_kld_to_the_bit(files, wiki_text, tmp_path):
-    text, s = wiki_text[:20_000], EvalSettings(CTX)
-    direct = evaluate(LlamaCppBackend(files / "q4_0.gguf", CTX), text, "wiki", s,
-                      ref=LlamaCppBackend(files / "f32.gguf", CTX), progress=False)
+def test_replayed_reference_gives_the_same_kld_to_the_bit(files, direct, wiki_text, tmp_path):
+    text, s = wiki_text[:N_CHARS], EvalSettings(CTX)
     Counting.calls = 0
     ref = RecordedBackend(Counting(files / "f32.gguf", CTX), tmp_path)
     first = evaluate(ref, text, "wiki", s, progress=False)
@@ -42,22 +48,21 @@ def test_replayed_reference_gives_the_same_kld_to_the_bit(files, wiki_text, tmp_
              for t in ("q4_0", "q8_0")]
     assert Counting.calls == first.chunks > 1  # the reference ran once per window, for three evaluations
     assert ref.replayed == 2 * first.chunks and ref.recorded > 0
-    assert again[0].kld == direct.kld and again[0].ppl_ref == direct.ppl_ref
-    assert first.ppl == pytest.approx(direct.ppl_ref, rel=1e-6)  # float32 NLL there, float64 log-softmax here
+    assert again[0].kld == direct["q4_0"].kld and again[0].ppl_ref == direct["q4_0"].ppl_ref
+    assert again[1].kld == direct["q8_0"].kld
+    assert first.ppl == pytest.approx(direct["q4_0"].ppl_ref, rel=1e-6)  # float32 NLL there, float64 log-softmax here
     assert again[1].kld["mean"] < again[0].kld["mean"]  # q8_0 is closer than q4_0: the replay is not one answer
 
 
-def test_a_reference_over_its_budget_runs_again_with_the_same_result(files, wiki_text, tmp_path):
-    text, s = wiki_text[:20_000], EvalSettings(CTX)
+def test_a_reference_over_its_budget_runs_again_with_the_same_result(files, direct, wiki_text, tmp_path):
+    text, s = wiki_text[:N_CHARS], EvalSettings(CTX)
     Counting.calls = 0
     ref = RecordedBackend(Counting(files / "f32.gguf", CTX), tmp_path, budget=1)
     first = evaluate(ref, text, "wiki", s, progress=False)
     r = evaluate(LlamaCppBackend(files / "q4_0.gguf", CTX), text, "wiki", s, ref=ref, progress=False)
     assert ref.recorded == ref.replayed == 0 and not list(tmp_path.iterdir())
     assert Counting.calls == 2 * first.chunks
-    direct = evaluate(LlamaCppBackend(files / "q4_0.gguf", CTX), text, "wiki", s,
-                      ref=LlamaCppBackend(files / "f32.gguf", CTX), progress=False)
-    assert r.kld == direct.kld
+    assert r.kld == direct["q4_0"].kld
 
 
 def test_the_record_is_removed_when_the_block_ends_even_by_interrupt(files):
@@ -70,12 +75,9 @@ def test_the_record_is_removed_when_the_block_ends_even_by_interrupt(files):
     assert len(seen) == 1 and not seen[0].parent.exists()
 
 
-def test_compare_matches_file_by_file_evaluation(files, wiki_text):
-    text, s = wiki_text[:20_000], EvalSettings(CTX)
-    rep = compare([files / "q4_0.gguf", files / "q8_0.gguf"], files / "f32.gguf", text, "wiki", s, None,
-                  progress=False)
+def test_compare_matches_file_by_file_evaluation(files, direct, wiki_text):
+    rep = compare([files / "q4_0.gguf", files / "q8_0.gguf"], files / "f32.gguf", wiki_text[:N_CHARS], "wiki",
+                  EvalSettings(CTX), None, progress=False)
     by = {Path(r["file"]).name: r for r in rep["rows"]}
     for t in ("q4_0", "q8_0"):
-        direct = evaluate(LlamaCppBackend(files / f"{t}.gguf", CTX), text, "wiki", s,
-                          ref=LlamaCppBackend(files / "f32.gguf", CTX), progress=False)
-        assert by[f"{t}.gguf"]["kld"] == direct.kld and by[f"{t}.gguf"]["ppl"] == direct.ppl
+        assert by[f"{t}.gguf"]["kld"] == direct[t].kld and by[f"{t}.gguf"]["ppl"] == direct[t].ppl
