@@ -34,7 +34,7 @@ VARIANTS = {  # name -> extra convert options (on top of --recipe short)
     "grid-all": ["--noise", "grid", "--noise-scope", "all", "--clean-weight", "0.5"],
     "rtn": ["--noise", "rtn", "--clean-weight", "0.5"],
     "rtn-nolambda": ["--noise", "rtn", "--clean-weight", "0"],
-    "control": ["--noise", "none", "--clean-weight", "0"],
+    "control": ["--objective", "ce", "--noise", "none", "--clean-weight", "0"],  # under kl alone nothing trains
 }
 
 

@@ -472,7 +472,7 @@ def npft_options(f):
         click.option("--noise", type=click.Choice(["paper", "grid", "rtn", "none"]), default="rtn", show_default=True,
                      help="rtn (ours): the exact RTN error of W+BA on every weight, straight-through; paper: U[min,max] of the "
                           "row's outliers, mean-subtracted (the paper's); grid: U[-D/2,D/2] of the target block's step; "
-                          "none: a plain-LoRA control."),
+                          "none: a plain-LoRA control (with --objective ce or ce+kl: under kl alone nothing would train)."),
         click.option("--noise-scope", type=click.Choice(["outliers", "all"]), default="outliers", show_default=True,
                      help="Perturb only the outliers (the method) or every weight (grid noise only)."),
         click.option("--resample", type=click.Choice(["step", "epoch"]), default="step", show_default=True, help="Draw new noise every step or once per epoch."),

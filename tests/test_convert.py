@@ -97,6 +97,7 @@ def test_convert_bad_input(tiny_bpe, texts, wiki_test_raw, tmp_path):
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--bits", "7"), 2, "--bits")
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--bits", "3", *TINY), 2, "no 3-bit GGUF type fits")
     assert_fails(cli("convert", tiny_bpe, "-o", out, "--noise-scope", "all", *TINY), 2, "--noise grid")
+    assert_fails(cli("convert", tiny_bpe, "-o", out, "--objective", "kl", "--noise", "none", *TINY), 2, "trains nothing")
     assert not out.exists()
 
 

@@ -75,6 +75,24 @@ def test_teacher_is_the_untuned_model_and_kl_starts_at_zero(tiny_bpe, tokens):
         assert abs(loss(kl, model, x, t).item()) < 1e-6
 
 
+def test_kl_without_noise_has_no_gradient_so_the_settings_refuse_it(tiny_bpe, tokens):
+    """A fresh adapter (B = 0) leaves the student equal to its teacher: the KL is zero and so is every
+    adapter gradient, so tuning kl with no noise would return the untuned model; the settings say so."""
+    model = _peft(_model(tiny_bpe))
+    x = tokens[:2]
+    t = teacher_hidden(model, x)
+    kl = loss(get_objective("kl"), model, x, t)
+    kl.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and abs(kl.item()) < 1e-6 and all(g is None or not g.any() for g in grads)
+    ce = loss(get_objective("ce"), model, x, t)  # the next-token loss does move it
+    ce.backward()
+    assert any(p.grad is not None and p.grad.any() for n, p in model.named_parameters() if "lora_B" in n)
+    with pytest.raises(UsageError, match="trains nothing"):
+        NPFTSettings(objective="kl", noise="none")
+    NPFTSettings(objective="ce+kl", noise="none")
+
+
 def test_ce_objective_is_the_models_own_loss_and_ce_plus_kl_adds_them(tiny_bpe, tokens):
     model = _peft(_model(tiny_bpe)).eval()
     x = tokens[:2]
