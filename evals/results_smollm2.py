@@ -237,10 +237,11 @@ def ablation(rec: dict, t: dict) -> list[str]:
     return out + [""]
 
 
-def built_by(rec: dict, script: str) -> str:
+def built_by(rec: dict, script: str, when: str | None = None) -> str:
     """The sentence that says how a table was measured: the command, date, machine and protocol."""
     first = next(iter(rec["results"].values()))
-    return (f"Built by `.venv/bin/python evals/{script}` on {rec['date'][:10]}, {rec['machine']}. "
+    when = when or f"on {rec['date'][:10]}, {rec['machine']}"
+    return (f"Built by `.venv/bin/python evals/{script}` {when}. "
             f"llama.cpp (llama-cpp-python), ctx {first['ctx']}, first {rec['chunks']} chunks of each text, flash attention off; "
             "KLD against our F32 export on the same tokens.")
 
