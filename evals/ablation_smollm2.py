@@ -189,8 +189,9 @@ def findings(t: dict, runs: list[dict], source: dict) -> list[str]:
                      f"on {len(same)} of {len(t[k])} texts measured: with nothing perturbed the KL from the float model "
                      "has no gradient, so the adapter never left zero; finetune now refuses `--objective kl --noise none`.")
     worse = [k for k in tuned_.values() if _mean(t[k], shared(k)) >= _mean(t[CONTROL], shared(k))]
-    lines.append("- rows no closer than untuned RTN Q4_0 on the texts they were measured on: "
-                 + (", ".join(worse) if worse else "none") + ".")
+    lines.append("- rows whose mean KLD, averaged over the texts they were measured on, is not below untuned RTN Q4_0's: "
+                 + (", ".join(f"{k} ({_mean(t[k], shared(k)):.4f} vs {_mean(t[CONTROL], shared(k)):.4f})" for k in worse)
+                    if worse else "none") + ".")
     xs = shared(*tuned_.values())
     if xs:
         best = min(tuned_.values(), key=lambda k: _mean(t[k], xs))
@@ -241,7 +242,11 @@ def write(runs: list[dict]):
         lines.append("")
     for i, run in enumerate(runs, 1):
         lines += [f"## Commands of run {i} ({run['date'][:10]}, {run['machine']})", "", "| command | seconds |", "|---|---|"]
-        lines += [f"| `{c['command']}` | {'-' if c['seconds'] is None else c['seconds']} |" for c in run["commands"]]
+        seen = set()  # a resumed run logged a reused checkpoint's tune again: each command once, as first run
+        for c in run["commands"]:
+            if c["command"] not in seen:
+                seen.add(c["command"])
+                lines.append(f"| `{c['command']}` | {'-' if c['seconds'] is None else c['seconds']} |")
         lines.append("")
     (ROOT / "evals" / "ABLATION.md").write_text("\n".join(lines))
 

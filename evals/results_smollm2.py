@@ -102,6 +102,8 @@ def tuned(a, objective: str, noise: str, log: list) -> Path:
     cmd = ["finetune", "smollm2-135m", "-o", d, "--calib", a.calib, "--objective", objective, "--noise", noise,
            *(["--resample", "step"] if noise == "rtn" else []), *shlex.split(a.npft), "--threads", a.threads, "--force"]
     if (d / "config.json").exists():
+        if any(c["command"] == shown(["npft-gguf", *cmd]) for c in log):
+            return d  # this run (or the run it continues) already logged the tune
         rep = json.loads((d / "report.json").read_text()) if (d / "report.json").exists() else {}
         log.append({"command": shown(["npft-gguf", *cmd]), "seconds": round(rep.get("tune", {}).get("seconds", 0), 1),
                     "label": f"tune {objective}/{noise} (earlier run)"})
