@@ -241,6 +241,19 @@ def built_by(rec: dict, script: str, when: str | None = None) -> str:
             "KLD against our F32 export on the same tokens.")
 
 
+def speed_noise(t: dict, x: str) -> str:
+    """RTN Q4_0 and the NPFT Q4_0 file hold the same tensor types, so their speed should match:
+    the gap between them is this session's measurement noise, said beside the numbers."""
+    a, b = t.get("RTN Q4_0", {}).get(x), next((row[x] for label, row in t.items()
+                                              if label.startswith("NPFT") and label.endswith(" Q4_0") and x in row), None)
+    if not a or not b or not a.get("pp_tps") or not b.get("pp_tps"):
+        return "Throughput: one session on a shared machine; compare speeds only within it."
+    gap = lambda k: abs(a[k] - b[k]) / min(a[k], b[k]) * 100
+    return (f"Throughput: RTN Q4_0 and NPFT Q4_0 hold the same tensor types, yet measured pp512 {a['pp_tps']:.0f} vs "
+            f"{b['pp_tps']:.0f} t/s and tg128 {a['tg_tps']:.0f} vs {b['tg_tps']:.0f} t/s ({gap('pp_tps'):.0f}% and "
+            f"{gap('tg_tps'):.0f}% apart): on this machine that is the noise, so speed gaps smaller than it say nothing.")
+
+
 def write(rec: dict):
     t = table(rec)
     texts_ = list(rec["results"])
@@ -272,6 +285,8 @@ def write(rec: dict):
             speed = f" {r.get('pp_tps') or 0:.1f} | {r.get('tg_tps') or 0:.1f} |" if bench else ""
             lines.append(f"| {label} | {r['ppl']:.3f} | {r['kld_mean']:.4f} | {p99:.4f} | {r['same_top1_pct']:.1f} |{speed}")
         lines.append("")
+        if bench:
+            lines += [speed_noise(t, x), ""]
     lines += ["## Domain texts (sha256)", ""] + [f"- {d}: `{h}`" for d, h in rec.get("domains", {}).items()] + [""]
     lines += ["## Commands", "", "| command | seconds |", "|---|---|"]
     lines += [f"| `{c['command']}` | {'-' if c['seconds'] is None else c['seconds']} |" for c in rec["commands"]]
