@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,19 +35,34 @@ def shown(cmd: list) -> str:
 
 
 def run(cmd: list, log: list | None = None, label: str | None = None) -> tuple[float, str]:
-    """Run `cmd` from the repository root; exit with its stderr's tail if it fails. Returns
-    (seconds, stdout) and, given a log, appends {command, seconds, label} to it."""
+    """Run `cmd` from the repository root, its stderr (progress bars) relayed as it comes; exit with
+    that stderr's tail if it fails. Returns (seconds, stdout) and, given a log, appends
+    {command, seconds, label} to it."""
     cmd = [str(c) for c in cmd]
     line = shown(cmd)
     print("$", line, flush=True)
     t = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}): {line}\n{r.stderr[-3000:]}")
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail = bytearray()
+
+    def relay():  # progress bars and messages reach the reader as they come; the tail explains a failure
+        while chunk := os.read(p.stderr.fileno(), 4096):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail.extend(chunk)
+            del tail[:-3000]
+
+    relaying = threading.Thread(target=relay, daemon=True)
+    relaying.start()
+    stdout = p.stdout.read().decode()
+    p.wait()
+    relaying.join()
+    if p.returncode:
+        sys.exit(f"failed ({p.returncode}): {line}\n{tail.decode(errors='replace')}")
     seconds = time.time() - t
     if log is not None:
         log.append({"command": line, "seconds": round(seconds, 1), "label": label})
-    return seconds, r.stdout
+    return seconds, stdout
 
 
 def npft(*args, log: list | None = None, label: str | None = None) -> tuple[float, str]:
