@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -72,7 +73,11 @@ def main():
     ap.add_argument("--gptq", action="store_true", help="also GPTQ Q4_0 (tens of minutes on 2 cores)")
     ap.add_argument("--calib", default="wiki")
     ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration segments of 512 tokens")
+    ap.add_argument("--rewrite", action="store_true", help="only rebuild the .md from the committed evals/QWEN2_CODER.json")
     a = ap.parse_args()
+    if a.rewrite:
+        write(json.loads((ROOT / "evals" / "QWEN2_CODER.json").read_text()))
+        return
     if not os.environ.get("NPFT_GGUF_WIKITEXT2"):
         sys.exit("set NPFT_GGUF_WIKITEXT2 to a local wiki.test.raw (the check is defined on WikiText-2)")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -143,6 +148,13 @@ def write(rec: dict):
     for r in rec["compare"]["rows"]:
         lines.append(f"| {names.get(Path(r['file']).name, Path(r['file']).name)} | {r['size_mb']:.1f} | {r['ppl']:.3f} | "
                      f"{r['kld_mean']:.4f} | {r['same_top1_pct']:.1f} |")
+    gptq = [c["command"] for c in rec["commands"] if " --method gptq " in c["command"]]
+    if gptq:
+        opts = " ".join(re.findall(r"--calib(?:-samples|-len)? \S+", gptq[0]))
+        lines += ["", f"GPTQ calibrates on `{opts}`" + (": segments of the project's Wikipedia excerpt (gensim's enwiki "
+                      "test dump), not WikiText-2 text." if "--calib wiki " in gptq[0] else ".")]
+    lines += ["", "The reference here is the F32 export of a Q4_K_M file, not the original BF16 checkpoint (no hub here): "
+                  "the KLDs say how far each Q4_0 file moves from those dequantized weights."]
     d = rec.get("differ", [])
     lines += ["", (f"Tensor by tensor, our RTN Q4_0 file and llama.cpp's differ in {len(d)} of them: {', '.join(d)}."
                    if d else "Tensor by tensor, our RTN Q4_0 file and llama.cpp's are byte-identical (types and bytes).")]
