@@ -29,6 +29,16 @@ def _llama_linear(vocab):
     return LlamaForCausalLM, LlamaConfig(vocab_size=vocab, rope_parameters=rope, **SIZES)
 
 
+def _mistral(vocab):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    # Mistral 7B v0.3 / Nemo: no sliding window (v0.1's is refused), an explicit head_dim that is not
+    # hidden_size / heads (Nemo: 128 with hidden 5120 and 32 heads), untied output, SentencePiece vocabulary
+    rope = {"rope_type": "default", "rope_theta": 1000000.0}
+    return MistralForCausalLM, MistralConfig(vocab_size=vocab, rope_parameters=rope, head_dim=32, sliding_window=None,
+                                             tie_word_embeddings=False, **SIZES)
+
+
 def _qwen2(vocab):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -76,9 +86,9 @@ def _phi3(vocab):
                                        sliding_window=None, pad_token_id=None, **SIZES)
 
 
-BUILDERS = {"llama3": _llama3, "llama-linear": _llama_linear, "qwen2": _qwen2, "qwen2-yarn": _qwen2_yarn, "qwen3": _qwen3, "gemma3": _gemma3, "phi3": _phi3}
-PRE = {"llama3": "llama-bpe", "llama-linear": "gpt-2", "qwen2": "qwen2", "qwen2-yarn": "qwen2", "qwen3": "qwen2", "gemma3": "spm", "phi3": "spm"}  # Phi-3 has Llama 2's SentencePiece vocabulary  # tokenizer.ggml.pre
-GGUF_ARCH = {"llama3": "llama", "llama-linear": "llama", "qwen2": "qwen2", "qwen2-yarn": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
+BUILDERS = {"llama3": _llama3, "llama-linear": _llama_linear, "mistral": _mistral, "qwen2": _qwen2, "qwen2-yarn": _qwen2_yarn, "qwen3": _qwen3, "gemma3": _gemma3, "phi3": _phi3}
+PRE = {"llama3": "llama-bpe", "llama-linear": "gpt-2", "mistral": "spm", "qwen2": "qwen2", "qwen2-yarn": "qwen2", "qwen3": "qwen2", "gemma3": "spm", "phi3": "spm"}  # Phi-3 has Llama 2's SentencePiece vocabulary  # tokenizer.ggml.pre
+GGUF_ARCH = {"llama3": "llama", "llama-linear": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen2-yarn": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
 
 
 def make_tiny(kind: str, out_dir: Path, seed: int = 0) -> Path:

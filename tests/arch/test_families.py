@@ -143,6 +143,7 @@ def test_archs_lists_every_family():
     ({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}, ["gpt_neox", "not supported", "archs"]),
     ({"rope_scaling": None, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, ["dynamic", "rope"]),
     ({"sliding_window": 16}, ["sliding-window"]),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 16}, ["mistral", "sliding-window"]),  # v0.1
     ({"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                 "original_max_position_embeddings": 64, "beta_fast": 16.0}}, ["YaRN", "beta_fast=16.0"]),
     ({"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
