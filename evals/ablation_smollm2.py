@@ -13,7 +13,7 @@ A run measures its variants and RTN Q4_0 with one `npft-gguf compare` per text a
 export on the same tokens (llama.cpp, ctx 512, flash attention off), and is added to the runs in
 evals/ABLATION.json: a short recipe costs about 20 minutes of two cores per variant, so the table
 is filled over several sessions. A run joins only if its own RTN Q4_0 and F32 rows equal every
-earlier run's on the texts they share (to 1e-9, relative; to the bit across two CPUs so far) with the
+earlier run's on the texts they share (within SAME below), with the
 same recipe, calibration and chunks, which shows the same tokens, reference and kernels; otherwise
 the script stops and says so. The table takes each row from the latest run that measured it and
 says which run that was.
@@ -45,7 +45,11 @@ VARIANTS = "kl/rtn,ce/rtn,kl/grid,ce/grid,kl/paper,ce/paper,ce/none"
 OBJECTIVES = {"ce": "next-token loss", "kl": "KL from the float model", "ce+kl": "both"}
 JSON = ROOT / "evals" / "ABLATION.json"
 CONTROL, REF = "RTN Q4_0", "f32.gguf"
-SAME = 1e-9  # relative: how close a new run's control rows must be to an earlier run's
+# relative: how close a new run's control rows must be to an earlier run's. The RTN Q4_0 rows (integer
+# dot products) have agreed to the bit across AMD EPYC and Intel Xeon machines; the F32 file's PPL moved by up to 6e-9
+# (float summation order in llama.cpp's F32 path) while the KLD against it stayed equal to 1e-16. New
+# tokens, a new reference or new kernels move either by orders of magnitude more.
+SAME = {"control": 1e-9, "reference": 1e-7}
 
 
 def main():
@@ -118,7 +122,7 @@ def disagreement(runs: list[dict], new: dict) -> str | None:
             pairs = [(REF, "ppl"), (control, "ppl"), (control, "kld_mean"), (control, "same_top1_pct")]
             for name, key in pairs:
                 a, b = _row(old, text, name)[key], _row(new, text, name)[key]
-                if abs(a - b) > SAME * max(abs(a), abs(b), 1e-12):
+                if abs(a - b) > SAME["reference" if name == REF else "control"] * max(abs(a), abs(b), 1e-12):
                     return f"on {text} its {name} {key} is {b!r}, the run of {when} measured {a!r}"
     return None
 
@@ -208,7 +212,7 @@ def write(runs: list[dict]):
              f"--calib {last['calib']} --objective O --noise N` (and `--resample step` with rtn), then "
              "`npft-gguf export --type q4_0`: no importance matrix, so only the tuning differs. No tuning or "
              "calibration reads any evaluation text. The table gathers runs of several sessions; each run measured its own RTN Q4_0 and F32 rows, equal to every other run's on "
-             "the texts they share, and each row names its run. A '-' is a text its run did not measure. Tune "
+             "the texts they share (RTN Q4_0 to 1e-9 relative, F32 PPL to 1e-7: float summation order), and each row names its run. A '-' is a text its run did not measure. Tune "
              "seconds are each checkpoint's own report (wall time, summed over the sessions of a resumed run): "
              "comparable only between rows tuned on an idle machine of the same kind.", "",
              "## Runs", "", "| run | date | machine | rows | texts |", "|---|---|---|---|---|"]
