@@ -519,7 +519,7 @@ def _targets(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
 
 
-def _tuning_settings(kw: dict, grid: str = "q4_0"):
+def _tuning_settings(kw: dict, grid: str = "q4_0", imatrix: Path | None = None):
     from .calib import CalibSettings
     from .npft import NPFTSettings
 
@@ -536,7 +536,7 @@ def _tuning_settings(kw: dict, grid: str = "q4_0"):
         dropout=kw["dropout"], targets=_targets(kw["targets"]), lr=pick("lr"),
         epochs=pick("epochs"), batch=pick("batch"), grad_accum=kw["grad_accum"], max_steps_per_epoch=pick("max_steps"),
         seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], trace_samples=pick("trace_samples"),
-        trace_probes=kw["trace_probes"], trace_len=kw["trace_len"],
+        trace_probes=kw["trace_probes"], trace_len=kw["trace_len"], imatrix=str(imatrix) if imatrix else None,
     )
     return calib, npft
 
@@ -569,10 +569,14 @@ def _interrupted_run(run_dir: Path):
 @click.option("--grid", default="q4_0", show_default=True, callback=lambda c, p, v: _convert_type(v, "'--grid'"),
               help="The quantizer the model is tuned for (--noise grid or rtn): a GGUF type (" + " ".join(TYPES) + ") "
                    "or a simulated per-channel rtn3 / rtn4 / rtn4g128.")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="The importance matrix the model will be exported with (`export --imatrix`): --noise rtn then "
+                   "tunes against the error of llama.cpp's importance-weighted quantizer on --grid, as convert "
+                   "--method npft+imatrix does, instead of plain RTN's.")
 @click.option("--force", is_flag=True, help="Overwrite a model in OUTPUT, or start over instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @npft_options
-def finetune(source, output, grid, force, as_json, **kw):
+def finetune(source, output, grid, imatrix, force, as_json, **kw):
     """Tune SOURCE with NPFT and save the merged model as a Hugging Face checkpoint.
 
     \b
@@ -586,10 +590,11 @@ def finetune(source, output, grid, force, as_json, **kw):
       npft-gguf finetune smollm2-135m -o smol-npft --recipe short --calib wiki.txt
       npft-gguf finetune ./Llama-2-7b-hf -o llama2-npft --calib c4 --device cuda
       npft-gguf finetune ./Llama-2-7b-hf -o llama2-npft --calib c4 --resume
+      npft-gguf finetune smollm2-135m -o smol-npft --recipe short --imatrix smol.imatrix.gguf
     """
     from .convert import finetune as run_finetune
 
-    calib, npft = _tuning_settings(kw, grid.lower())
+    calib, npft = _tuning_settings(kw, grid.lower(), imatrix)
     try:
         record = run_finetune(source, output, calib, npft, device=kw["device"], force=force, resume=kw["resume"],
                               log=lambda m: click.echo(m, err=True), notice=_notice(kw))
@@ -616,6 +621,10 @@ def finetune(source, output, grid, force, as_json, **kw):
                    "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it); imatrix: llama.cpp's "
                    "importance-weighted quantization (llama-quantize --imatrix), the imatrix taken from the float model "
                    "on the calibration tokens; npft+imatrix: tune, merge, then that (q4_0 q4_1 q5_0 q5_1 iq4_nl).")
+@click.option("--tune-imatrix", is_flag=True,
+              help="npft+imatrix with --noise rtn: tune against the error of the importance-weighted quantizer that "
+                   "writes the file instead of plain RTN's (closer to the float model in evals/IMATRIX_NOISE.md; that "
+                   "quantizer runs on the CPU at every step, about 0.1 s per million weights for Q4_0).")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations).")
 @click.option("--owq-fraction", default=0.01, show_default=True, type=Finite(0, 1, min_open=True, max_open=True),
@@ -628,7 +637,8 @@ def finetune(source, output, grid, force, as_json, **kw):
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT, and start over instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @npft_options
-def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_text, ctx, chunks, run_dir, force, as_json, **kw):
+def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fraction, eval_text, ctx, chunks, run_dir, force,
+            as_json, **kw):
     """Calibrate, tune (NPFT), merge, quantize and write SOURCE as GGUF, then measure it.
 
     \b
@@ -650,6 +660,7 @@ def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_t
       npft-gguf convert ./model --method rtn --bits 4   # the baseline alone
       npft-gguf convert ./model --method gptq --type q4_0 --calib c4
       npft-gguf convert ./model --method npft --type q4_0 --calib wiki   # NPFT, then plain RTN
+      npft-gguf convert smollm2-135m --bits 4 --recipe short --tune-imatrix   # tuned against the imatrix Q4_0
       npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
     from .convert import ConvertSettings
@@ -661,7 +672,7 @@ def convert(source, output, bits, type_, method, act_order, owq_fraction, eval_t
         output = Path(f"{stem}-{'npft' if method == 'auto' else method}-{target or f'{bits}bit'}.gguf")
     calib, npft = _tuning_settings(kw, target or "q4_0")  # the plan sets the grid to the type written, --bits or --type
     settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks,
-                               threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction)
+                               threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction, tune_imatrix=tune_imatrix)
     try:
         record = run_convert(source, output, settings, calib, npft, device=kw["device"], run_dir=run_dir, force=force,
                              resume=kw["resume"], log=lambda m: click.echo(m, err=True), notice=_notice(kw))

@@ -37,6 +37,7 @@ class ConvertSettings:
     threads: int | None = None
     act_order: bool = True         # GPTQ/OWQ (see methods/gptq.py)
     owq_fraction: float = 0.01     # OWQ: weak columns kept in fp16, per linear
+    tune_imatrix: bool = False     # npft+imatrix: rtn noise = the importance-weighted quantizer's error
 
     @property
     def simulated(self):
@@ -162,6 +163,16 @@ def check_resume(run_dir: Path, npft: NPFTSettings, tokens) -> None:
                          "or --force to start over")
 
 
+def check_tuning_imatrix(npft: NPFTSettings) -> None:
+    """finetune --imatrix: a readable imatrix file and a grid llama.cpp has importance-weighted rules for."""
+    from .imatrix import IMATRIX_TYPES, load_imatrix
+
+    if npft.grid not in IMATRIX_TYPES:
+        raise UsageError(f"--imatrix tunes for llama.cpp's importance-weighted {', '.join(IMATRIX_TYPES)}, "
+                         f"not --grid {npft.grid}")
+    load_imatrix(npft.imatrix)
+
+
 def clear_run_dir(run_dir: Path, force: bool, resume: bool):
     """--force without --resume starts over: the old checkpoint goes, once every check has passed."""
     from .npft.train import CHECKPOINT
@@ -226,6 +237,8 @@ def plan_finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSett
     source = open_source(spec)
     npft = npft.for_family(source.arch)
     check_targets(npft.targets, source)
+    if npft.imatrix:
+        check_tuning_imatrix(npft)
     tokens = calibration_tokens(calib, source)
     if resume:
         check_resume(run_dir, npft, tokens)
@@ -289,6 +302,9 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
     type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
     settings = replace(settings, method=resolve_method(settings.method, type_name))
     tuning = "npft" in settings.method
+    if settings.tune_imatrix and (settings.method != "npft+imatrix" or npft.noise != "rtn"):
+        raise UsageError(f"--tune-imatrix tunes the rtn noise for --method npft+imatrix; this run is --method "
+                         f"{settings.method} --noise {npft.noise}")
     if tuning:
         check_run_dir(run_dir, force, resume)
     else:
@@ -307,6 +323,8 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
                              f"rules are reproduced for those), not {type_name}")
     if tuning:
         npft = replace(npft, grid=type_name).for_family(source.arch)  # tuned for the grid it is written on
+        if settings.tune_imatrix:  # ... and for the quantizer that writes it
+            npft = replace(npft, imatrix=str(run_dir / "imatrix.gguf"))  # calibration_imatrix writes it before tuning
         check_targets(npft.targets, source)
     in_torch = settings.method != "rtn" or settings.simulated
     eval_text = None

@@ -311,6 +311,42 @@ def load_imatrix(path) -> Imatrix:
     return _cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
+def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict:
+    """HF linear name -> the function NPFT's rtn noise quantizes that linear's merged weight with,
+    when the file will be written as `grid_name` with the imatrix at `path`: the type llama.cpp's
+    mix gives that tensor with an imatrix (grids/policy: Q4_0's first ffn_down layers are Q4_1) and
+    llama.cpp's importance-weighted rules for it with the linear's entry, as `export --imatrix` will
+    apply them (attach_rules); the type's own RTN where llama.cpp would round to nearest."""
+    from functools import partial
+
+    from .grids.policy import ModelShape, choose
+    from .grids.weighted import SEARCHED, WEIGHTED, weighted_fakequant
+
+    im = load_imatrix(path)
+    heads = config.num_attention_heads
+    shape = ModelShape(config.num_hidden_layers, heads // (getattr(config, "num_key_value_heads", None) or heads),
+                       bool(getattr(config, "tie_word_embeddings", False)))
+    out, used = {}, 0
+    for name, lin in linears.items():
+        gguf = arch.gguf_name(name + ".weight")
+        if gguf is None:
+            continue
+        grid = choose(grid_name, gguf, (lin.out_features, lin.in_features), shape, imatrix=True).grid
+        qw = im.weights(gguf)
+        if qw is not None and qw.size != lin.in_features:
+            raise UsageError(f"imatrix {path}: the entry for {gguf} has {qw.size} columns, the weight {lin.in_features}; "
+                             "was it made for another model?")
+        used += qw is not None
+        if grid.name in WEIGHTED and (qw is not None or grid.name in SEARCHED):
+            out[name] = partial(weighted_fakequant, grid, qw=qw)
+        elif grid.name != grid_name:
+            out[name] = grid.fakequant
+    if not used:
+        raise UsageError(f"imatrix {path} has no entry for any tuned linear of this model "
+                         f"(it names {', '.join(sorted(im.entries)[:2])}, ...); was it made for another model?")
+    return out
+
+
 def attach_rules(tensors, settings) -> None:
     """Give each planned tensor (writer.PlannedTensor) llama.cpp's quantizer for its type and its
     imatrix entry, as llama-quantize --imatrix does: weighted where the file has the tensor
@@ -389,6 +425,8 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
             "calibration": plan.calib.calib, "entries": len(im),
             "weights": "NPFT-tuned and merged" if plan.npft is not None else "untuned",
             "rules": "llama.cpp's importance-weighted quantization (llama-quantize --imatrix)"}
+    if plan.npft is not None and plan.npft.imatrix:
+        info["tuned_against"] = "these rules: the rtn noise was the error of this imatrix's quantization"
     return path, info
 
 
@@ -396,4 +434,5 @@ def imatrix_note(info: dict) -> str:
     """One paragraph for the run report: which weights, which imatrix, which rules."""
     return (f"Quantizer: {info['rules']}, applied to the {info['weights']} weights; the importance matrix was computed "
             f"on {info['computed_on']} over the same {info['tokens']} calibration tokens ({info['calibration']}; "
-            f"{info['entries']} entries, {info['file']}).\n")
+            f"{info['entries']} entries, {info['file']})"
+            + (f"; the tuning was run against {info['tuned_against']}" if info.get("tuned_against") else "") + ".\n")

@@ -11,6 +11,7 @@ import torch
 from gguf import GGUFReader
 
 from npft_gguf.errors import UsageError
+from npft_gguf.grids import get_grid
 from npft_gguf.imatrix import Entry, Imatrix, collect, read_imatrix, text_windows, write_imatrix
 from npft_gguf.sources import open_source
 from tests.conftest import calib_text, make_tiny_llama
@@ -218,7 +219,7 @@ def test_convert_npft_then_imatrix(tiny_bpe, tmp_path):
     (tmp_path / "calib.txt").write_text(calib_text(40_000))
     out = tmp_path / "tiny-npft-im.gguf"
     r = cli("convert", tiny_bpe, "-o", out, "--method", "npft+imatrix", "--type", "q4_0", "--calib", tmp_path / "calib.txt",
-            *TINY, "--eval-text", "none", "--json")
+            *TINY, "--eval-text", "none", "--tune-imatrix", "--json")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["imatrix"]["computed_on"] == "the float (untuned) model" and rec["imatrix"]["tokens"] == "6 x 32"
@@ -229,6 +230,8 @@ def test_convert_npft_then_imatrix(tiny_bpe, tmp_path):
     assert GGUFReader(out).fields["quantize.imatrix.entries_count"].contents() == 14
     report = (run_dir / "report.md").read_text()
     assert "NPFT-tuned and merged weights" in report and "computed on the float (untuned) model" in report
+    assert "the rtn noise was the error of this imatrix's quantization" in report  # the tuning met the file's rules
+    assert rec["tune"]["settings"]["imatrix"] == str(run_dir / "imatrix.gguf")
     assert_fails(cli("convert", tiny_bpe, "-o", tmp_path / "k.gguf", "--method", "imatrix", "--type", "q4_k",
                      "--calib", tmp_path / "calib.txt"), 2, "--method imatrix")
 
@@ -248,3 +251,56 @@ def test_npft_imatrix_is_compared_beside_llama_cpp_s_imatrix_quantization(deep_t
     evaluate_beside_baselines(src, out, "q4_0", settings, tmp_path, ("t", "text"), False, lambda m: None, imatrix=str(deep_imatrix))
     assert [p.name for p in seen["files"]] == ["rtn-q4_0.gguf", "imatrix-q4_0.gguf", "out.gguf"]
     assert GGUFReader(tmp_path / "imatrix-q4_0.gguf").fields["quantize.imatrix.file"].contents() == str(deep_imatrix)
+
+
+# --- the rtn noise when the file is written with an imatrix -------------------------------------------
+
+@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl"])
+def test_tuning_quantizers_are_the_written_file(deep_tiny, deep_imatrix, tmp_path, type_name):
+    """NPFT's rtn noise under an imatrix is W's error in the file export --imatrix writes: for every
+    linear (layer 0's ffn_down Q4_1 in the Q4_0 mix), quantize-dequantize equals that file read back."""
+    from npft_gguf.imatrix import tuning_quantizers
+    from npft_gguf.sensitivity import target_linears
+    from npft_gguf.writer import ExportSettings, export
+
+    src = open_source(str(deep_tiny))
+    model = src.load_model(dtype=torch.float32)
+    linears = target_linears(model)
+    quantize = tuning_quantizers(deep_imatrix, type_name, linears, src.arch, model.config)
+    assert set(quantize) == set(linears)
+    out = tmp_path / "im.gguf"
+    export(src, out, ExportSettings(type_name, imatrix=str(deep_imatrix)), progress=False)
+    written = dict(open_source(str(out)).load_model(dtype=torch.float32).named_parameters())
+    for name, lin in linears.items():
+        assert torch.equal(quantize[name](lin.weight), written[name + ".weight"]), name
+    w = linears["model.layers.1.mlp.down_proj"].weight
+    assert not torch.equal(quantize["model.layers.1.mlp.down_proj"](w), get_grid(type_name).fakequant(w))  # not plain RTN
+
+
+def test_convert_tunes_against_the_imatrix_rules_it_writes_with(tiny_bpe, tmp_path):
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.convert import ConvertSettings, plan_convert
+    from npft_gguf.npft import NPFTSettings
+
+    (tmp_path / "calib.txt").write_text(calib_text(40_000))
+    calib = CalibSettings(calib=str(tmp_path / "calib.txt"), samples=4, length=32)
+    out = tmp_path / "x.gguf"
+    for method, tune_imatrix, expect in (("auto", True, str(tmp_path / "x.npft-run" / "imatrix.gguf")), ("auto", False, None)):
+        plan = plan_convert(str(tiny_bpe), out, ConvertSettings(bits=4, method=method, eval_text="none", tune_imatrix=tune_imatrix),
+                            calib, NPFTSettings(noise="rtn", resample="step"))
+        assert plan.npft.imatrix == expect, (method, tune_imatrix)
+    for method, noise in (("npft", "rtn"), ("npft+imatrix", "grid")):
+        with pytest.raises(UsageError, match="--tune-imatrix"):
+            plan_convert(str(tiny_bpe), out, ConvertSettings(bits=4, method=method, eval_text="none", tune_imatrix=True),
+                         calib, NPFTSettings(noise=noise, resample="step"))
+
+
+def test_finetune_imatrix_is_checked_before_any_work(deep_tiny, deep_imatrix, tmp_path):
+    from tests.test_convert import TINY
+
+    (tmp_path / "calib.txt").write_text(calib_text(40_000))
+    args = ["finetune", deep_tiny, "-o", tmp_path / "t", "--calib", tmp_path / "calib.txt", *TINY]
+    assert_fails(cli(*args, "--imatrix", tmp_path / "none.gguf"), 2, "no such file")
+    assert_fails(cli(*args, "--imatrix", deep_imatrix, "--grid", "q8_0"), 2, "importance-weighted", "q8_0")
+    assert_fails(cli(*args, "--imatrix", deep_imatrix, "--noise", "grid"), 2, "--imatrix", "--noise rtn")
+    assert not (tmp_path / "t").exists()

@@ -15,6 +15,8 @@ class NPFTSettings:
     noise: str = "paper"               # paper | grid | rtn | none (rtn: the exact RTN error, ours; none: a plain-LoRA control)
     noise_scope: str = "outliers"      # outliers | all (grid noise on every weight; ours to try)
     grid: str = "q4_0"                 # the target GGUF grid, for grid noise
+    imatrix: str | None = None         # the imatrix the file will be written with: rtn noise is then llama.cpp's
+                                       # importance-weighted error on that grid, not plain RTN's
     resample: str = "step"             # step | epoch
     clean_weight: float = 0.5          # lambda in L(W+z+BA) + lambda * L(W+BA); 0 drops the term
     objective: str = "ce"              # what L measures: ce | kl | ce+kl (objective.py)
@@ -46,6 +48,8 @@ class NPFTSettings:
             (self.noise_scope == "outliers" or self.noise == "grid", "--noise-scope all needs --noise grid"),
             (self.resample in ("step", "epoch"), "--resample must be step or epoch"),
             (self.noise != "rtn" or self.resample == "step", "--noise rtn follows the adapter: it needs --resample step"),
+            (self.imatrix is None or self.noise == "rtn", "--imatrix shapes the rtn noise (the error the written file "
+                                                          "will have): it needs --noise rtn"),
             (0 < self.outlier_pct <= 100, "--outlier-pct must be in (0, 100]"),
             (self.clean_weight >= 0, "--clean-weight must be >= 0"),
             (self.objective in ("ce", "kl", "ce+kl"), "--objective must be ce, kl or ce+kl"),

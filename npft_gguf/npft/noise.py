@@ -13,7 +13,9 @@ Noise kinds (docs/METHOD.md):
   the scale of the weight's channel or group);
 - rtn (ours, every weight): z = RTN(W + BA) - (W + BA), the error the final RTN will actually make,
   recomputed from the current adapter at each draw and held constant in the backward pass (a
-  straight-through estimator), so L(W + BA + z) is the loss of the quantized merged model.
+  straight-through estimator), so L(W + BA + z) is the loss of the quantized merged model. When the
+  file will be written with an importance matrix, Q(W + BA) is llama.cpp's importance-weighted
+  quantizer with that matrix instead (grids/weighted.py), the error the written file will have.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ class Perturbation:
     """Noise on one linear layer. `resample` draws a new z; the hook applies it while active."""
 
     def __init__(self, linear: torch.nn.Linear, kind: str, scope: str, grid_name: str, found: Outliers | None,
-                 merged=None):
+                 merged=None, quantize=None):
         w = linear.weight.detach().float()
         self.kind, self.active = kind, False
         self.dense = scope == "all" or kind == "rtn"
         if kind == "rtn":
             self.grid = target_quantizer(grid_name)
+            self.quantize = quantize or self.grid.fakequant  # quantize-dequantize, as the written file will
             self.merged = merged or (lambda: linear.weight.detach())
             self.z = torch.zeros_like(w)
         elif self.dense:
@@ -69,7 +72,7 @@ class Perturbation:
     def resample(self, gen: torch.Generator):
         if self.kind == "rtn":
             w = self.merged().float()
-            self.z = self.grid.fakequant(w) - w if self.grid.fits(w.shape[1]) else torch.zeros_like(w)
+            self.z = self.quantize(w) - w if self.grid.fits(w.shape[1]) else torch.zeros_like(w)
             return
         u = torch.rand(self.z.shape, generator=gen).to(self.z.device)
         if self.dense:
@@ -97,14 +100,15 @@ class Perturbations:
     """All layers' perturbations together: draw, switch on for the noisy loss, remove."""
 
     def __init__(self, linears: dict, found: dict[str, Outliers] | None, kind: str, scope: str, grid_name: str,
-                 perturbed: tuple[str, ...], adapters: dict | None = None):
+                 perturbed: tuple[str, ...], adapters: dict | None = None, quantizers: dict | None = None):
         self.layers = {}
         if kind == "none":
             return
         for name, lin in linears.items():
             if name.rsplit(".", 1)[-1] in perturbed:
                 merged = (adapters or {}).get(name)
-                self.layers[name] = Perturbation(lin, kind, scope, grid_name, None if found is None else found[name], merged)
+                self.layers[name] = Perturbation(lin, kind, scope, grid_name, None if found is None else found[name], merged,
+                                                 (quantizers or {}).get(name))
 
     def resample(self, gen: torch.Generator):
         for p in self.layers.values():

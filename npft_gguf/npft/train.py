@@ -96,6 +96,11 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, cfg)
     linears = target_linears(peft_model)
+    quantizers = None
+    if settings.imatrix and settings.noise == "rtn":  # the error of the file export --imatrix will write
+        from ..imatrix import tuning_quantizers
+
+        quantizers = tuning_quantizers(settings.imatrix, settings.grid, linears, of_model(model), model.config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, steps_per_epoch * settings.epochs)
@@ -138,7 +143,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
                                                     settings.seed, progress, desc="hessian trace (before)")
         del fisher
         noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
-                              merged_weights(peft_model))
+                              merged_weights(peft_model), quantizers)
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
         finally:

@@ -291,3 +291,19 @@ def test_bytes_equal_ggml_quantize_chunk(name, with_imatrix):
         ours, theirs = LlamaCppRules(name, q).pack(w), ggml_quantize(name, w, q)
         bad = np.nonzero((ours != theirs).any(1))[0]
         assert bad.size == 0, f"{name}: rows {bad[:5].tolist()} of {w.shape[0]} differ from ggml"
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q6_k"])
+def test_weighted_fakequant_is_the_dequantized_bytes(name):
+    """What NPFT's rtn noise sees under an imatrix: the written bytes, dequantized by gguf-py."""
+    from gguf.quants import dequantize
+
+    from npft_gguf.grids.weighted import weighted_fakequant
+
+    w, qw = sample(5, 256, seed=6)
+    rules = LlamaCppRules(name, qw)
+    raw = rules.pack(w)
+    expect = dequantize(raw, get_grid(name).ggml).reshape(w.shape)
+    assert np.array_equal(weighted_fakequant(name, torch.from_numpy(w), qw).numpy(), expect)
+    if name == "q4_0":  # no imatrix entry: llama.cpp rounds to nearest, as our grid does
+        assert torch.equal(weighted_fakequant(name, torch.from_numpy(w), None), get_grid(name).fakequant(torch.from_numpy(w)))

@@ -99,6 +99,18 @@ def test_rtn_noise_makes_the_layer_its_quantized_merged_self():
     p.remove()
 
 
+def test_rtn_noise_uses_the_quantizer_that_will_write_the_file():
+    """Under an imatrix the written file is not plain RTN: z is the given quantizer's error."""
+    lin, _ = _setup()
+    w = lin.weight.detach().clone()
+    coarse = lambda v: torch.round(v * 2) / 2  # noqa: E731 - a stand-in quantizer, unlike q4_0's RTN
+    p = Perturbation(lin, "rtn", "all", "q4_0", None, quantize=coarse)
+    p.resample(torch.Generator())
+    torch.testing.assert_close(w + p.z, coarse(w))
+    assert not torch.allclose(w + p.z, get_grid("q4_0").fakequant(w))
+    p.remove()
+
+
 def test_noise_for_a_simulated_per_channel_target():
     """`--type rtn3`: rtn noise is that quantizer's own error, grid noise half its channel scale."""
     from npft_gguf.methods.simulate import MinMax
