@@ -34,7 +34,7 @@ from evals.results_smollm2 import OUT, built_by, once, options, texts, tuned  # 
 
 JSON = ROOT / "evals" / "IMATRIX_NOISE.json"
 PLAIN, WEIGHTED = "NPFT kl/rtn, plain RTN noise, + imatrix", "NPFT kl/rtn, imatrix-weighted noise, + imatrix"
-RTN, UNTUNED = "RTN", "untuned + imatrix (llama.cpp's imatrix file)"
+RTN, UNTUNED = "RTN", "untuned + imatrix (as llama-quantize --imatrix)"
 
 
 def main():
