@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evals._run import Log, machine, npft  # noqa: E402
+from evals.ablation_smollm2 import rows_by_label  # noqa: E402
 from evals.results_smollm2 import OUT, built_by, once, options, texts, tuned  # noqa: E402
 
 JSON = ROOT / "evals" / "IMATRIX_NOISE.json"
@@ -103,12 +104,7 @@ def write(runs: dict):
 
 
 def section(rec: dict) -> list[str]:
-    by_name = {Path(v).name: k for k, v in rec["files"].items()}
-    t = {label: {} for label in rec["files"]}
-    for text, cmp in rec["results"].items():
-        for row in cmp["rows"]:
-            if Path(row["file"]).name in by_name:
-                t[by_name[Path(row["file"]).name]][text] = row
+    t = rows_by_label(rec)
     xs = list(rec["results"])
     mean = {k: sum(t[k][x]["kld_mean"] for x in xs) / len(xs) for k in t}
     wins = [x for x in xs if t[WEIGHTED][x]["kld_mean"] < t[PLAIN][x]["kld_mean"]]

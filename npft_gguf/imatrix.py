@@ -317,15 +317,11 @@ def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict
     mix gives that tensor with an imatrix (grids/policy: Q4_0's first ffn_down layers are Q4_1) and
     llama.cpp's importance-weighted rules for it with the linear's entry, as `export --imatrix` will
     apply them (attach_rules); the type's own RTN where llama.cpp would round to nearest."""
-    from functools import partial
-
     from .grids.policy import ModelShape, choose
-    from .grids.weighted import SEARCHED, WEIGHTED, weighted_fakequant
+    from .grids.weighted import SEARCHED, WEIGHTED, LlamaCppRules
 
     im = load_imatrix(path)
-    heads = config.num_attention_heads
-    shape = ModelShape(config.num_hidden_layers, heads // (getattr(config, "num_key_value_heads", None) or heads),
-                       bool(getattr(config, "tie_word_embeddings", False)))
+    shape = ModelShape.of(config)
     out, used = {}, 0
     for name, lin in linears.items():
         gguf = arch.gguf_name(name + ".weight")
@@ -338,7 +334,7 @@ def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict
                              "was it made for another model?")
         used += qw is not None
         if grid.name in WEIGHTED and (qw is not None or grid.name in SEARCHED):
-            out[name] = partial(weighted_fakequant, grid, qw=qw)
+            out[name] = LlamaCppRules(grid, qw).fakequant
         elif grid.name != grid_name:
             out[name] = grid.fakequant
     if not used:

@@ -69,11 +69,7 @@ def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
         raise ValueError(settings.type)
     cfg = source.config
     check_tensors(source.arch, cfg, source.shapes(), source.spec)
-    shape = ModelShape(
-        n_layer=cfg.num_hidden_layers,
-        n_gqa=cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
-        tied=bool(getattr(cfg, "tie_word_embeddings", False)),
-    )
+    shape = ModelShape.of(cfg)
     out = [PlannedTensor(None, name, tuple(a.shape), choose(settings.type, name, tuple(a.shape), shape, settings.pure),
                          data=np.asarray(a, np.float32))
            for name, a in source.extra_tensors().items()]  # first, where llama.cpp's converter puts them

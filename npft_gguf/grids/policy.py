@@ -39,6 +39,14 @@ class ModelShape:
     n_gqa: int
     tied: bool
 
+    @classmethod
+    def of(cls, config) -> "ModelShape":
+        """The facts of a transformers config that llama.cpp's type mix depends on."""
+        heads = config.num_attention_heads
+        return cls(n_layer=config.num_hidden_layers,
+                   n_gqa=heads // (getattr(config, "num_key_value_heads", None) or heads),
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
 
 def _fit(name: str, grid: Grid, ncols: int) -> Choice:
     if grid.fits(ncols):

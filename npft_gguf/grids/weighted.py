@@ -270,23 +270,6 @@ def codes(grid: Grid, w: np.ndarray, qw: np.ndarray | None) -> dict:
     raise ValueError(f"no llama.cpp imatrix rules for {name} here")
 
 
-def weighted_fakequant(grid: Grid | str, w: torch.Tensor, qw: np.ndarray | None) -> torch.Tensor:
-    """What llama.cpp's rules for `grid` with imatrix entry `qw` (None: its rules without one) make
-    of the 2-D weight `w`, dequantized: float32 of w's shape, on w's device. NPFT's rtn noise uses it
-    when the file will be written with an importance matrix, so the tuning meets the error the
-    written file has, not plain RTN's. It runs the bit-exact numpy search on the CPU: about 0.09 s
-    per million weights for Q4_0 and 0.5 s for IQ4_NL (2-core AMD EPYC), at every tuning step."""
-    g = get_grid(grid) if isinstance(grid, str) else grid
-    if w.ndim != 2 or not g.fits(w.shape[1]):
-        raise ValueError(f"{g.name} needs a 2-D weight whose rows are a multiple of {g.block}, got {tuple(w.shape)}")
-    x = w.detach().to(torch.float32).cpu()
-    out = torch.empty_like(x)
-    rows = max(1, CHUNK_WEIGHTS // x.shape[1])
-    for i in range(0, x.shape[0], rows):
-        out[i:i + rows] = g.decode(codes(g, x[i:i + rows].numpy(), qw)).reshape(-1, x.shape[1])
-    return out.to(w.device)
-
-
 class LlamaCppRules:
     """A packer with Grid's face (chunk_rows, pack_rows, pack) that quantizes by llama.cpp's rules
     for `grid` with imatrix entry `qw` (None: llama.cpp's rules without an imatrix)."""
@@ -317,6 +300,20 @@ class LlamaCppRules:
         w = w.detach().to(torch.float32).cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, F)
         self._check(w.shape)
         return self.grid.pack_blocks(codes(self.grid, w, self.qw)).reshape(w.shape[0], -1)
+
+    def fakequant(self, w: torch.Tensor) -> torch.Tensor:
+        """What these rules make of the 2-D weight `w`, dequantized: float32 of w's shape, on w's
+        device. NPFT's rtn noise uses it when the file will be written with an importance matrix, so
+        the tuning meets the error the written file has, not plain RTN's. It runs the bit-exact numpy
+        search on the CPU: about 0.09 s per million weights for Q4_0 and 0.5 s for IQ4_NL (2-core AMD
+        EPYC), at every tuning step."""
+        self._check(tuple(w.shape))
+        x = w.detach().to(torch.float32).cpu()
+        out = torch.empty_like(x)
+        rows = self.chunk_rows(x.shape[1])
+        for i in range(0, x.shape[0], rows):
+            out[i:i + rows] = self.grid.decode(codes(self.grid, x[i:i + rows].numpy(), self.qw)).reshape(-1, x.shape[1])
+        return out.to(w.device)
 
     def pack_rows(self, chunks: Iterable, shape: tuple[int, int]) -> np.ndarray:
         """GGUF bytes of a 2-D weight given as consecutive row chunks (Grid.pack_rows' loop)."""

@@ -97,7 +97,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         peft_model = get_peft_model(model, cfg)
     linears = target_linears(peft_model)
     quantizers = None
-    if settings.imatrix and settings.noise == "rtn":  # the error of the file export --imatrix will write
+    if settings.imatrix:  # rtn noise (NPFTSettings requires it): the error of the file export --imatrix will write
         from ..imatrix import tuning_quantizers
 
         quantizers = tuning_quantizers(settings.imatrix, settings.grid, linears, of_model(model), model.config)

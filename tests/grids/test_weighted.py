@@ -298,12 +298,10 @@ def test_weighted_fakequant_is_the_dequantized_bytes(name):
     """What NPFT's rtn noise sees under an imatrix: the written bytes, dequantized by gguf-py."""
     from gguf.quants import dequantize
 
-    from npft_gguf.grids.weighted import weighted_fakequant
-
     w, qw = sample(5, 256, seed=6)
     rules = LlamaCppRules(name, qw)
     raw = rules.pack(w)
     expect = dequantize(raw, get_grid(name).ggml).reshape(w.shape)
-    assert np.array_equal(weighted_fakequant(name, torch.from_numpy(w), qw).numpy(), expect)
+    assert np.array_equal(rules.fakequant(torch.from_numpy(w)).numpy(), expect)
     if name == "q4_0":  # no imatrix entry: llama.cpp rounds to nearest, as our grid does
-        assert torch.equal(weighted_fakequant(name, torch.from_numpy(w), None), get_grid(name).fakequant(torch.from_numpy(w)))
+        assert torch.equal(LlamaCppRules(name, None).fakequant(torch.from_numpy(w)), get_grid(name).fakequant(torch.from_numpy(w)))
