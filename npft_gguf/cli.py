@@ -621,10 +621,10 @@ def finetune(source, output, grid, imatrix, force, as_json, **kw):
                    "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it); imatrix: llama.cpp's "
                    "importance-weighted quantization (llama-quantize --imatrix), the imatrix taken from the float model "
                    "on the calibration tokens; npft+imatrix: tune, merge, then that (q4_0 q4_1 q5_0 q5_1 iq4_nl).")
-@click.option("--tune-imatrix", is_flag=True,
-              help="npft+imatrix with --noise rtn: tune against the error of the importance-weighted quantizer that "
-                   "writes the file instead of plain RTN's (closer to the float model in evals/IMATRIX_NOISE.md; that "
-                   "quantizer runs on the CPU at every step, about 0.1 s per million weights for Q4_0).")
+@click.option("--tune-imatrix/--no-tune-imatrix", default=None,
+              help="npft+imatrix with --noise rtn (the default): tune against the error of the importance-weighted "
+                   "quantizer that writes the file, not plain RTN's; on by default, computed on the tuning device "
+                   "(grids/twins.py). --no-tune-imatrix: plain RTN's error, the earlier default.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations).")
 @click.option("--owq-fraction", default=0.01, show_default=True, type=Finite(0, 1, min_open=True, max_open=True),
@@ -660,7 +660,7 @@ def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fr
       npft-gguf convert ./model --method rtn --bits 4   # the baseline alone
       npft-gguf convert ./model --method gptq --type q4_0 --calib c4
       npft-gguf convert ./model --method npft --type q4_0 --calib wiki   # NPFT, then plain RTN
-      npft-gguf convert smollm2-135m --bits 4 --recipe short --tune-imatrix   # tuned against the imatrix Q4_0
+      npft-gguf convert smollm2-135m --bits 4 --recipe short --no-tune-imatrix   # tuned against plain RTN's error
       npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
     from .convert import ConvertSettings

@@ -37,7 +37,8 @@ class ConvertSettings:
     threads: int | None = None
     act_order: bool = True         # GPTQ/OWQ (see methods/gptq.py)
     owq_fraction: float = 0.01     # OWQ: weak columns kept in fp16, per linear
-    tune_imatrix: bool = False     # npft+imatrix: rtn noise = the importance-weighted quantizer's error
+    tune_imatrix: bool | None = None  # npft+imatrix: rtn noise = the importance-weighted quantizer's error (None: on
+                                      # where it applies, npft+imatrix with rtn noise)
 
     @property
     def simulated(self):
@@ -302,6 +303,8 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
     type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
     settings = replace(settings, method=resolve_method(settings.method, type_name))
     tuning = "npft" in settings.method
+    if settings.tune_imatrix is None:  # the default: tune against the quantizer that writes the file
+        settings = replace(settings, tune_imatrix=settings.method == "npft+imatrix" and npft.noise == "rtn")
     if settings.tune_imatrix and (settings.method != "npft+imatrix" or npft.noise != "rtn"):
         raise UsageError(f"--tune-imatrix tunes the rtn noise for --method npft+imatrix; this run is --method "
                          f"{settings.method} --noise {npft.noise}")

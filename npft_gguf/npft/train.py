@@ -29,6 +29,7 @@ import torch
 
 from ..atomic import atomic_output
 from ..errors import NpftError, UsageError
+from ..grids import GRIDS
 from ..progress import bar
 from ..arch import of_model
 from ..sensitivity import fisher_diagonal, outliers, summary, target_linears
@@ -97,7 +98,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         peft_model = get_peft_model(model, cfg)
     linears = target_linears(peft_model)
     quantizers = None
-    if settings.imatrix:  # rtn noise (NPFTSettings requires it): the error of the file export --imatrix will write
+    if settings.noise == "rtn" and settings.grid in GRIDS:  # the error of the file the writer will make, per tensor
         from ..imatrix import tuning_quantizers
 
         quantizers = tuning_quantizers(settings.imatrix, settings.grid, linears, of_model(model), model.config)

@@ -1,0 +1,220 @@
+"""Torch twins of llama.cpp's scale-searching quantizers, for NPFT's noise on the tuning device.
+
+grids/weighted.py repeats llama.cpp's importance-weighted rules bit for bit in numpy, on the CPU,
+one float32 addition at a time: right for writing a file, too slow to run at every tuning step
+(0.09 s per million weights for Q4_0, 0.5 s for IQ4_NL, on 2 cores). The twins run the same
+search (the same candidate scales in the same order, the same least-squares scale and min, the
+same first-wins comparisons, fp16 scales on the way back) as whole-tensor torch operations on the
+weight's own device. The one difference is the order of the 32 additions inside a block, so a
+block whose two best candidates tie to the last bits of a float32 sum may pick the other one; how
+often that happens, and what it costs, is measured against the written bytes on real weights
+(tests/grids/test_twins.py, evals/twins_agreement.py).
+
+  Q4_0, Q5_0   make_qx_quants: 19 candidate scales
+  Q4_1, Q5_1   make_qkx3_quants: 37 candidate ranges, each fitted by weighted least squares
+  IQ4_NL       15 candidate scales on the non-uniform codebook, then every weight re-coded
+
+Weights of the search: with an imatrix entry qw, qw * sqrt(sigma2 + x^2) (sigma2 the row's mean
+x^2, for IQ4_NL twice the block's); without one, IQ4_NL weighs by x^2 and the 32-weight legacy
+types round to nearest (their plain grid, exactly our RTN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Grid, get_grid
+from .base import as_f32
+from .nonuniform import IQ4NL_LEVELS
+
+EPS = 1e-15  # ggml's GROUP_MAX_EPS: a block whose largest |x| is below it is all zeros
+TWINNED = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")  # types whose search has a twin here
+NMAX = {"q4_0": 8, "q5_0": 16, "q4_1": 15, "q5_1": 31}
+
+
+def _f(v: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 scalar on like's device, so constant arithmetic rounds as C's float does."""
+    return torch.tensor(v, dtype=torch.float32, device=like.device)
+
+
+def _signed_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block (row of x): |x| max and the signed x there, the first of equal magnitudes."""
+    i = x.abs().argmax(dim=1, keepdim=True)
+    mx = x.gather(1, i)
+    return mx.abs(), mx
+
+
+def qx_search(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qx_quants on blocks x (n, 32) with weights w: (codes 0..2*nmax-1, scale (n, 1))."""
+    amax, mx = _signed_absmax(x)
+    zero = amax < EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    lo, hi = float(-nmax), float(nmax - 1)
+
+    def trial(iscale):
+        q = torch.clamp(torch.round(iscale * x), lo, hi)
+        wx = w * x
+        return q, (wx * q).sum(1, keepdim=True), (w * q * q).sum(1, keepdim=True)
+
+    q, sumlx, suml2 = trial(_f(-nmax, x) / mx)
+    nz = suml2 != 0
+    scale = torch.where(nz, sumlx / torch.where(nz, suml2, torch.ones_like(suml2)), torch.zeros_like(suml2))
+    best = scale * sumlx
+    codes = q + nmax
+    for i in range(-9, 10):
+        if i == 0:
+            continue
+        q, sumlx, suml2 = trial(-(_f(nmax, x) + _f(0.1, x) * _f(i, x)) / mx)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        codes = torch.where(better, q + nmax, codes)
+        scale = torch.where(better, sumlx / torch.where(better, suml2, torch.ones_like(suml2)), scale)
+        best = torch.where(better, scale * sumlx, best)
+    codes = torch.where(zero, torch.zeros_like(codes), codes)
+    return codes, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def qkx3_search(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float = -0.9, rdelta: float = 0.05,
+                nstep: int = 36) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """make_qkx3_quants on blocks x (n, 32) with weights w: (codes 0..nmax, scale, min <= 0). Each
+    candidate range starts from the min the best candidate so far fitted, as in ggml, so the
+    candidates are tried one after another (each one over every block at once)."""
+    mn = torch.clamp(x.amin(1, keepdim=True), max=0.0)
+    mx = x.amax(1, keepdim=True)
+    sum_w = w.sum(1, keepdim=True)
+    sum_x = (w * x).sum(1, keepdim=True)
+    flat = mx <= mn
+    one = torch.ones_like(mx)
+    top = float(nmax)
+
+    def codes_for(iscale, lo):
+        return torch.clamp(torch.round(iscale * (x - lo)), 0.0, top)
+
+    iscale = _f(top, x) / torch.where(flat, one, mx - mn)
+    scale = 1.0 / iscale
+    L = codes_for(iscale, mn)
+    diff = scale * L + mn - x
+    best = (w * (diff * diff)).sum(1, keepdim=True)
+    for i in range(nstep + 1):
+        iscale = (_f(rmin, x) + _f(rdelta, x) * _f(i, x) + top) / torch.where(flat, one, mx - mn)
+        la = codes_for(iscale, mn)
+        wl = w * la
+        sum_l, sum_l2, sum_xl = wl.sum(1, keepdim=True), (wl * la).sum(1, keepdim=True), (wl * x).sum(1, keepdim=True)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, one)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, one), this_scale)
+        diff = this_scale * la + this_min - x
+        mad = (w * (diff * diff)).sum(1, keepdim=True)
+        better = ok & (mad < best) & ~flat
+        L = torch.where(better, la, L)
+        best = torch.where(better, mad, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    return L, torch.where(flat, torch.zeros_like(scale), scale), mn
+
+
+def _levels(like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(IQ4NL_LEVELS, dtype=torch.float32, device=like.device)
+
+
+def iq4nl_index(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8: the nearest level, the upper one on ties, the ends beyond them."""
+    mu = torch.clamp(torch.searchsorted(levels, x.contiguous(), right=True), 1, levels.numel() - 1)
+    lower = (x - levels[mu - 1]) < (levels[mu] - x)
+    idx = mu - lower.long()
+    idx = torch.where(x <= levels[0], torch.zeros_like(idx), idx)
+    return torch.where(x >= levels[-1], torch.full_like(idx, levels.numel() - 1), idx)
+
+
+def iq4nl_search(x: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_row_iq4_nl_impl on blocks x (n, 32) with weights w: (codebook indices, scale)."""
+    levels = _levels(x)
+    amax, mx = _signed_absmax(x)
+    zero = amax < EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    v0 = IQ4NL_LEVELS[0]
+
+    def sums(iscale):
+        q = levels[iq4nl_index(iscale * x, levels)]
+        wq = w * q
+        return (wq * x).sum(1, keepdim=True), (wq * q).sum(1, keepdim=True)
+
+    d = -mx / _f(v0, x)
+    sumqx, sumq2 = sums(1.0 / d)
+    pos = sumq2 > 0
+    d = torch.where(pos, sumqx / torch.where(pos, sumq2, torch.ones_like(sumq2)), torch.zeros_like(sumq2))
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        sumqx, sumq2 = sums(_f(itry + v0, x) / mx)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / torch.where(better, sumq2, torch.ones_like(sumq2)), d)
+        best = torch.where(better, d * sumqx, best)
+    d = torch.where(zero, torch.zeros_like(d), d)
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    return iq4nl_index(inv * x, levels), d
+
+
+class TwinRules:
+    """llama.cpp's quantizer for `grid` with imatrix entry `qw` (None: its rules without one), as
+    torch operations on the weight's device. `codes(w)` gives the fields grids/weighted.codes gives
+    (for measuring agreement); `fakequant(w)` the dequantized weight, what NPFT's rtn noise needs."""
+
+    def __init__(self, grid: Grid | str, qw=None):
+        self.grid = get_grid(grid) if isinstance(grid, str) else grid
+        if self.grid.name not in TWINNED:
+            raise ValueError(f"no torch twin of llama.cpp's rules for {self.grid.name}")
+        self.qw = None if qw is None else torch.as_tensor(qw, dtype=torch.float32).reshape(-1)
+
+    @property
+    def name(self) -> str:
+        return self.grid.name
+
+    def _blocks(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x, search weights) as (n_blocks, 32), or weights None where llama.cpp rounds to nearest."""
+        if w.ndim != 2 or not self.grid.fits(w.shape[1]):
+            raise ValueError(f"{self.name} needs a 2-D weight whose rows are a multiple of 32, got {tuple(w.shape)}")
+        rows, cols = w.shape
+        w = w.detach().to(torch.float32)
+        x = w.reshape(-1, 32)
+        if self.qw is None:
+            return x, (x * x if self.name == "iq4_nl" else None)
+        if self.qw.shape[0] != cols:
+            raise ValueError(f"the imatrix entry has {self.qw.shape[0]} columns, the weight {cols}")
+        qw = self.qw.to(w.device).reshape(1, -1, 32).expand(rows, -1, -1).reshape(-1, 32)
+        if self.name == "iq4_nl":
+            sigma2 = (x * x).sum(1, keepdim=True) * (2.0 / 32)
+        else:
+            sigma2 = ((w * w).sum(1, keepdim=True) / cols).repeat_interleave(cols // 32, dim=0)
+        return x, qw * torch.sqrt(sigma2 + x * x)
+
+    def codes(self, w: torch.Tensor) -> dict:
+        """Per block the codes and the float32 scale (and min), before fp16 rounding; None weights
+        (legacy types without an imatrix) give the plain grid's own encoding."""
+        x, wt = self._blocks(w)
+        if wt is None:
+            return self.grid.encode(x)
+        if self.name == "iq4_nl":
+            q, d = iq4nl_search(x, wt)
+            return {"d": d, "q": q.to(torch.uint8)}
+        if self.name in ("q4_0", "q5_0"):
+            q, d = qx_search(x, wt, NMAX[self.name])
+            return {"d": d, "q": q.to(torch.uint8)}
+        q, d, mn = qkx3_search(x, wt, NMAX[self.name])
+        return {"d": d, "m": mn, "q": q.to(torch.uint8)}
+
+    def fakequant(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight as the written file will hold it, dequantized: float32 of w's shape."""
+        c = self.codes(w)
+        q = c["q"].to(torch.float32)
+        if self.name == "iq4_nl":
+            out = as_f32(c["d"]) * _levels(q)[c["q"].long()]
+        elif self.name in ("q4_0", "q5_0"):
+            out = as_f32(c["d"]) * (q - NMAX[self.name])
+        else:
+            out = as_f32(c["d"]) * q + as_f32(c["m"])
+        return out.reshape(w.shape)
