@@ -21,6 +21,7 @@ from . import __version__
 from .calib import CalibSettings, load_calibration
 from .choices import BITS, METHODS
 from .errors import UsageError
+from .fingerprint import source_record
 from .npft import NPFTSettings, tune
 from .npft.report import write_report
 from .sources import ModelSource, Source, open_source
@@ -64,6 +65,7 @@ class Plan:
     settings: ConvertSettings | None = None
     type_name: str | None = None   # the type written (and, for NPFT, tuned for)
     eval_text: tuple[str, str] | None = None  # (name, text) for the closing evaluation
+    made_from: dict | None = None  # fingerprint.source_record: what the tuning checkpoint records and a resume must match
 
 
 def resolve_method(method: str, type_name: str) -> str:
@@ -134,34 +136,35 @@ def check_directory_target(path: Path, what: str) -> None:
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool):
     """A run directory with a checkpoint is only reused with --resume, or cleared with --force."""
-    from .npft.train import CHECKPOINT
+    from .npft.train import CHECKPOINT, PICKLED_CHECKPOINT
 
     check_directory_target(run_dir, "the run directory")
-    if (run_dir / CHECKPOINT).exists() and not resume and not force:
+    if any((run_dir / f).exists() for f in (CHECKPOINT, PICKLED_CHECKPOINT)) and not resume and not force:
         raise UsageError(f"{run_dir} holds an unfinished or earlier run; pass --resume to continue it or --force to start over")
 
 
-def check_resume(run_dir: Path, npft: NPFTSettings, tokens) -> None:
-    """--resume of a checkpoint made with other settings or other calibration tokens fails now, not
-    after the model is loaded (tune checks again, for callers of the library)."""
-    from .npft.train import CHECKPOINT, tokens_digest
+def check_apart(out: Path, run_dir: Path) -> None:
+    """The output file and the run directory (its references, checkpoint and report) must not be
+    the same path or lie one inside the other, where each would overwrite or hide the other."""
+    o, r = out.resolve(), run_dir.resolve()
+    if o == r or r.is_relative_to(o) or o.is_relative_to(r):
+        how = "is" if o == r else "is inside" if o.is_relative_to(r) else "holds"
+        raise UsageError(f"-o {out} {how} the run directory {run_dir}, where the run keeps its references, checkpoint and "
+                         "report; give --run-dir a folder apart from the output")
 
-    ckpt = run_dir / CHECKPOINT
-    if not ckpt.is_file():
+
+def check_resume(run_dir: Path, npft: NPFTSettings, tokens, source: dict) -> None:
+    """--resume of a checkpoint made from another model, with other settings or with other
+    calibration tokens fails now, before the model is loaded (tune checks again, for callers of the
+    library). Only the checkpoint's header is read."""
+    from .npft.train import checkpoint_record, resume_problem, tokens_digest
+
+    record = checkpoint_record(run_dir)
+    if record is None:
         return
-    import torch
-
-    try:  # memory-mapped: only the settings and the digest are read
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        saved, digest = state["settings"], state["tokens"]
-    except Exception as e:  # noqa: BLE001 - a torn or foreign file
-        raise UsageError(f"{ckpt} is not a readable checkpoint ({type(e).__name__}); pass --force to start over") from None
-    changed = npft.same_run(saved)
-    if tokens is not None and digest != tokens_digest(tokens):
-        changed.append("calibration data")
-    if changed:
-        raise UsageError(f"{run_dir} holds a run with different {', '.join(changed)}; rerun with the same settings, "
-                         "or --force to start over")
+    problem = resume_problem(run_dir, record, npft, tokens_digest(tokens) if tokens is not None else None, source)
+    if problem:
+        raise UsageError(problem)
 
 
 def check_tuning_imatrix(npft: NPFTSettings) -> None:
@@ -176,10 +179,11 @@ def check_tuning_imatrix(npft: NPFTSettings) -> None:
 
 def clear_run_dir(run_dir: Path, force: bool, resume: bool):
     """--force without --resume starts over: the old checkpoint goes, once every check has passed."""
-    from .npft.train import CHECKPOINT
+    from .npft.train import CHECKPOINT, PICKLED_CHECKPOINT
 
     if force and not resume:
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        for f in (CHECKPOINT, PICKLED_CHECKPOINT):
+            (run_dir / f).unlink(missing_ok=True)
 
 
 def calibration_tokens(calib: CalibSettings, source: Source):
@@ -222,7 +226,7 @@ def tuned_model(plan: Plan, force: bool, resume: bool, progress: bool, log, noti
     """Load, calibrate, tune and merge; returns the tuning result and the calibration tokens."""
     model, tokens = calibrated_model(plan.source, plan.calib, plan.device, progress, log, notice, tokens=plan.tokens)
     clear_run_dir(plan.run_dir, force, resume)
-    return tune(model, tokens, plan.npft, plan.run_dir, resume=resume, progress=progress, log=log), tokens
+    return tune(model, tokens, plan.npft, plan.run_dir, resume=resume, progress=progress, log=log, source=plan.made_from), tokens
 
 
 def plan_finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings, device: str = "auto",
@@ -241,9 +245,10 @@ def plan_finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSett
     if npft.imatrix:
         check_tuning_imatrix(npft)
     tokens = calibration_tokens(calib, source)
+    made_from = source_record(source)
     if resume:
-        check_resume(run_dir, npft, tokens)
-    return Plan(spec, source, calib, npft, resolve_device(device), tokens, run_dir)
+        check_resume(run_dir, npft, tokens, made_from)
+    return Plan(spec, source, calib, npft, resolve_device(device), tokens, run_dir, made_from=made_from)
 
 
 def finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings, device: str = "auto",
@@ -297,8 +302,9 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
     out = Path(out)
     if settings.method not in METHODS:
         raise UsageError(f"--method {settings.method!r}: choose one of {', '.join(METHODS)}")
-    check_target(out, force)
     run_dir = Path(run_dir) if run_dir else out.with_name(out.stem + ".npft-run")
+    check_apart(out, run_dir)
+    check_target(out, force)
     source = open_source(spec)
     type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
     settings = replace(settings, method=resolve_method(settings.method, type_name))
@@ -336,10 +342,11 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
         eval_text = load_text(settings.eval_text)
         check_eval_text(eval_text[1], settings.ctx, source)
     tokens = calibration_tokens(calib, source) if settings.method != "rtn" else None
+    made_from = source_record(source) if tuning else None
     if tuning and resume:
-        check_resume(run_dir, npft, tokens)
+        check_resume(run_dir, npft, tokens, made_from)
     return Plan(spec, source, calib, npft if tuning else None, resolve_device(device) if in_torch else None, tokens, run_dir,
-                out=out, settings=settings, type_name=type_name, eval_text=eval_text)
+                out=out, settings=settings, type_name=type_name, eval_text=eval_text, made_from=made_from)
 
 
 def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
@@ -471,9 +478,10 @@ def evaluate_beside_baselines(source: Source, out: Path, type_name: str, setting
                               text: tuple[str, str], progress: bool, log, imatrix: str | None = None) -> dict:
     """PPL and KLD of OUT beside plain RTN of the untuned source (and, for npft+imatrix, llama.cpp's
     imatrix quantization of the untuned source with the same imatrix), against the float model, in llama.cpp."""
+    from .fingerprint import source_fingerprint
     from .validate.compare import compare, markdown
     from .validate.perplexity import EvalSettings
-    from .writer import ExportSettings, export
+    from .writer import ExportSettings, export, written_as
 
     text_name, body = text
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -486,10 +494,13 @@ def evaluate_beside_baselines(source: Source, out: Path, type_name: str, setting
         rtn = run_dir / f"rtn-{type_name}.gguf"
         wanted.append((rtn, type_name))
         files = [rtn, out]
-    for path, t in wanted:
-        if not path.exists():
-            log(f"writing {path.name} (untuned {t}, for comparison)")
-            export(source, path, ExportSettings(type=t), progress=progress)
+    made_from = {"source": source_fingerprint(source)}
+    for path, t in wanted:  # reused only when made from this source with these settings (written_as)
+        if written_as(path, ExportSettings(type=t), made_from):
+            continue
+        log(f"{'remaking' if path.exists() else 'writing'} {path.name} (untuned {t}, for comparison)"
+            + (": the one there was made from another model or version, or with other settings" if path.exists() else ""))
+        export(source, path, ExportSettings(type=t), force=True, provenance=made_from, progress=progress)
     if settings.method == "npft+imatrix" and imatrix:  # rewritten each run: the imatrix follows the calibration
         baseline = run_dir / f"imatrix-{type_name}.gguf"
         log(f"writing {baseline.name} (untuned {type_name} with the same imatrix, for comparison)")

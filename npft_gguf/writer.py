@@ -99,15 +99,16 @@ def searched_without_imatrix(tensors: list[PlannedTensor]) -> None:
 
 def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list[tuple[str, object, V, V | None]]:
     name = getattr(source.config, "_name_or_path", "") or Path(source.spec).stem
+    made = made_by(settings, provenance)
     items = [
         ("general.name", Path(str(name)).name or source.spec, V.STRING, None),
         ("general.file_type", int(FILE_TYPES[settings.type]), V.UINT32, None),
         ("general.quantization_version", 2, V.UINT32, None),
         ("general.source.npft.spec", source.spec, V.STRING, None),
         ("general.source.npft.kind", source.kind, V.STRING, None),
-        ("general.npft.tool", f"npft-gguf {__version__}", V.STRING, None),
+        ("general.npft.tool", made["general.npft.tool"], V.STRING, None),
         ("general.npft.method", provenance.get("method", "rtn"), V.STRING, None),
-        ("general.npft.settings", json.dumps({**asdict(settings), **provenance}, sort_keys=True, default=str), V.STRING, None),
+        ("general.npft.settings", made["general.npft.settings"], V.STRING, None),
     ]
     items += hparams(source)
     items += [(f.key, f.value, f.vtype, f.sub_type) for f in source.tokenizer_fields()]
@@ -116,6 +117,25 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
 
         items += [(k, v, vt, None) for k, v, vt in quantize_metadata(settings.imatrix)]
     return items
+
+
+def made_by(settings: ExportSettings, provenance: dict) -> dict[str, str]:
+    """The keys that say what wrote a file and how: the tool's version, and the export settings
+    with the caller's provenance (for the run directory's references, the source's fingerprint)."""
+    return {"general.npft.tool": f"npft-gguf {__version__}",
+            "general.npft.settings": json.dumps({**asdict(settings), **provenance}, sort_keys=True, default=str)}
+
+
+def written_as(path: Path, settings: ExportSettings, provenance: dict) -> bool:
+    """Whether `path` is a complete GGUF file this version wrote with these settings and provenance,
+    so that writing it again would give the same file; False for anything else, unreadable included."""
+    from .gguf_header import read_header
+
+    try:
+        fields = read_header(path).fields
+    except Exception:  # noqa: BLE001 - absent, torn or foreign: not reusable, whatever the reason
+        return False
+    return all(k in fields and fields[k].value == v for k, v in made_by(settings, provenance).items())
 
 
 def hparams(source: Source) -> list[tuple[str, object, V, V | None]]:

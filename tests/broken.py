@@ -61,3 +61,13 @@ def patch_gguf(src: Path, dst: Path, name: str, dims: tuple[int, ...] | None = N
     struct.pack_into("<Q", data, off_at, offset + offset_delta)
     dst.write_bytes(bytes(data))
     return dst
+
+
+class Planted:
+    """A pickle that writes `marker` when it is unpickled: what a crafted checkpoint or weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (Path(self.marker), "unpickled")

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader
 
-from tests.conftest import calib_text
+from npft_gguf.fingerprint import source_record
+from npft_gguf.npft.train import CHECKPOINT, PICKLED_CHECKPOINT, checkpoint_record
+from npft_gguf.sources import open_source
+from tests.conftest import calib_text, make_tiny_llama
 from tests.test_cli import assert_fails, cli, no_work, run  # noqa: F401 - no_work is a fixture
 
 TINY = ["--recipe", "short", "--calib-samples", "6", "--calib-len", "32", "--fisher-samples", "2",
@@ -45,7 +48,8 @@ def test_convert_writes_tuned_gguf_and_compares(tiny_bpe, texts, tmp_path):
     assert bytes(meta["general.npft.method"].parts[-1]).decode() == "npft+imatrix"
     assert '"noise": "rtn"' in bytes(meta["general.npft.settings"].parts[-1]).decode()
     run = out.with_name(out.stem + ".npft-run")
-    assert (run / "report.md").read_text().count("Hessian trace") == 1 and (run / "checkpoint.pt").exists()
+    assert (run / "report.md").read_text().count("Hessian trace") == 1
+    assert checkpoint_record(run)["source"] == source_record(open_source(str(tiny_bpe)))  # what a --resume must match
     # a second run without --force or --resume refuses to touch either
     again = cli("convert", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none")
     assert_fails(again, 2, "exists", "--force")
@@ -187,14 +191,14 @@ def test_finetune_checks_every_input_before_any_work(tiny_bpe, texts, wiki_test_
 
 
 def test_resume_is_checked_before_loading_and_force_clears_only_a_run_that_starts(tiny_bpe, texts, tmp_path, no_work):
-    import torch
-
     from npft_gguf.npft import NPFTSettings
+    from npft_gguf.npft.train import save_checkpoint
 
     out = tmp_path / "x.gguf"
-    ckpt = tmp_path / "x.npft-run" / "checkpoint.pt"
+    ckpt = tmp_path / "x.npft-run" / CHECKPOINT
     ckpt.parent.mkdir()
-    torch.save({"settings": NPFTSettings(lr=0.5).as_dict(), "tokens": "0" * 16}, ckpt)
+    made_from = source_record(open_source(str(tiny_bpe)))
+    save_checkpoint(ckpt, {"settings": NPFTSettings(lr=0.5).as_dict(), "tokens": "0" * 16, "source": made_from}, {})
     args = ["convert", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none"]
     assert_fails(run(*args), 2, "unfinished or earlier run", "--resume", "--force")
     assert_fails(run(*args, "--resume"), 2, "holds a run with different", "lr", "--force")
@@ -203,6 +207,85 @@ def test_resume_is_checked_before_loading_and_force_clears_only_a_run_that_start
     assert ckpt.exists()
     ckpt.write_bytes(b"torn")
     assert_fails(run(*args, "--resume"), 2, "not a readable checkpoint", "--force")
+
+
+@pytest.fixture(scope="module")
+def tiny_bpe_b(tmp_path_factory) -> Path:
+    """Another tiny llama of tiny_bpe's shapes, other weights: what a stale run directory held."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-bpe-b"), seed=1)
+
+
+def test_a_resume_from_another_model_is_refused_before_loading(tiny_bpe, tiny_bpe_b, texts, tmp_path, no_work):
+    """Issue 27 #3: --resume took a checkpoint tuned from another model of the same shapes: only
+    the settings and the calibration tokens were compared."""
+    from npft_gguf.npft import NPFTSettings
+    from npft_gguf.npft.train import save_checkpoint
+
+    out = tmp_path / "x.gguf"
+    made_from = source_record(open_source(str(tiny_bpe)))
+    (tmp_path / "x.npft-run").mkdir()
+    save_checkpoint(tmp_path / "x.npft-run" / CHECKPOINT,
+                    {"settings": NPFTSettings(lr=0.5).as_dict(), "tokens": "0" * 16, "source": made_from}, {})
+    args = ["-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none", "--resume"]
+    line = assert_fails(run("convert", tiny_bpe_b, *args), 2, "tuned from", made_from["fingerprint"], "--force")
+    assert str(tiny_bpe) in line and str(tiny_bpe_b) in line
+    assert_fails(run("convert", tiny_bpe, *args), 2, "run with different", "lr")  # the same model gets past that check
+
+
+def test_the_run_directory_s_references_are_remade_for_another_model(tiny_bpe, tiny_bpe_b, tmp_path, monkeypatch):
+    """Issue 27 #2: float-f32.gguf and rtn-<type>.gguf left in the run directory by model A were
+    reused (even with --force) to measure model B. Each records the source's fingerprint and is
+    reused only for the same one."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    import npft_gguf.validate.compare as compare_mod
+    from npft_gguf.convert import ConvertSettings, evaluate_beside_baselines
+    from npft_gguf.sources import open_source
+
+    monkeypatch.setattr(compare_mod, "compare", lambda files, ref, *a, **k: {"rows": []})  # llama.cpp's part is not tested here
+    monkeypatch.setattr(compare_mod, "markdown", lambda report: "")
+    out = tmp_path / "out.gguf"
+    settings = ConvertSettings(type="q8_0", method="npft")
+
+    def baselines(model):
+        lines = []
+        evaluate_beside_baselines(open_source(str(model)), out, "q8_0", settings, tmp_path, ("t", "text"), False, lines.append)
+        q = next(t for t in GGUFReader(tmp_path / "float-f32.gguf").tensors if t.name == "blk.0.ffn_down.weight")
+        return lines, np.asarray(q.data).reshape(tuple(reversed(q.shape)))
+
+    lines, _ = baselines(tiny_bpe)
+    assert [x.split()[:2] for x in lines] == [["writing", "float-f32.gguf"], ["writing", "rtn-q8_0.gguf"]]
+    lines, q = baselines(tiny_bpe_b)
+    assert [x.split()[:2] for x in lines] == [["remaking", "float-f32.gguf"], ["remaking", "rtn-q8_0.gguf"]], lines
+    assert np.array_equal(q, load_file(tiny_bpe_b / "model.safetensors")["model.layers.0.mlp.down_proj.weight"])
+    assert baselines(tiny_bpe_b)[0] == []  # made from this model: reused
+
+
+def test_the_run_directory_apart_from_the_output(tiny_bpe, texts, tmp_path, no_work):
+    """Issue 27 #21: --run-dir equal to -o (or one inside the other) passed the plan."""
+    calib = ["--calib", texts / "calib.txt", *TINY, "--eval-text", "none"]
+    for out, run_dir in ((tmp_path / "x.gguf", tmp_path / "x.gguf"), (tmp_path / "r" / "x.gguf", tmp_path / "r"),
+                         (tmp_path / "y.gguf", tmp_path / "y.gguf" / "run")):
+        assert_fails(run("convert", tiny_bpe, "-o", out, "--run-dir", run_dir, *calib), 2, "run directory", "--run-dir")
+        assert not out.exists() and not run_dir.exists()
+
+
+def test_a_pickled_checkpoint_is_refused_without_running_it(tiny_bpe, texts, tmp_path, no_work):
+    """Issue 27 #4: --resume read <run dir>/checkpoint.pt with torch.load(weights_only=False): a
+    crafted one ran code. It is refused, unread."""
+    import torch
+
+    from tests.broken import Planted
+
+    marker = tmp_path / "PWNED"
+    out = tmp_path / "x.gguf"
+    (tmp_path / "x.npft-run").mkdir()
+    torch.save({"settings": Planted(marker)}, tmp_path / "x.npft-run" / PICKLED_CHECKPOINT)  # as older versions wrote it
+    args = ["convert", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none"]
+    assert_fails(run(*args, "--resume"), 2, "older npft-gguf", "not loaded", "--force")
+    assert_fails(run(*args), 2, "unfinished or earlier run")
+    assert not marker.exists()
 
 
 def test_convert_tunes_for_the_type_it_writes(tiny_bpe, texts, tmp_path, monkeypatch):

@@ -127,12 +127,12 @@ def test_finetune_killed_at_any_point_resumes_and_leaves_nothing(tiny_bpe, calib
     out, logs = tmp_path / "tuned", tmp_path / "logs"
     args = ["finetune", tiny_bpe, "-o", out, "--calib", calib, *TUNE, "--epochs", "2"]
     # SIGTERM while the first epoch checkpoint is written: nothing of it stays
-    rc, lines = stop(start(args, "commit:checkpoint.pt", logs), signal.SIGTERM)
+    rc, lines = stop(start(args, "commit:checkpoint.safetensors", logs), signal.SIGTERM)
     assert rc == 143 and "interrupted" in lines[-1] and "--resume" in lines[-1] and "Traceback" not in "\n".join(lines)
-    assert temps(tmp_path) == [] and not (out / "npft-run" / "checkpoint.pt").exists()
+    assert temps(tmp_path) == [] and not (out / "npft-run" / "checkpoint.safetensors").exists()
     # SIGKILL while the second is written: the first one stays, beside the dead run's temporary
-    rc, _ = stop(start(args, "commit:checkpoint.pt#2", logs), signal.SIGKILL)
-    assert rc == -signal.SIGKILL and (out / "npft-run" / "checkpoint.pt").exists() and temps(out / "npft-run")
+    rc, _ = stop(start(args, "commit:checkpoint.safetensors#2", logs), signal.SIGKILL)
+    assert rc == -signal.SIGKILL and (out / "npft-run" / "checkpoint.safetensors").exists() and temps(out / "npft-run")
     # --resume continues after epoch 1; terminated while the merged model is staged
     rc, lines = stop(start([*args, "--resume"], f"commit:{out.name}/", logs), signal.SIGTERM)
     assert rc == 143 and any("resuming" in line and "after epoch 1" in line for line in lines), lines
@@ -156,13 +156,13 @@ def test_convert_killed_at_any_point_leaves_nothing(tiny_bpe, calib, tmp_path):
     # q5_0: llama.cpp on some CPUs (AMX advertised, not usable in a VM) dies of SIGILL on q4_0/q8_0 matmuls
     args = ["convert", tiny_bpe, "-o", target, "--type", "q5_0", "--calib", calib, *TUNE, "--epochs", "1",
             "--eval-text", evaltxt, "--ctx", "64", "--chunks", "1"]
-    rc, _ = stop(start(args, "commit:checkpoint.pt", logs), signal.SIGKILL)  # while tuning
+    rc, _ = stop(start(args, "commit:checkpoint.safetensors", logs), signal.SIGKILL)  # while tuning
     assert rc == -signal.SIGKILL and temps(out)
     # the next run (the checkpoint was never committed, so no --resume) writes its own, then is
     # terminated while it writes the GGUF: the dead run's temporary went, and so does its own
     rc, lines = stop(start(args, "export:tensor#3", logs), signal.SIGTERM)
     assert rc == 143 and "interrupted" in lines[-1], lines
-    assert temps(out) == [] and not target.exists() and (out / "t.npft-run" / "checkpoint.pt").exists()
+    assert temps(out) == [] and not target.exists() and (out / "t.npft-run" / "checkpoint.safetensors").exists()
     # killed while the untuned float reference for the comparison is written (after the output)
     rc, _ = stop(start([*args, "--resume"], "commit:float-f32.gguf", logs), signal.SIGKILL)
     assert rc == -signal.SIGKILL and target.exists() and temps(out)

@@ -10,7 +10,7 @@ from npft_gguf.gguf_header import read_header
 from npft_gguf.sources import open_source
 from npft_gguf.writer import ExportSettings, export
 from tests.broken import edit_tensor, model_copy, patch_gguf  # noqa: F401 - model_copy is a fixture
-from tests.test_cli import assert_fails, cli, listing, out  # noqa: F401 - out is a fixture
+from tests.test_cli import assert_fails, cli, listing, out, run  # noqa: F401 - out is a fixture
 
 
 def test_gguf_header_equals_gguf_reader(smollm2):
@@ -54,6 +54,23 @@ def test_truncated_safetensors_is_one_line(model_copy, out):
     r = cli("export", model_copy, "-o", out / "m.gguf", "--type", "q8_0")
     assert_fails(r, 2, "model.safetensors", "truncated")
     assert listing(out) == []
+
+
+def test_a_pytorch_bin_that_would_run_code_is_refused_unrun(model_copy, out, tmp_path):
+    """Issue 27 #4: pytorch_model*.bin is a pickle. It is read with torch's weights-only unpickler
+    (tensors and plain containers only), so one that would run code fails in one line, unrun."""
+    import pickle
+
+    from tests.broken import Planted
+
+    marker = tmp_path / "PWNED"
+    (model_copy / "model.safetensors").unlink()
+    (model_copy / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": Planted(marker)}))
+    assert_fails(run("export", model_copy, "-o", out / "m.gguf", "--type", "q8_0"), 2, "pytorch_model.bin")
+    assert not marker.exists() and listing(out) == []
+    torch.save({"model.embed_tokens.weight": Planted(marker)}, model_copy / "pytorch_model.bin")  # torch's own zip form
+    assert_fails(run("export", model_copy, "-o", out / "m.gguf", "--type", "q8_0"), 2, "pytorch_model.bin")
+    assert not marker.exists() and listing(out) == []
 
 
 def test_model_without_tokenizer_files_fails_at_open_time(model_copy, out):

@@ -18,6 +18,7 @@ never interrupted.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import resource
 import time
@@ -39,7 +40,9 @@ from .noise import Perturbations, merged_weights
 from .objective import SENSITIVITY_LOSS, TRACE_LOSS, get_objective, teacher_hidden
 from .objective import loss as objective_loss
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"  # tensors, and the rest as JSON in its header: nothing is unpickled
+PICKLED_CHECKPOINT = "checkpoint.pt"    # what versions before issue 27 wrote: refused, never loaded
+CHECKPOINT_KEY = "npft_checkpoint"      # the header's metadata entry that holds the JSON
 
 
 @dataclass
@@ -69,10 +72,56 @@ def tokens_digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+def save_checkpoint(path: Path, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, written atomically: `tensors`, and `record` (plain JSON) in its header."""
+    from safetensors.torch import save_file
+
+    with atomic_output(path, force=True) as tmp:  # .checkpoint.safetensors.npft-PID.part until complete
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={CHECKPOINT_KEY: json.dumps(record)})
+
+
+def checkpoint_record(run_dir: Path) -> dict | None:
+    """The JSON part of `run_dir`'s checkpoint (its header only; no tensor is read), or None when
+    there is none. A pickled checkpoint of an older version, or a file that is not one, is refused."""
+    from safetensors import safe_open
+
+    run_dir = Path(run_dir)
+    old, path = run_dir / PICKLED_CHECKPOINT, run_dir / CHECKPOINT
+    if old.exists():
+        raise UsageError(f"{old} is a checkpoint of an older npft-gguf, a pickle, which is not loaded (unpickling can run "
+                         "code); pass --force to start over")
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()[CHECKPOINT_KEY])
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); pass --force to start over") from None
+
+
+def resume_problem(run_dir: Path, record: dict, settings: NPFTSettings, digest: str | None, source: dict | None) -> str | None:
+    """Why the checkpoint `record` cannot be resumed by this run (another model, other settings,
+    other calibration tokens), as one line; None when it can. `digest` None: not known yet."""
+    saved = record.get("source") or {}
+    if saved.get("fingerprint") != (source or {}).get("fingerprint"):
+        def name(s):
+            return f"{s.get('spec', 'an unnamed model')} (fingerprint {s.get('fingerprint')})"
+        return (f"{run_dir} holds a run tuned from {name(saved)}, not from {name(source or {})}; resume it with that "
+                "model, or pass --force to start over")
+    changed = settings.same_run(record["settings"])
+    if digest is not None and record["tokens"] != digest:
+        changed.append("calibration data")
+    if changed:
+        return f"{run_dir} holds a run with different {', '.join(changed)}; rerun with the same settings, or --force to start over"
+    return None
+
+
 def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, resume: bool = False,
-         progress: bool = True, on_step=None, log=print) -> TuneResult:
+         progress: bool = True, on_step=None, log=print, source: dict | None = None) -> TuneResult:
     """Tune `model` (a transformers causal LM, modified in place) on calibration `tokens`
-    (samples, length); checkpoints go to `run_dir`. Returns the merged model and the run's record."""
+    (samples, length); checkpoints go to `run_dir`. Returns the merged model and the run's record.
+    `source` (fingerprint.source_record) is kept in the checkpoint: a resume needs the same one."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import get_linear_schedule_with_warmup
 
@@ -114,19 +163,19 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
 
     start_epoch, first_outliers, elapsed_before = 0, None, 0.0
     ckpt_path = run_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        changed = settings.same_run(state["settings"])
-        if changed or state["tokens"] != digest:
-            what = ", ".join(changed) if changed else "the calibration data"
-            raise UsageError(f"{run_dir} holds a run with different {what}; rerun with the same settings, or --force to start over")
-        set_peft_model_state_dict(peft_model, state["adapter"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, first_outliers = state["epoch_done"], state["first_outliers"]
+    record = checkpoint_record(run_dir) if resume else None
+    if record is not None:
+        problem = resume_problem(run_dir, record, settings, digest, source)
+        if problem:
+            raise UsageError(problem)
+        adapter, opt_state, first_outliers = unpack_checkpoint(record, ckpt_path, device)
+        set_peft_model_state_dict(peft_model, adapter)
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(record["scheduler"])
+        start_epoch = record["epoch_done"]
         for k in ("history", "fisher_summary", "outliers_per_epoch", "trace_before"):
-            setattr(result, k, state[k])
-        elapsed_before = state["seconds"]
+            setattr(result, k, record[k])
+        elapsed_before = record["seconds"]
         result.resumed_at_epoch = start_epoch
         log(f"resuming {run_dir} after epoch {start_epoch} of {settings.epochs}")
     elif resume:
@@ -149,14 +198,12 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
         finally:
             noise.remove()
-        with atomic_output(ckpt_path, force=True) as tmp:  # .checkpoint.pt.npft-PID.part until complete
-            torch.save({
-                "epoch_done": epoch + 1, "adapter": get_peft_model_state_dict(peft_model), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
-                "first_outliers": first_outliers, "history": result.history, "fisher_summary": result.fisher_summary,
-                "outliers_per_epoch": result.outliers_per_epoch, "trace_before": result.trace_before,
-                "seconds": elapsed_before + time.time() - t0,
-            }, tmp)
+        save_checkpoint(ckpt_path, *pack_checkpoint(get_peft_model_state_dict(peft_model), opt.state_dict(), first_outliers, {
+            "epoch_done": epoch + 1, "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
+            "source": source, "history": result.history, "fisher_summary": result.fisher_summary,
+            "outliers_per_epoch": result.outliers_per_epoch, "trace_before": result.trace_before,
+            "seconds": elapsed_before + time.time() - t0,
+        }))
 
     if settings.trace_samples and first_outliers is not None:
         result.trace_after = outlier_trace(peft_model, trace_tokens, linears, first_outliers, settings.trace_probes,
@@ -169,6 +216,49 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     result.seconds = elapsed_before + time.time() - t0
     result.peak_memory_mb = peak_memory_mb(device)
     return result
+
+
+def pack_checkpoint(adapter: dict, opt_state: dict, first_outliers: dict, record: dict) -> tuple[dict, dict]:
+    """(record, tensors): the adapter, the optimizer's per-parameter tensors and the first epoch's
+    outlier positions as named tensors; everything else (the optimizer's groups and scalars, the
+    schedule, the history) in the JSON record."""
+    tensors = {f"adapter:{k}": v for k, v in adapter.items()}
+    scalars = {}
+    for pid, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer:{pid}:{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    for name, o in first_outliers.items():
+        tensors[f"outliers:{name}:rows"], tensors[f"outliers:{name}:cols"] = o.rows, o.cols
+    record = {**record, "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars,
+                                      "params": [int(p) for p in opt_state["state"]]},
+              "outlier_modules": list(first_outliers)}
+    return record, tensors
+
+
+def unpack_checkpoint(record: dict, path: Path, device) -> tuple[dict, dict, dict]:
+    """pack_checkpoint undone: (adapter state, optimizer state, first outliers). Read on the CPU:
+    load_state_dict moves the adapter and the optimizer's moments to their parameters' device (and
+    leaves AdamW's step counts on the CPU, where it keeps them); the outliers go to `device`."""
+    from safetensors.torch import load_file
+
+    from ..sensitivity import Outliers
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - a file torn after its header was read
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); pass --force to start over") from None
+    adapter = {k.removeprefix("adapter:"): v for k, v in tensors.items() if k.startswith("adapter:")}
+    opt = record["optimizer"]
+    state = {}
+    for pid in opt["params"]:
+        entries = {k.split(":", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optimizer:{pid}:")}
+        state[pid] = {**entries, **opt["scalars"].get(str(pid), {})}
+    first = {n: Outliers(tensors[f"outliers:{n}:rows"].to(device), tensors[f"outliers:{n}:cols"].to(device))
+             for n in record["outlier_modules"]}
+    return adapter, {"state": state, "param_groups": opt["param_groups"]}, first
 
 
 def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Perturbations, opt, sched,

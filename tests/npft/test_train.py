@@ -5,7 +5,8 @@ import torch
 
 from npft_gguf.errors import NpftError, UsageError
 from npft_gguf.npft import NPFTSettings, tune
-from npft_gguf.npft.train import CHECKPOINT
+from npft_gguf.npft.train import CHECKPOINT, PICKLED_CHECKPOINT, checkpoint_record
+from tests.broken import Planted
 from tests.npft.conftest import tiny_model
 
 FAST = dict(epochs=2, lr=2e-3, batch=2, outlier_pct=1.0, trace_samples=0, rank=4, alpha=8)
@@ -42,7 +43,7 @@ def test_resume_gives_the_same_weights(tiny_bpe, tokens, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         tune(_model(tiny_bpe), tokens, s, tmp_path / "cut", progress=False, on_step=stop_in_second_epoch)
-    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=False)["epoch_done"] == 1
+    assert checkpoint_record(tmp_path / "cut")["epoch_done"] == 1
     resumed = tune(_model(tiny_bpe), tokens, s, tmp_path / "cut", resume=True, progress=False)
     assert resumed.resumed_at_epoch == 1 and len(resumed.history) == len([1 for _ in range(8)])
     a, b = _state(whole), _state(resumed.model)
@@ -64,9 +65,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_bpe, tokens, t
 
     with pytest.raises(NpftError, match="loss became nan.*last good checkpoint"):
         tune(model, tokens, NPFTSettings(**FAST), tmp_path, progress=False, on_step=poison)
-    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
-    assert state["epoch_done"] == 1
-    assert all(torch.isfinite(v).all() for v in state["adapter"].values())
+    from safetensors.torch import load_file
+
+    assert checkpoint_record(tmp_path)["epoch_done"] == 1
+    adapter = [v for k, v in load_file(tmp_path / CHECKPOINT).items() if k.startswith("adapter:")]
+    assert adapter and all(torch.isfinite(v).all() for v in adapter)
 
 
 def test_noise_none_is_plain_lora_and_options_are_checked(tiny_bpe, tokens, tmp_path):
@@ -75,3 +78,33 @@ def test_noise_none_is_plain_lora_and_options_are_checked(tiny_bpe, tokens, tmp_
     for bad in ({"noise": "gaussian"}, {"noise_scope": "all"}, {"outlier_pct": 0}, {"resample": "batch"}):
         with pytest.raises(UsageError):
             NPFTSettings(**bad)
+
+
+@pytest.mark.parametrize("name", [PICKLED_CHECKPOINT, CHECKPOINT])
+def test_a_pickled_checkpoint_is_refused_unread(tiny_bpe, tokens, tmp_path, name):
+    """Issue 27 #4: --resume unpickled checkpoint.pt, so a crafted one ran code. A pickle where a
+    checkpoint is expected is refused, and its code never runs."""
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    (tmp_path / "run").mkdir()
+    crafted = {"epoch_done": 1, "payload": Planted(marker)}
+    if name == PICKLED_CHECKPOINT:  # as older versions wrote it
+        torch.save(crafted, tmp_path / "run" / name)
+    else:
+        (tmp_path / "run" / name).write_bytes(pickle.dumps(crafted))
+    with pytest.raises(UsageError, match="older npft-gguf" if name == PICKLED_CHECKPOINT else "not a readable checkpoint"):
+        tune(_model(tiny_bpe), tokens, NPFTSettings(**FAST), tmp_path / "run", resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_a_resume_needs_the_same_source(tiny_bpe, tokens, tmp_path):
+    """Issue 27 #3: a checkpoint tuned from another model of the same shapes was resumed. The
+    source's fingerprint is kept in the checkpoint and a resume from another is refused."""
+    a, b = {"spec": "model-a", "fingerprint": "aaaa"}, {"spec": "model-b", "fingerprint": "bbbb"}
+    s = NPFTSettings(**{**FAST, "epochs": 1})
+    tune(_model(tiny_bpe), tokens, s, tmp_path, progress=False, source=a)
+    assert checkpoint_record(tmp_path)["source"] == a
+    with pytest.raises(UsageError, match="tuned from model-a .fingerprint aaaa., not from model-b .fingerprint bbbb."):
+        tune(_model(tiny_bpe), tokens, s, tmp_path, resume=True, progress=False, source=b)
+    assert tune(_model(tiny_bpe), tokens, s, tmp_path, resume=True, progress=False, source=a).resumed_at_epoch == 1
