@@ -17,7 +17,7 @@ import pytest
 
 from npft_gguf.atomic import atomic_output, remove_stale, staged_dir, temporary
 from npft_gguf.errors import NpftError, UsageError
-from npft_gguf.signals import EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+from npft_gguf.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 
 def dead_pid() -> int:
@@ -141,9 +141,9 @@ def test_sigterm_unwinds_like_ctrl_c_and_exits_143():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)
             except KeyboardInterrupt:
-                sys.exit(1)
+                sys.exit(EXIT_INTERRUPTED)
     assert e.value.code == EXIT_TERMINATED == 143
     with pytest.raises(SystemExit) as e:  # without a SIGTERM an exit is left alone
         with sigterm_as_interrupt():
-            sys.exit(1)
-    assert e.value.code == 1
+            sys.exit(EXIT_INTERRUPTED)
+    assert e.value.code == EXIT_INTERRUPTED == 130

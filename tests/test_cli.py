@@ -199,7 +199,7 @@ def test_export_output_parent_is_a_file(tmp_path, tiny_gguf):
 
 
 def test_export_ctrl_c_leaves_nothing(out, smollm2):
-    """SIGINT while the 135M demo is being written: exit 1, one line, no output and no `.part`."""
+    """SIGINT while the 135M demo is being written: exit 130, one line, no output and no `.part`."""
     target = out / "smol-q4_0.gguf"
     for _attempt in range(3):  # on a very busy machine the export may finish before the signal is sent
         stdout, stderr, code = _interrupt_export(smollm2, target, out)
@@ -208,7 +208,7 @@ def test_export_ctrl_c_leaves_nothing(out, smollm2):
         target.unlink(missing_ok=True)
     else:
         pytest.skip("the export always finished before it could be interrupted")
-    assert code == 1, f"exit {code}; stderr:\n{stderr}"
+    assert code == 130, f"exit {code}; stderr:\n{stderr}"
     # the progress bar redraws itself with \r and clears itself on close; what a terminal shows must be
     # exactly one error line
     shown = [seg.rsplit("\r", 1)[-1] for seg in stderr.split("\n")]
@@ -507,5 +507,5 @@ def test_an_interrupt_is_one_error_line_with_no_blank_line_before(tiny_gguf, mon
     monkeypatch.setattr(inspect_module, "inspect", interrupted)
     with pytest.raises(SystemExit) as e:
         main(["inspect", str(tiny_gguf)])
-    assert e.value.code == 1
+    assert e.value.code == 130
     assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
