@@ -71,6 +71,10 @@ class Cli(click.Group):
         except Exception as e:  # noqa: BLE001 - the last resort: still one line, and a way to the traceback
             if self.debug:
                 raise
+            from .atomic import disk_full, no_space
+
+            if disk_full(e):  # outside an atomic output (those say which file: atomic.py)
+                _fail(str(no_space(Path(e.filename) if getattr(e, "filename", None) else None)), 1)
             lines = str(e).strip().splitlines()
             _fail(f"{type(e).__name__}{': ' + lines[0] if lines else ''} (rerun with --debug for the traceback)", 1)
 
