@@ -38,6 +38,7 @@ def check_target(path: Path, force: bool) -> None:
     """Fail before any work when the output cannot or must not be written."""
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file name for the output")
+    refuse_dangling_link(path)
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -49,6 +50,16 @@ def check_target(path: Path, force: bool) -> None:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise UsageError(f"cannot write in {parent} ({e.strerror}); choose another output path") from None
+
+
+def refuse_dangling_link(path: Path) -> None:
+    """A symlink to a missing file, as the output or a folder above it, passes every exists() test
+    and fails only when the output is put in place (or its folder made): refuse it up front."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return
+        if p.is_symlink():
+            raise UsageError(f"{p} is a symlink to a missing file ({os.readlink(p)}); remove it or pass another path")
 
 
 # --- temporaries ---------------------------------------------------------------------------------

@@ -123,10 +123,11 @@ def check_targets(targets: tuple[str, ...], source: Source) -> None:
 
 def check_directory_target(path: Path, what: str) -> None:
     """A directory the run will create or write into: not a file, and creatable where it would go."""
-    from .atomic import check_target
+    from .atomic import check_target, refuse_dangling_link
 
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file; give a directory")
+    refuse_dangling_link(path)
     existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
     check_target(existing / ".npft-write-probe", force=True)  # its parent must be a writable directory
 

@@ -390,6 +390,31 @@ def test_outputs_are_checked_before_any_work(tiny_gguf, truncated_gguf, text_fil
     assert kept.read_text() == "keep me" and (tmp_path / "r.json").read_text() == "keep me"
 
 
+def test_an_output_that_is_a_dangling_symlink_is_refused_up_front(tiny_gguf, tiny_bpe, text_file, tmp_path, no_work):
+    """It passed the up-front check, and the finished output was then refused with an untrue
+    'another run wrote it meanwhile'."""
+    link, gone = tmp_path / "link", tmp_path / "gone"
+    link.symlink_to(gone)
+    tune = ["--calib", text_file, "--recipe", "short"]
+    cases = [
+        ["export", tiny_gguf, "-o", link],
+        ["imatrix", tiny_bpe, "--calib", text_file, "-o", link],
+        ["eval", tiny_gguf, "--text", text_file, "--json", link],
+        ["bench", tiny_gguf, "--json", link],
+        ["compare", tiny_gguf, "--ref", tiny_gguf, "--text", text_file, "-o", link],
+        ["compare", tiny_gguf, "--ref", tiny_gguf, "--text", text_file, "-o", tmp_path / "r.md", "--plot", link],
+        ["convert", tiny_bpe, *tune, "-o", link],
+        ["convert", tiny_bpe, *tune, "-o", tmp_path / "m.gguf", "--run-dir", link],
+        ["convert", tiny_bpe, *tune, "-o", tmp_path / "m.gguf", "--run-dir", link / "run"],
+        ["finetune", tiny_bpe, *tune, "-o", link],
+        ["finetune", tiny_bpe, *tune, "-o", link / "sub"],
+    ]
+    for args in cases:
+        for force in ([], ["--force"]):
+            assert_fails(run(*args, *force), 2, f"{link} is a symlink to a missing file", "remove it")
+    assert listing(tmp_path) == ["link"] and link.is_symlink() and not gone.exists()
+
+
 def test_eval_of_a_source_checks_the_context_before_loading(tiny_bpe, text_file, no_work):
     # the tiny models are trained for 256 positions
     assert_fails(run("eval", tiny_bpe, "--text", text_file, "--ctx", "512"), 2, "--ctx 512", "training context of 256")
