@@ -676,7 +676,7 @@ def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fr
       npft-gguf convert smollm2-135m --bits 4 --recipe short --tune-imatrix   # tuned against the imatrix Q4_0
       npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
-    from .convert import ConvertSettings
+    from .convert import ConvertSettings, InterruptedAfterWriting
     from .convert import convert as run_convert
 
     target = (type_ or "").lower() or None
@@ -689,6 +689,9 @@ def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fr
     try:
         record = run_convert(source, output, settings, calib, npft, device=kw["device"], run_dir=run_dir, force=force,
                              resume=kw["resume"], log=lambda m: click.echo(m, err=True), notice=_notice(kw))
+    except InterruptedAfterWriting as e:
+        _interrupted(f"{e.out} was written; its closing evaluation was not finished, and no report was written "
+                     f"(`npft-gguf compare` measures the file)")
     except KeyboardInterrupt:
         _interrupted_run(run_dir or output.with_name(output.stem + ".npft-run"))
     cmp = record.get("comparison")

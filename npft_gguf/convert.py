@@ -348,6 +348,14 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
     return run_convert(plan, force, resume, progress, log, notice)
 
 
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM in the closing evaluation: the output is complete, its report is not written."""
+
+    def __init__(self, out: Path):
+        super().__init__(str(out))
+        self.out = out
+
+
 def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress: bool = True, log=print,
                 notice: str | None = None) -> dict:
     """The work of a checked plan: tune and/or quantize, write, evaluate, report."""
@@ -408,8 +416,11 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
         record["output"] = report.__dict__
         log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
     if plan.eval_text:
-        record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text, progress, log,
-                                                         imatrix=record.get("imatrix", {}).get("file"))
+        try:
+            record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text,
+                                                             progress, log, imatrix=record.get("imatrix", {}).get("file"))
+        except KeyboardInterrupt:
+            raise InterruptedAfterWriting(out) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     evaluation = record.get("comparison", {}).get("markdown")
     if "imatrix" in record:

@@ -160,6 +160,21 @@ def test_an_interrupted_eval_shows_what_it_measured_as_such(measured, tmp_path):
     assert "interrupted" in line and "r.json was not written" in line and not target.exists()
 
 
+def test_a_convert_interrupted_in_its_closing_evaluation_writes_no_report(tiny_bpe, measured, tmp_path):
+    """convert's closing evaluation (a compare) caught the interrupt as compare did, and wrote its
+    report from the reference's first chunks and every chunk of the new file."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    args = ["convert", tiny_bpe, "--method", "rtn", "--type", "q8_0", "-o", out / "t.gguf", "--eval-text",
+            measured / "text.txt", "--ctx", "64", "--chunks", "4", "--threads", "1"]
+    rc, lines = stop(start(args, "perplexity:chunk#2", tmp_path / "logs", env={"TMPDIR": str(tmp)}), signal.SIGTERM)
+    assert rc == 143, lines
+    line = error_line(lines[-1])
+    assert f"{out / 't.gguf'} was written" in line and "no report" in line
+    assert listing(out / "t.npft-run") == ["float-f32.gguf"] and temps(out) == [] and listing(tmp) == []
+
+
 # --- finetune and convert ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
