@@ -3,11 +3,12 @@
 A `kill PID` (SIGTERM, what systemd, Kubernetes, `timeout` and batch schedulers send) raises
 `Terminated`, a KeyboardInterrupt, in the main thread, so the same `finally` blocks that clean up
 after Ctrl-C remove every temporary; the CLI prints its usual 'interrupted' line and exits with
-143 (128 + SIGTERM, the shell's convention) instead of Ctrl-C's 130 (128 + SIGINT). Further SIGTERMs
-are ignored while that cleanup runs, so nothing may catch the interrupt and carry on: an
-interrupted measurement never returns as if it were complete. Python handles signals between bytecodes, so one that arrives during a
-long C call (llama.cpp's quantizer) takes effect when the call returns. SIGKILL cannot be caught:
-what it leaves is recognised by its name and removed by the next run (atomic.remove_stale).
+143 (128 + SIGTERM, the shell's convention) instead of Ctrl-C's 130 (128 + SIGINT). Further
+SIGTERMs are ignored while that cleanup runs, so nothing may catch the interrupt and carry on: an
+interrupted measurement never returns as if it were complete. Python handles signals between
+bytecodes, so one that arrives during a long C call (llama.cpp's quantizer) takes effect when the
+call returns. SIGKILL cannot be caught: what it leaves is recognised by its name and removed by
+the next run (atomic.remove_stale).
 """
 
 from __future__ import annotations
