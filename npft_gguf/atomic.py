@@ -38,6 +38,7 @@ def check_target(path: Path, force: bool) -> None:
     """Fail before any work when the output cannot or must not be written."""
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file name for the output")
+    refuse_dangling_link(path)
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -49,6 +50,16 @@ def check_target(path: Path, force: bool) -> None:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise UsageError(f"cannot write in {parent} ({e.strerror}); choose another output path") from None
+
+
+def refuse_dangling_link(path: Path) -> None:
+    """A symlink to a missing file, as the output or a folder above it, passes every exists() test
+    and fails only when the output is put in place (or its folder made): refuse it up front."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return
+        if p.is_symlink():
+            raise UsageError(f"{p} is a symlink to a missing file ({os.readlink(p)}); remove it or pass another path")
 
 
 # --- temporaries ---------------------------------------------------------------------------------
@@ -148,14 +159,62 @@ def temporary(path: Path, kind: str, directory: bool = False):
             os.close(fd)
 
 
+# --- a full disk ---------------------------------------------------------------------------------
+NO_SPACE_WORDS = ("no space left on device", "os error 28", "storagefull", "disk quota exceeded")
+SHORT_WRITE_WORDS = ("requested and", "inline_container.cc")  # numpy's tofile; torch.save's PytorchStreamWriter
+NEARLY_FULL_BYTES = 16 << 20
+
+
+def disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """Whether `exc` is a write that failed for want of space: ENOSPC (EDQUOT, EFBIG) anywhere in
+    its chain, or a message that says so (Rust's io errors, as safetensors passes them on), or, with
+    `where`, a short write whose errno was lost (numpy: 'N requested and M written'; torch.save:
+    '[enforce fail at inline_container.cc:...]') on a file system with almost nothing free there."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and not isinstance(exc, NpftError):
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if (isinstance(exc, OSError) and exc.errno in DISK_FULL) or any(w in text for w in NO_SPACE_WORDS):
+            return True
+        if where is not None and any(w in text for w in SHORT_WRITE_WORDS) and _free_bytes(where) < NEARLY_FULL_BYTES:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _free_bytes(where: Path) -> float:
+    existing = next((p for p in (Path(where), *Path(where).parents) if p.exists()), Path("."))
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return float("inf")
+
+
+def _mount_point(path: Path) -> Path:
+    p = Path(path).resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def no_space(target: Path | None) -> NpftError:
+    """The one line for a full disk: which device (by its mount point), what was being written,
+    and what was kept (outputs are atomic: the one being written is not left half done)."""
+    if target is None:
+        return NpftError("no space left on the device; nothing half-written was kept: free some space and run again")
+    kept = f"{target} was left as it was" if target.exists() else "nothing was written"
+    return NpftError(f"no space left on the device holding {_mount_point(target)} (writing {target}); {kept}: "
+                     "free some space or choose another output path")
+
+
 @contextmanager
-def _disk_full_in_one_line(target: Path):
+def _disk_full_in_one_line(target: Path, tmp: Path):
+    """A full disk while `tmp` (for `target`) is written becomes no_space's one line."""
     try:
         yield
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise NpftError(f"no space left on the device while writing {target} ({e.strerror}); nothing was written: "
-                            "free some space or choose another output path") from None
+    except Exception as e:
+        if disk_full(e, tmp):
+            raise no_space(target) from None
         raise
 
 
@@ -188,7 +247,7 @@ def atomic_output(path: Path, force: bool = False):
     any failure or interruption it is removed."""
     path = Path(path)
     check_target(path, force)
-    with temporary(path, "part") as tmp, _disk_full_in_one_line(path):
+    with temporary(path, "part") as tmp, _disk_full_in_one_line(path, tmp):
         yield tmp
         pause_for_tests(f"commit:{path.name}")
         _commit(tmp, path, force)
@@ -200,7 +259,7 @@ def staged_dir(out_dir: Path, last: tuple[str, ...] = ()):
     the names in `last` last (so a folder holding them is complete); removed however it ends."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with temporary(out_dir / "staged", "part", directory=True) as tmp, _disk_full_in_one_line(out_dir):
+    with temporary(out_dir / "staged", "part", directory=True) as tmp, _disk_full_in_one_line(out_dir, tmp):
         yield tmp
         pause_for_tests(f"commit:{out_dir.name}/")
         for f in sorted(tmp.iterdir(), key=lambda p: p.name in last):

@@ -43,7 +43,7 @@ class Cli(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:  # here, before click's own handler prints a blank line first
-            _fail("interrupted; nothing was written", 1)
+            _interrupted("nothing was written")
 
     def _main(self, *args, **kwargs):
         self.debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
@@ -53,7 +53,7 @@ class Cli(click.Group):
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.exceptions.Abort:
-            _fail("interrupted; nothing was written", 1)
+            _interrupted("nothing was written")
         except click.ClickException as e:
             hint = ""
             ctx = getattr(e, "ctx", None)
@@ -65,12 +65,16 @@ class Cli(click.Group):
                 traceback.print_exc()
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 1)
+            _interrupted("nothing was written")
         except BrokenPipeError:
             sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the last resort: still one line, and a way to the traceback
             if self.debug:
                 raise
+            from .atomic import disk_full, no_space
+
+            if disk_full(e):  # outside an atomic output (those say which file: atomic.py)
+                _fail(str(no_space(Path(e.filename) if getattr(e, "filename", None) else None)), 1)
             lines = str(e).strip().splitlines()
             _fail(f"{type(e).__name__}{': ' + lines[0] if lines else ''} (rerun with --debug for the traceback)", 1)
 
@@ -78,6 +82,13 @@ class Cli(click.Group):
 def _fail(message: str, code: int):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _interrupted(what_was_kept: str):
+    """Ctrl-C's exit, 130 (143 after a SIGTERM: signals.sigterm_as_interrupt)."""
+    from .signals import EXIT_INTERRUPTED
+
+    _fail(f"interrupted; {what_was_kept}", EXIT_INTERRUPTED)
 
 
 def _emit(data: dict, as_json: bool, text: str):
@@ -299,13 +310,19 @@ def _check_json_target(path: Path | None, force: bool):
         check_target(path, force)
 
 
-def _report(text: str, data: dict, json_out: Path | None, force: bool):
-    """The text on stdout, or with `--json -` the JSON instead; `--json FILE` also writes the JSON there."""
-    if json_out is not None and str(json_out) == "-":
+def _report(text: str, data: dict, json_out: Path | None, force: bool, interrupted: bool = False):
+    """The text on stdout, or with `--json -` the JSON instead; `--json FILE` also writes the JSON there.
+
+    An interrupted measurement is printed marked as such (its text and its JSON say so), written to
+    no file (a file would pass for a complete one), and the run exits as interrupted."""
+    to_file = json_out is not None and str(json_out) != "-"
+    if json_out is not None and not to_file:
         click.echo(json.dumps(data, indent=2, default=str))
-        return
-    click.echo(text)
-    if json_out is not None:
+    else:
+        click.echo(text)
+    if interrupted:
+        _interrupted("the figures above cover only what was measured until then" + (f"; {json_out} was not written" if to_file else ""))
+    if to_file:
         from .atomic import atomic_output
 
         with atomic_output(json_out, force=force) as tmp:
@@ -396,10 +413,8 @@ def eval_(model, text, ctx, chunks, ref, threads, n_gpu_layers, flash_attn, fake
     text_name, body = load_text(text)
     backend = _backend(models[0], ctx, threads, n_gpu_layers, flash_attn, fake_quant)
     ref_backend = _backend(models[1], ctx, threads, n_gpu_layers, flash_attn, None) if ref else None
-    result = evaluate(backend, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), ref=ref_backend)
-    _report(format_text(result), result.as_dict(), json_out, force)
-    if result.interrupted:
-        _fail("interrupted; the figures above cover the chunks measured so far", 1)
+    result = evaluate(backend, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), ref=ref_backend, partial=True)
+    _report(format_text(result), result.as_dict(), json_out, force, result.interrupted)
 
 
 @main.command()
@@ -430,10 +445,8 @@ def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out, force):
 
     _check_json_target(json_out, force)
     settings = BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers)  # --pp 0 --tg 0 fails here
-    result = run_bench(_gguf_file(model), settings)  # the file and GPU offload are checked before llama.cpp loads it
-    _report(format_text(result), result.summary(), json_out, force)
-    if result.interrupted:
-        _fail("interrupted; the figures above are what was measured", 1)
+    result = run_bench(_gguf_file(model), settings, partial=True)  # the file and GPU offload are checked before llama.cpp loads it
+    _report(format_text(result), result.summary(), json_out, force, result.interrupted)
 
 
 # --- NPFT: finetune and convert share the calibration and tuning options -----------------------
@@ -560,7 +573,7 @@ def _notice(kw: dict) -> str | None:
 
 
 def _interrupted_run(run_dir: Path):
-    _fail(f"interrupted; epoch checkpoints are in {run_dir}: run the same command with --resume to continue", 1)
+    _interrupted(f"epoch checkpoints are in {run_dir}: run the same command with --resume to continue")
 
 
 @main.command()
@@ -663,7 +676,7 @@ def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fr
       npft-gguf convert smollm2-135m --bits 4 --recipe short --no-tune-imatrix   # tuned against plain RTN's error
       npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
-    from .convert import ConvertSettings
+    from .convert import ConvertSettings, InterruptedAfterWriting
     from .convert import convert as run_convert
 
     target = (type_ or "").lower() or None
@@ -676,6 +689,9 @@ def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fr
     try:
         record = run_convert(source, output, settings, calib, npft, device=kw["device"], run_dir=run_dir, force=force,
                              resume=kw["resume"], log=lambda m: click.echo(m, err=True), notice=_notice(kw))
+    except InterruptedAfterWriting as e:
+        _interrupted(f"{e.out} was written; its closing evaluation was not finished, and no report was written "
+                     f"(`npft-gguf compare` measures the file)")
     except KeyboardInterrupt:
         _interrupted_run(run_dir or output.with_name(output.stem + ".npft-run"))
     cmp = record.get("comparison")

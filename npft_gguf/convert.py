@@ -126,10 +126,11 @@ def check_targets(targets: tuple[str, ...], source: Source) -> None:
 
 def check_directory_target(path: Path, what: str) -> None:
     """A directory the run will create or write into: not a file, and creatable where it would go."""
-    from .atomic import check_target
+    from .atomic import check_target, refuse_dangling_link
 
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path} is a file; give a directory")
+    refuse_dangling_link(path)
     existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
     check_target(existing / ".npft-write-probe", force=True)  # its parent must be a writable directory
 
@@ -357,6 +358,14 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
     return run_convert(plan, force, resume, progress, log, notice)
 
 
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM in the closing evaluation: the output is complete, its report is not written."""
+
+    def __init__(self, out: Path):
+        super().__init__(str(out))
+        self.out = out
+
+
 def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress: bool = True, log=print,
                 notice: str | None = None) -> dict:
     """The work of a checked plan: tune and/or quantize, write, evaluate, report."""
@@ -417,8 +426,11 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
         record["output"] = report.__dict__
         log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
     if plan.eval_text:
-        record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text, progress, log,
-                                                         imatrix=record.get("imatrix", {}).get("file"))
+        try:
+            record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text,
+                                                             progress, log, imatrix=record.get("imatrix", {}).get("file"))
+        except KeyboardInterrupt:
+            raise InterruptedAfterWriting(out) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     evaluation = record.get("comparison", {}).get("markdown")
     if "imatrix" in record:

@@ -3,10 +3,12 @@
 A `kill PID` (SIGTERM, what systemd, Kubernetes, `timeout` and batch schedulers send) raises
 `Terminated`, a KeyboardInterrupt, in the main thread, so the same `finally` blocks that clean up
 after Ctrl-C remove every temporary; the CLI prints its usual 'interrupted' line and exits with
-143 (128 + SIGTERM, the shell's convention) instead of Ctrl-C's 1. Further SIGTERMs are ignored
-while that cleanup runs. Python handles signals between bytecodes, so one that arrives during a
-long C call (llama.cpp's quantizer) takes effect when the call returns. SIGKILL cannot be caught:
-what it leaves is recognised by its name and removed by the next run (atomic.remove_stale).
+143 (128 + SIGTERM, the shell's convention) instead of Ctrl-C's 130 (128 + SIGINT). Further
+SIGTERMs are ignored while that cleanup runs, so nothing may catch the interrupt and carry on: an
+interrupted measurement never returns as if it were complete. Python handles signals between
+bytecodes, so one that arrives during a long C call (llama.cpp's quantizer) takes effect when the
+call returns. SIGKILL cannot be caught: what it leaves is recognised by its name and removed by
+the next run (atomic.remove_stale).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, after Ctrl-C
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
 
 
@@ -37,7 +40,7 @@ def _on_sigterm(signum, frame):
 
 @contextmanager
 def sigterm_as_interrupt():
-    """Within the block, SIGTERM raises Terminated; an exit with status 1 (the CLI's interrupted
+    """Within the block, SIGTERM raises Terminated; an exit with status 130 (the CLI's interrupted
     path) after a SIGTERM becomes 143. A SIGTERM that the parent set to be ignored stays ignored."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         yield
@@ -47,7 +50,7 @@ def sigterm_as_interrupt():
     try:
         yield
     except SystemExit as e:
-        if _received.is_set() and e.code == 1:
+        if _received.is_set() and e.code == EXIT_INTERRUPTED:
             raise SystemExit(EXIT_TERMINATED) from None
         raise
     finally:

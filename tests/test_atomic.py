@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from npft_gguf.atomic import atomic_output, remove_stale, staged_dir, temporary
 from npft_gguf.errors import NpftError, UsageError
-from npft_gguf.signals import EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+from npft_gguf.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 
 def dead_pid() -> int:
@@ -107,6 +108,99 @@ def test_a_full_disk_is_one_error_and_leaves_nothing(tmp_path):
     assert names(tmp_path) == []
 
 
+def short_write(library: str) -> Exception:
+    """What each library raises when the disk fills under it (/dev/full: every write fails with
+    ENOSPC): numpy's tofile (the GGUF writer) and torch.save lose the errno on the way. Rust's
+    safetensors cannot be pointed at /dev/full (it writes beside its target and renames: it would
+    replace the device), so its case is the io error as Rust prints it."""
+    if library == "safetensors":
+        return Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    try:
+        if library == "numpy":
+            import numpy as np
+
+            with open("/dev/full", "wb") as f:
+                np.zeros(1 << 20, np.uint8).tofile(f)
+        else:
+            import torch
+
+            torch.save({"w": torch.zeros(1 << 18)}, "/dev/full")
+    except Exception as e:  # noqa: BLE001 - whatever it is, the test uses it
+        return e
+    raise AssertionError(f"{library} wrote to /dev/full")
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """The file system reports no free space (where a write just ran out of it)."""
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(used=usage.total, free=0))
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "safetensors"])
+def test_a_short_write_on_a_full_disk_says_no_space(tmp_path, full_disk, library):
+    """A GGUF write (numpy) said `OSError: N requested and M written`, a checkpoint (torch.save)
+    `RuntimeError: [enforce fail at inline_container.cc:672]`: the device, the file and what was kept."""
+    out = tmp_path / "m.gguf"
+    error = short_write(library)
+    with pytest.raises(NpftError) as e:
+        with atomic_output(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise error
+    assert str(e.value) == (f"no space left on the device holding {mount_point(tmp_path)} (writing {out}); nothing was "
+                            "written: free some space or choose another output path") and e.value.exit_code == 1
+    assert names(tmp_path) == []
+    out.write_bytes(b"the previous checkpoint")
+    with pytest.raises(NpftError, match=f"{out} was left as it was"):
+        with atomic_output(out, force=True):
+            raise error
+    assert names(tmp_path) == ["m.gguf"] and out.read_bytes() == b"the previous checkpoint"
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_a_short_write_with_room_left_is_not_called_a_full_disk(tmp_path, library):
+    error = short_write(library)
+    with pytest.raises(type(error)):
+        with atomic_output(tmp_path / "m.gguf"):
+            raise error
+    assert names(tmp_path) == []
+
+
+def mount_point(path: Path) -> Path:
+    path = path.resolve()
+    return next(p for p in (path, *path.parents) if os.path.ismount(p))
+
+
+def test_a_full_disk_in_a_command_is_one_line(tiny_bpe, tmp_path, full_disk, monkeypatch):
+    """export (and convert, which writes through it) on a disk that fills while tensors are written."""
+    from gguf import GGUFWriter
+
+    from tests.test_cli import assert_fails, run
+
+    error = short_write("numpy")
+
+    def write_tensor_data(self, *_a, **_k):
+        raise error
+
+    monkeypatch.setattr(GGUFWriter, "write_tensor_data", write_tensor_data)
+    line = assert_fails(run("export", tiny_bpe, "-o", tmp_path / "m.gguf", "--type", "q8_0"), 1,
+                        f"no space left on the device holding {mount_point(tmp_path)}", "m.gguf", "nothing was written")
+    assert "requested" not in line and names(tmp_path) == []
+
+
+def test_a_full_disk_outside_an_output_is_one_line_too(tiny_bpe, tmp_path, monkeypatch):
+    """Anything else that runs out of space (compare's recorded logits, a download) still says so."""
+    import npft_gguf.cli as cli
+
+    from tests.test_cli import assert_fails, run
+
+    def no_space(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x.npy"))
+
+    monkeypatch.setattr(cli, "_gguf_file", no_space)
+    assert_fails(run("inspect", "anything"), 1, f"no space left on the device holding {mount_point(tmp_path)}", "x.npy")
+
+
 def test_staged_dir_moves_its_files_in_with_the_last_ones_last(tmp_path, monkeypatch):
     d = tmp_path / "model"
     seen, real = [], os.replace
@@ -141,9 +235,9 @@ def test_sigterm_unwinds_like_ctrl_c_and_exits_143():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)
             except KeyboardInterrupt:
-                sys.exit(1)
+                sys.exit(EXIT_INTERRUPTED)
     assert e.value.code == EXIT_TERMINATED == 143
     with pytest.raises(SystemExit) as e:  # without a SIGTERM an exit is left alone
         with sigterm_as_interrupt():
-            sys.exit(1)
-    assert e.value.code == 1
+            sys.exit(EXIT_INTERRUPTED)
+    assert e.value.code == EXIT_INTERRUPTED == 130

@@ -199,7 +199,7 @@ def test_export_output_parent_is_a_file(tmp_path, tiny_gguf):
 
 
 def test_export_ctrl_c_leaves_nothing(out, smollm2):
-    """SIGINT while the 135M demo is being written: exit 1, one line, no output and no `.part`."""
+    """SIGINT while the 135M demo is being written: exit 130, one line, no output and no `.part`."""
     target = out / "smol-q4_0.gguf"
     for _attempt in range(3):  # on a very busy machine the export may finish before the signal is sent
         stdout, stderr, code = _interrupt_export(smollm2, target, out)
@@ -208,7 +208,7 @@ def test_export_ctrl_c_leaves_nothing(out, smollm2):
         target.unlink(missing_ok=True)
     else:
         pytest.skip("the export always finished before it could be interrupted")
-    assert code == 1, f"exit {code}; stderr:\n{stderr}"
+    assert code == 130, f"exit {code}; stderr:\n{stderr}"
     # the progress bar redraws itself with \r and clears itself on close; what a terminal shows must be
     # exactly one error line
     shown = [seg.rsplit("\r", 1)[-1] for seg in stderr.split("\n")]
@@ -390,6 +390,31 @@ def test_outputs_are_checked_before_any_work(tiny_gguf, truncated_gguf, text_fil
     assert kept.read_text() == "keep me" and (tmp_path / "r.json").read_text() == "keep me"
 
 
+def test_an_output_that_is_a_dangling_symlink_is_refused_up_front(tiny_gguf, tiny_bpe, text_file, tmp_path, no_work):
+    """It passed the up-front check, and the finished output was then refused with an untrue
+    'another run wrote it meanwhile'."""
+    link, gone = tmp_path / "link", tmp_path / "gone"
+    link.symlink_to(gone)
+    tune = ["--calib", text_file, "--recipe", "short"]
+    cases = [
+        ["export", tiny_gguf, "-o", link],
+        ["imatrix", tiny_bpe, "--calib", text_file, "-o", link],
+        ["eval", tiny_gguf, "--text", text_file, "--json", link],
+        ["bench", tiny_gguf, "--json", link],
+        ["compare", tiny_gguf, "--ref", tiny_gguf, "--text", text_file, "-o", link],
+        ["compare", tiny_gguf, "--ref", tiny_gguf, "--text", text_file, "-o", tmp_path / "r.md", "--plot", link],
+        ["convert", tiny_bpe, *tune, "-o", link],
+        ["convert", tiny_bpe, *tune, "-o", tmp_path / "m.gguf", "--run-dir", link],
+        ["convert", tiny_bpe, *tune, "-o", tmp_path / "m.gguf", "--run-dir", link / "run"],
+        ["finetune", tiny_bpe, *tune, "-o", link],
+        ["finetune", tiny_bpe, *tune, "-o", link / "sub"],
+    ]
+    for args in cases:
+        for force in ([], ["--force"]):
+            assert_fails(run(*args, *force), 2, f"{link} is a symlink to a missing file", "remove it")
+    assert listing(tmp_path) == ["link"] and link.is_symlink() and not gone.exists()
+
+
 def test_eval_of_a_source_checks_the_context_before_loading(tiny_bpe, text_file, no_work):
     # the tiny models are trained for 256 positions
     assert_fails(run("eval", tiny_bpe, "--text", text_file, "--ctx", "512"), 2, "--ctx 512", "training context of 256")
@@ -507,5 +532,5 @@ def test_an_interrupt_is_one_error_line_with_no_blank_line_before(tiny_gguf, mon
     monkeypatch.setattr(inspect_module, "inspect", interrupted)
     with pytest.raises(SystemExit) as e:
         main(["inspect", str(tiny_gguf)])
-    assert e.value.code == 1
+    assert e.value.code == 130
     assert capsys.readouterr().err == "error: interrupted; nothing was written\n"

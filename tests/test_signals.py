@@ -4,7 +4,7 @@ Each case runs the real console script on a tiny model, held at a named point of
 test-only hook NPFT_GGUF_TEST_PAUSE_AT (signals.pause_for_tests), and then:
 - SIGKILL: nothing can clean up, so temporaries are left; the next run removes them;
 - SIGTERM: handled as Ctrl-C is: exit 143, one `error: interrupted ...` line, no temporary left;
-and a last run completes. A killed resumable finetune continues with --resume.
+and a last run completes. An interrupted measurement never passes for a complete one. A killed resumable finetune continues with --resume.
 """
 
 from __future__ import annotations
@@ -30,14 +30,16 @@ def temps(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob(".*") if TEMP.match(p.name))
 
 
-def start(args, stage: str, logs: Path) -> subprocess.Popen:
-    """The CLI, started and held at `stage`; returns once it is there."""
+def start(args, stage: str, logs: Path, env: dict | None = None) -> subprocess.Popen:
+    """The CLI, started and held at `stage`; returns once it is there. SIGINT is at its default
+    (as a terminal's Ctrl-C finds it) even when the tests run in the background."""
     logs.mkdir(exist_ok=True)
     n = len(list(logs.glob("*.err")))
     err, out = logs / f"{n}.err", logs / f"{n}.out"
     with open(err, "w") as e, open(out, "w") as o:
-        proc = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT, env=_env({PAUSE_ENV: stage}), stdout=o, stderr=e)
-    proc.err = err
+        proc = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT, env=_env({PAUSE_ENV: stage, **(env or {})}), stdout=o,
+                                stderr=e, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.err, proc.out = err, out
     deadline = time.monotonic() + 600
     while PAUSED + stage.split("#")[0] not in err.read_text():
         if proc.poll() is not None:
@@ -108,6 +110,69 @@ def test_two_exports_to_one_output_one_fails(tiny_bpe, tmp_path):
     line = error_line("\n".join(lines))
     assert "already exists" in line and "--force" in line
     assert listing(out) == ["m.gguf"] and (out / "m.gguf").read_bytes() == winner
+
+
+# --- measurements --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def measured(tiny_bpe, tmp_path_factory) -> Path:
+    """f32.gguf and q8_0.gguf of the tiny model, and text.txt, several 64-token windows long."""
+    from npft_gguf.sources import open_source
+    from npft_gguf.writer import ExportSettings, export
+
+    d = tmp_path_factory.mktemp("measured")
+    for t in ("f32", "q8_0"):
+        export(open_source(str(tiny_bpe)), d / f"{t}.gguf", ExportSettings(type=t), progress=False)
+    (d / "text.txt").write_text(calib_text(30_000))
+    return d
+
+
+@pytest.mark.parametrize("stage,sig,code", [
+    ("perplexity:chunk#2", signal.SIGTERM, 143),  # in the reference's evaluation
+    ("perplexity:chunk#6", signal.SIGINT, 130),  # in the compared file's
+    ("bench:rep", signal.SIGTERM, 143),
+])
+def test_an_interrupted_compare_writes_no_report(measured, tmp_path, stage, sig, code):
+    """compare caught the interrupt inside an evaluation and went on: exit 0, and a report whose
+    reference row covered the chunks measured before the signal and every other row all of them."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    bench = ["--pp", "8", "--tg", "2", "--reps", "2"] if stage.startswith("bench") else ["--no-bench"]
+    args = ["compare", measured / "q8_0.gguf", "--ref", measured / "f32.gguf", "--text", measured / "text.txt",
+            "--ctx", "64", "--chunks", "4", *bench, "-o", out / "r.md"]
+    rc, lines = stop(start(args, stage, tmp_path / "logs", env={"TMPDIR": str(tmp)}), sig)
+    assert rc == code, f"exit {rc} after {sig!r} at {stage}:\n" + "\n".join(lines)
+    assert error_line(lines[-1]) == "error: interrupted; nothing was written"
+    assert listing(out) == [] and listing(tmp) == []  # no report, and the reference's record is gone
+
+
+def test_an_interrupted_eval_shows_what_it_measured_as_such(measured, tmp_path):
+    """eval printed its partial figures; it must mark them, write them to no file, and exit 130."""
+    target = tmp_path / "r.json"
+    args = ["eval", measured / "q8_0.gguf", "--ref", measured / "f32.gguf", "--text", measured / "text.txt",
+            "--ctx", "64", "--chunks", "4", "--json", target]
+    proc = start(args, "perplexity:chunk#2", tmp_path / "logs")
+    rc, lines = stop(proc, signal.SIGINT)
+    assert rc == 130, lines
+    shown = proc.out.read_text()
+    assert "2 chunks of 64" in shown and "[interrupted]" in shown, shown
+    line = error_line(lines[-1])
+    assert "interrupted" in line and "r.json was not written" in line and not target.exists()
+
+
+def test_a_convert_interrupted_in_its_closing_evaluation_writes_no_report(tiny_bpe, measured, tmp_path):
+    """convert's closing evaluation (a compare) caught the interrupt as compare did, and wrote its
+    report from the reference's first chunks and every chunk of the new file."""
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    args = ["convert", tiny_bpe, "--method", "rtn", "--type", "q8_0", "-o", out / "t.gguf", "--eval-text",
+            measured / "text.txt", "--ctx", "64", "--chunks", "4", "--threads", "1"]
+    rc, lines = stop(start(args, "perplexity:chunk#2", tmp_path / "logs", env={"TMPDIR": str(tmp)}), signal.SIGTERM)
+    assert rc == 143, lines
+    line = error_line(lines[-1])
+    assert f"{out / 't.gguf'} was written" in line and "no report" in line
+    assert listing(out / "t.npft-run") == ["float-f32.gguf"] and temps(out) == [] and listing(tmp) == []
 
 
 # --- finetune and convert ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import llamacpp
 from ..errors import UsageError
 from ..progress import bar
+from ..signals import pause_for_tests
 from .models import default_threads, require_file, require_gpu_offload
 
 
@@ -46,7 +47,9 @@ class BenchResult:
         return {**asdict(self), "pp": ms(self.pp_tps), "tg": ms(self.tg_tps)}
 
 
-def bench(path: Path, settings: BenchSettings, progress: bool = True) -> BenchResult:
+def bench(path: Path, settings: BenchSettings, progress: bool = True, partial: bool = False) -> BenchResult:
+    """Throughput of `path`. Ctrl-C (or SIGTERM) goes on to the caller, unless it asks for a
+    `partial` result: then the repetitions measured come back, marked `interrupted`."""
     path = require_file(path, "give a GGUF file")
     require_gpu_offload(settings.n_gpu_layers)
     threads = settings.threads or default_threads()
@@ -83,7 +86,10 @@ def bench(path: Path, settings: BenchSettings, progress: bool = True) -> BenchRe
                 result.pp_tps.append(run_pp())
             if settings.tg:
                 result.tg_tps.append(run_tg())
+            pause_for_tests("bench:rep")
     except KeyboardInterrupt:
+        if not partial:
+            raise
         result.interrupted = True
     return result
 

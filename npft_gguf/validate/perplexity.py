@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..progress import bar
+from ..signals import pause_for_tests
 from .models import Backend
 
 
@@ -136,8 +137,10 @@ def windows(tokens: list[int], backend: Backend, settings: EvalSettings) -> list
 
 
 def evaluate(backend: Backend, text: str, text_name: str, settings: EvalSettings,
-             ref: Backend | None = None, progress: bool = True) -> EvalResult:
-    """Perplexity of `backend` on `text` (and KLD against `ref`); Ctrl-C returns what was measured."""
+             ref: Backend | None = None, progress: bool = True, partial: bool = False) -> EvalResult:
+    """Perplexity of `backend` on `text` (and KLD against `ref`). Ctrl-C (or SIGTERM) goes on to
+    the caller, unless it asks for a `partial` result: then what was measured comes back, marked
+    `interrupted`, and the caller must show it as such and exit as interrupted."""
     tokens = backend.tokenize(text)
     if ref is not None:
         if ref.n_vocab != backend.n_vocab or ref.vocab_fingerprint() != backend.vocab_fingerprint():
@@ -160,7 +163,10 @@ def evaluate(backend: Backend, text: str, text_name: str, settings: EvalSettings
                 lp = log_softmax(x)  # a copy: the reference may reuse the same buffer
                 stats.add(lp, targets, log_softmax(ref.logits(w, first)[:-1]))
             result.chunks += 1
+            pause_for_tests("perplexity:chunk")
     except KeyboardInterrupt:
+        if not partial:
+            raise
         result.interrupted = True
     result.seconds = time.perf_counter() - t0
     result.scored = len(stats.nll)

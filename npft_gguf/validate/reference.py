@@ -4,7 +4,9 @@
 reference (the float model, the slowest file of all) runs N+1 times. Its logits for each window
 are recorded as float32 .npy files in a temporary directory on the first pass and read back
 afterwards (mostly from the page cache), so the KL divergence is the same to the bit. The
-directory goes when the comparison ends, Ctrl-C and SIGTERM included (signals.py). Recording
+directory goes when the comparison ends, Ctrl-C and SIGTERM included (signals.py); it is one of
+atomic.py's temporaries (`.npft-gguf-ref.npft-PID.ref` in the system's temporary directory,
+locked while it lives), so what a SIGKILL leaves, the next comparison removes. Recording
 stops, and the reference simply runs again, when it would pass its disk budget or leave the disk
 nearly full: a long text on a 150k-token vocabulary is gigabytes per pass.
 """
@@ -20,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import temporary
 from .models import Backend
 
 BUDGET_BYTES = 16 << 30  # recorded logits per comparison, at most
 FREE_BYTES = 2 << 30  # left free on the temporary directory's disk, at least
+RECORD_NAME = "npft-gguf-ref"  # the record is the temporary `.npft-gguf-ref.npft-PID.ref` (atomic.temporary)
 
 
 class RecordedBackend(Backend):
@@ -72,5 +76,5 @@ class RecordedBackend(Backend):
 @contextmanager
 def recorded(inner: Backend, budget: int = BUDGET_BYTES, free: int = FREE_BYTES):
     """A RecordedBackend over `inner` whose record lives as long as the block."""
-    with tempfile.TemporaryDirectory(prefix="npft-gguf-ref-") as d:
-        yield RecordedBackend(inner, Path(d), budget, free)
+    with temporary(Path(tempfile.gettempdir()) / RECORD_NAME, "ref", directory=True) as d:
+        yield RecordedBackend(inner, d, budget, free)

@@ -10,7 +10,7 @@ import torch
 
 from npft_gguf.errors import UsageError
 from npft_gguf.sources import open_source
-from npft_gguf.validate.models import LlamaCppBackend, TorchBackend
+from npft_gguf.validate.models import Backend, LlamaCppBackend, TorchBackend
 from npft_gguf.validate.perplexity import EvalSettings, evaluate
 from npft_gguf.writer import ExportSettings, export
 
@@ -146,3 +146,30 @@ def test_float32_nll_matches_float64_log_softmax():
     targets = rng.integers(0, x.shape[1], 64)
     ref = -log_softmax(x)[torch.arange(64), torch.from_numpy(targets)]
     assert float((nll(x, targets).double() - ref).abs().max()) < 1e-5
+
+
+class InterruptedAtThirdWindow(Backend):
+    """Random logits, and Ctrl-C (or SIGTERM) while the third window runs."""
+
+    def __init__(self):
+        super().__init__(label="interrupted", n_vocab=16, add_bos=False, bos_id=None, n_ctx_train=0)
+        self.calls = 0
+
+    def tokenize(self, text):
+        return [ord(c) % 16 for c in text]
+
+    def logits(self, tokens, first=0):
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt
+        return np.random.default_rng(self.calls).standard_normal((len(tokens) - first, 16)).astype(np.float32)
+
+
+def test_an_interrupted_evaluation_never_returns_as_complete():
+    """evaluate returned two windows' figures as the result after Ctrl-C; compare and convert then
+    wrote them into a report beside rows that covered every window."""
+    text = "some words, " * (8 * CTX // 12 + 1)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(InterruptedAtThirdWindow(), text, "t", EvalSettings(CTX), progress=False)
+    r = evaluate(InterruptedAtThirdWindow(), text, "t", EvalSettings(CTX), progress=False, partial=True)
+    assert r.interrupted and r.chunks == 2 and r.scored == 2 * (CTX // 2 - 1)

@@ -1,15 +1,21 @@
 """The reference's logits, recorded once and replayed: the same KLD to the bit, one reference pass."""
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from npft_gguf.sources import open_source
 from npft_gguf.validate.compare import compare
-from npft_gguf.validate.models import LlamaCppBackend
+from npft_gguf.atomic import TEMP
+from npft_gguf.validate.models import Backend, LlamaCppBackend
 from npft_gguf.validate.perplexity import EvalSettings, evaluate
-from npft_gguf.validate.reference import RecordedBackend, recorded
+from npft_gguf.validate.reference import RECORD_NAME, RecordedBackend, recorded
 from npft_gguf.writer import ExportSettings, export
+from tests.test_atomic import dead_pid
 
 CTX = 64
 N_CHARS = 8_000  # a dozen windows: enough to tell a replay from a rerun, cheap enough to run often
@@ -81,3 +87,35 @@ def test_compare_matches_file_by_file_evaluation(files, direct, wiki_text):
     by = {Path(r["file"]).name: r for r in rep["rows"]}
     for t in ("q4_0", "q8_0"):
         assert by[f"{t}.gguf"]["kld"] == direct[t].kld and by[f"{t}.gguf"]["ppl"] == direct[t].ppl
+
+
+HOLD_A_RECORD = """
+import sys, time
+from npft_gguf.validate.models import Backend
+from npft_gguf.validate.reference import recorded
+with recorded(Backend("live", 1, False, None, 0)) as ref:
+    print(ref.directory, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_record_left_by_a_killed_compare_goes_with_the_next_one(tmp_path, monkeypatch):
+    """A SIGKILL left npft-gguf-ref-* (up to 16 GB of logits) in the temporary directory, and no run
+    removed it: the record is one of atomic.py's temporaries, so the next comparison removes a dead
+    process's record, and never a live one's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / f".{RECORD_NAME}.npft-{dead_pid()}.ref"
+    dead.mkdir()
+    (dead / "0.npy").write_bytes(b"logits of a killed comparison")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_RECORD], env={**os.environ, "TMPDIR": str(tmp_path)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        live = Path(holder.stdout.readline().strip())
+        assert live.parent == tmp_path and live.is_dir(), live
+        with recorded(Backend("ours", 1, False, None, 0)) as ref:
+            assert not dead.exists() and live.is_dir()
+            assert TEMP.match(ref.directory.name) and ref.directory.parent == tmp_path
+        assert not ref.directory.exists() and live.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
