@@ -67,6 +67,20 @@ def test_finetune_checkpoint_exports(tiny_bpe, texts, tmp_path):
     assert_fails(again, 2, "already holds a model", "--force")
 
 
+@pytest.mark.parametrize("command", ["finetune", "convert"])
+def test_a_diverged_tuning_saves_nothing(tiny_bpe, texts, tmp_path, command):
+    """--lr 1e30 with a single update: every loss is finite (the only one comes before the update)
+    and the merged weights are not; nothing is saved, not even the epoch checkpoint."""
+    out = tmp_path / ("tuned" if command == "finetune" else "t.gguf")
+    one_update = ["--lr", "1e30", "--epochs", "1", "--calib-samples", "4", "--batch", "4"]
+    extra = ["--method", "npft", "--type", "q8_0", "--eval-text", "none"] if command == "convert" else []
+    r = cli(command, tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, *one_update, *extra)
+    last = r.stderr.splitlines()[-1]  # after the run's progress lines
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
+    assert last.startswith("error: the tuning diverged") and "no longer finite" in last and "lower --lr" in last, last
+    assert not out.exists() and not list(tmp_path.rglob("checkpoint.pt"))
+
+
 def test_finetune_for_a_simulated_quantizer(tiny_bpe, texts, tmp_path):
     # tuned once for rtn4, the checkpoint can then meet RTN and GPTQ at rtn4 through convert
     out = tmp_path / "tuned4"
