@@ -108,11 +108,16 @@ def tuning_dtype(device: str):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def decoder_linears(source: Source) -> dict[str, tuple[int, ...]]:
+    """HF module name of each linear of the decoder layers -> its weight's (out, in), from the headers."""
+    return {n.removesuffix(".weight"): tuple(s) for n, s in source.shapes().items()
+            if len(s) == 2 and source.arch.layer_name(n) and n.endswith(".weight")}
+
+
 def check_targets(targets: tuple[str, ...], source: Source) -> None:
     """LoRA targets must name linear modules of the decoder, as peft matches them (a module whose
     name is the target or ends in `.target`), checked on the tensor names before any loading."""
-    modules = [n.removesuffix(".weight") for n, s in source.shapes().items()
-               if len(s) == 2 and source.arch.layer_name(n) and n.endswith(".weight")]
+    modules = list(decoder_linears(source))
     if not targets:
         raise UsageError("--targets is empty; name the linear modules to adapt, e.g. q_proj,v_proj")
     missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
@@ -163,14 +168,22 @@ def check_resume(run_dir: Path, npft: NPFTSettings, tokens) -> None:
                          "or --force to start over")
 
 
-def check_tuning_imatrix(npft: NPFTSettings) -> None:
-    """finetune --imatrix: a readable imatrix file and a grid llama.cpp has importance-weighted rules for."""
-    from .imatrix import IMATRIX_TYPES, load_imatrix
+def check_tuning_imatrix(npft: NPFTSettings, source: Source) -> None:
+    """finetune --imatrix: a readable imatrix file, a grid llama.cpp has importance-weighted rules
+    for, and entries that fit the linears tune quantizes with them: imatrix.tuning_quantizers,
+    given the linears' widths from the headers instead of the loaded model."""
+    from types import SimpleNamespace
+
+    from .imatrix import IMATRIX_TYPES, load_imatrix, tuning_quantizers
 
     if npft.grid not in IMATRIX_TYPES:
         raise UsageError(f"--imatrix tunes for llama.cpp's importance-weighted {', '.join(IMATRIX_TYPES)}, "
                          f"not --grid {npft.grid}")
     load_imatrix(npft.imatrix)
+    perturbed = set(source.arch.perturbed)  # the linears tune gives quantizers (sensitivity.target_linears)
+    widths = {n: SimpleNamespace(out_features=s[0], in_features=s[1])
+              for n, s in decoder_linears(source).items() if n.rsplit(".", 1)[-1] in perturbed}
+    tuning_quantizers(npft.imatrix, npft.grid, widths, source.arch, source.config)
 
 
 def clear_run_dir(run_dir: Path, force: bool, resume: bool):
@@ -238,7 +251,7 @@ def plan_finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSett
     npft = npft.for_family(source.arch)
     check_targets(npft.targets, source)
     if npft.imatrix:
-        check_tuning_imatrix(npft)
+        check_tuning_imatrix(npft, source)
     tokens = calibration_tokens(calib, source)
     if resume:
         check_resume(run_dir, npft, tokens)
