@@ -254,13 +254,53 @@ def atomic_output(path: Path, force: bool = False):
 
 
 @contextmanager
-def staged_dir(out_dir: Path, last: tuple[str, ...] = ()):
+def staged_dir(out_dir: Path, last: tuple[str, ...] = (), replaces: tuple[Path, ...] = ()):
     """A temporary directory inside `out_dir` to fill; on success its files move into `out_dir`,
-    the names in `last` last (so a folder holding them is complete); removed however it ends."""
+    the names in `last` last (so a folder holding them is complete); removed however it ends.
+    `replaces`, an earlier output's files, go just before, the names in `last` first, so the
+    folder never holds a mix of the two (a shard of the old model beside the new one)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with temporary(out_dir / "staged", "part", directory=True) as tmp, _disk_full_in_one_line(out_dir, tmp):
         yield tmp
         pause_for_tests(f"commit:{out_dir.name}/")
+        for f in sorted(replaces, key=lambda p: p.name not in last):
+            Path(f).unlink(missing_ok=True)
         for f in sorted(tmp.iterdir(), key=lambda p: p.name in last):
             os.replace(f, out_dir / f.name)
+
+
+# --- one run at a time in an output folder ---------------------------------------------------------
+FOLDER_LOCK = ".npft.lock"
+
+
+@contextmanager
+def folder_lock(directory: Path):
+    """Hold `directory`'s lock (flock on DIRECTORY/.npft.lock, which names our PID) while the block
+    runs: of two runs writing into one folder at once, the second fails at once in one line
+    instead of both reporting success. The file goes on the way out; one that a SIGKILL left is
+    unlocked, and the next run takes it."""
+    lock = Path(directory) / FOLDER_LOCK
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        if _try_lock(fd) is False:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise UsageError(f"{directory} is already being written by another run{f' (PID {holder})' if holder else ''}; "
+                             "wait for it to finish or choose another output")
+        try:
+            still_there = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
+        except FileNotFoundError:
+            still_there = False
+        if still_there:
+            break
+        os.close(fd)  # its holder removed the file as we opened it: lock the next one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:  # removed while still locked, so a run that opened it meanwhile starts again on a new file
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -111,11 +113,16 @@ def tuning_dtype(device: str):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def decoder_linears(source: Source) -> dict[str, tuple[int, ...]]:
+    """HF module name of each linear of the decoder layers -> its weight's (out, in), from the headers."""
+    return {n.removesuffix(".weight"): tuple(s) for n, s in source.shapes().items()
+            if len(s) == 2 and source.arch.layer_name(n) and n.endswith(".weight")}
+
+
 def check_targets(targets: tuple[str, ...], source: Source) -> None:
     """LoRA targets must name linear modules of the decoder, as peft matches them (a module whose
     name is the target or ends in `.target`), checked on the tensor names before any loading."""
-    modules = [n.removesuffix(".weight") for n, s in source.shapes().items()
-               if len(s) == 2 and source.arch.layer_name(n) and n.endswith(".weight")]
+    modules = list(decoder_linears(source))
     if not targets:
         raise UsageError("--targets is empty; name the linear modules to adapt, e.g. q_proj,v_proj")
     missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
@@ -168,14 +175,22 @@ def check_resume(run_dir: Path, npft: NPFTSettings, tokens, source: dict) -> Non
         raise UsageError(problem)
 
 
-def check_tuning_imatrix(npft: NPFTSettings) -> None:
-    """finetune --imatrix: a readable imatrix file and a grid llama.cpp has importance-weighted rules for."""
-    from .imatrix import IMATRIX_TYPES, load_imatrix
+def check_tuning_imatrix(npft: NPFTSettings, source: Source) -> None:
+    """finetune --imatrix: a readable imatrix file, a grid llama.cpp has importance-weighted rules
+    for, and entries that fit the linears tune quantizes with them: imatrix.tuning_quantizers,
+    given the linears' widths from the headers instead of the loaded model."""
+    from types import SimpleNamespace
+
+    from .imatrix import IMATRIX_TYPES, load_imatrix, tuning_quantizers
 
     if npft.grid not in IMATRIX_TYPES:
         raise UsageError(f"--imatrix tunes for llama.cpp's importance-weighted {', '.join(IMATRIX_TYPES)}, "
                          f"not --grid {npft.grid}")
     load_imatrix(npft.imatrix)
+    perturbed = set(source.arch.perturbed)  # the linears tune gives quantizers (sensitivity.target_linears)
+    widths = {n: SimpleNamespace(out_features=s[0], in_features=s[1])
+              for n, s in decoder_linears(source).items() if n.rsplit(".", 1)[-1] in perturbed}
+    tuning_quantizers(npft.imatrix, npft.grid, widths, source.arch, source.config)
 
 
 def clear_run_dir(run_dir: Path, force: bool, resume: bool):
@@ -230,21 +245,84 @@ def tuned_model(plan: Plan, force: bool, resume: bool, progress: bool, log, noti
     return tune(model, tokens, plan.npft, plan.run_dir, resume=resume, progress=progress, log=log, source=plan.made_from), tokens
 
 
+# an earlier Hugging Face checkpoint's files, in any sharding or tokenizer kind (every *.safetensors:
+# sources.HFDirSource reads them all when there is no index)
+MODEL_FILES = re.compile(r"(generation_)?config\.json|.+\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?"
+                         r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json"
+                         r"|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)")
+REPORT_FILES = ("report.json", "report.md")
+
+
+def tokenizer_files(tokenizer) -> set[str]:
+    """The names `tokenizer.save_pretrained` writes (they differ between tokenizers), found by
+    saving it into a scratch folder: a few small files."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        return {p.name for p in Path(scratch).iterdir()}
+
+
+def finetune_files(out_dir: Path, tokenizer_names: set[str]) -> list[Path]:
+    """The files in `out_dir` that finetune writes (model, tokenizer, report) or that belong to an
+    earlier model there (its shards, its index): what finetune needs --force to replace."""
+    if not out_dir.is_dir():
+        return []
+    ours = tokenizer_names | set(REPORT_FILES)
+    return sorted(p for p in out_dir.iterdir() if (p.name in ours or MODEL_FILES.fullmatch(p.name)) and not p.is_dir())
+
+
+def check_finetune_output(out_dir: Path, tokenizer_names: set[str], force: bool) -> None:
+    """Without --force, an output folder holding any of finetune's files is refused before any work."""
+    existing = [p.name for p in finetune_files(out_dir, tokenizer_names)]
+    if existing and not force:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise UsageError(f"{out_dir} already holds {shown}, which finetune would overwrite; pass --force to replace them")
+
+
+@contextmanager
+def output_folder(out_dir: Path, run_dir: Path):
+    """`out_dir`, created if need be and locked (atomic.folder_lock) while this run writes into it;
+    the folders this run created go again if it fails before writing anything in them."""
+    from .atomic import folder_lock
+
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(out_dir):
+            new_run_dir = not run_dir.exists()  # looked at under the lock: another run's is not ours to remove
+            try:
+                yield
+            finally:
+                if new_run_dir:
+                    _remove_if_empty([run_dir])
+    finally:
+        _remove_if_empty(created)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Innermost first; stops at the first one that holds something."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def plan_finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings, device: str = "auto",
                   force: bool = False, resume: bool = False) -> Plan:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file; give a directory for the checkpoint")
-    if (out_dir / "config.json").exists() and not force:
-        raise UsageError(f"{out_dir} already holds a model; pass --force to overwrite it")
     check_directory_target(out_dir, "the output")
+    source = open_source(spec)
+    check_finetune_output(out_dir, tokenizer_files(source.tokenizer()), force)
     run_dir = out_dir / "npft-run"
     check_run_dir(run_dir, force, resume)
-    source = open_source(spec)
     npft = npft.for_family(source.arch)
     check_targets(npft.targets, source)
     if npft.imatrix:
-        check_tuning_imatrix(npft)
+        check_tuning_imatrix(npft, source)
     tokens = calibration_tokens(calib, source)
     made_from = source_record(source)
     if resume:
@@ -256,17 +334,21 @@ def finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings,
              force: bool = False, resume: bool = False, progress: bool = True, log=print, notice: str | None = None) -> dict:
     """Tune SOURCE with NPFT and save the merged model as a Hugging Face checkpoint in `out_dir`."""
     plan = plan_finetune(spec, out_dir, calib, npft, device, force, resume)
-    result, _ = tuned_model(plan, force, resume, progress, log, notice)
-    save_checkpoint(result.model, plan.source.tokenizer(), Path(out_dir))
-    report = run_record(spec, calib, result)
-    write_report(report, Path(out_dir))
+    out_dir, tokenizer = Path(out_dir), plan.source.tokenizer()
+    names = tokenizer_files(tokenizer)
+    with output_folder(out_dir, plan.run_dir):
+        check_finetune_output(out_dir, names, force)  # again, now that no other run can write here
+        result, _ = tuned_model(plan, force, resume, progress, log, notice)
+        report = run_record(spec, calib, result)
+        save_checkpoint(result.model, tokenizer, out_dir, report, replaces=tuple(finetune_files(out_dir, names)))
     return {"output": str(out_dir), **report}
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path):
-    """save_pretrained into a scratch folder in `out_dir` (atomic.staged_dir: removed however the
-    run ends, or by the next run after a SIGKILL), then move files in; config.json last, so a
-    folder with a config.json is a complete model."""
+def save_checkpoint(model, tokenizer, out_dir: Path, report: dict | None = None, replaces: tuple[Path, ...] = ()):
+    """save_pretrained (and the run report) into a scratch folder in `out_dir` (atomic.staged_dir:
+    removed however the run ends, or by the next run after a SIGKILL), then move files in, once the
+    earlier model's `replaces` are gone; config.json last, so a folder with a config.json is one
+    complete model."""
     from transformers.utils import logging as hf_logging
 
     from .atomic import staged_dir
@@ -274,9 +356,11 @@ def save_checkpoint(model, tokenizer, out_dir: Path):
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its one-shard "Writing model shards" bar only adds noise to our log
     try:
-        with staged_dir(out_dir, last=("config.json",)) as tmp:
+        with staged_dir(out_dir, last=("config.json",), replaces=replaces) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            if report is not None:
+                write_report(report, tmp)
     finally:
         if bars_were_on:  # give back the caller's setting, not ours
             hf_logging.enable_progress_bar()

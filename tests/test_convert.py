@@ -68,7 +68,58 @@ def test_finetune_checkpoint_exports(tiny_bpe, texts, tmp_path):
     e = cli("export", out, "-o", tmp_path / "tuned.gguf", "--type", "q8_0")
     assert e.returncode == 0, e.stderr
     again = cli("finetune", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY)
-    assert_fails(again, 2, "already holds a model", "--force")
+    assert_fails(again, 2, "already holds", "config.json", "--force")
+
+
+def test_finetune_refuses_an_output_holding_any_file_it_writes(tiny_bpe, texts, tmp_path, no_work):
+    """Not only config.json: its report, its tokenizer and an earlier model's shards would be
+    overwritten or mixed with the new model, so without --force each is refused before any work."""
+    for i, name in enumerate(("report.md", "report.json", "tokenizer.json", "tokenizer_config.json",
+                              "model-00001-of-00002.safetensors")):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        (out / name).write_text("mine")
+        assert_fails(run("finetune", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY), 2, name, "--force")
+        assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "mine"
+
+
+def test_finetune_force_replaces_a_sharded_model_whole(tiny_bpe, texts, tmp_path):
+    """--force over a sharded checkpoint: its index and shards go, so export (which reads the index)
+    and eval (which reads model.safetensors) see the same, new, weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from npft_gguf.sources import open_source
+
+    out = tmp_path / "tuned"
+    old = AutoModelForCausalLM.from_pretrained(tiny_bpe)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.mul_(2)
+    old.save_pretrained(out, max_shard_size="200KB")
+    (out / "tokenizer.model").write_text("an earlier model's tokenizer")
+    assert (out / "model.safetensors.index.json").exists()
+    r = cli("finetune", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--epochs", "1", "--force")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+    assert not (out / "tokenizer.model").exists() and (out / "report.md").exists()
+    saved, source = load_file(out / "model.safetensors"), open_source(str(out))
+    assert all(torch.equal(source.load(name), w) for name, w in saved.items())
+
+
+@pytest.mark.parametrize("command", ["finetune", "convert"])
+def test_a_diverged_tuning_saves_nothing(tiny_bpe, texts, tmp_path, command):
+    """--lr 1e30 with a single update: every loss is finite (the only one comes before the update)
+    and the merged weights are not; nothing is saved, not even the epoch checkpoint."""
+    out = tmp_path / ("tuned" if command == "finetune" else "t.gguf")
+    one_update = ["--lr", "1e30", "--epochs", "1", "--calib-samples", "4", "--batch", "4"]
+    extra = ["--method", "npft", "--type", "q8_0", "--eval-text", "none"] if command == "convert" else []
+    r = cli(command, tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, *one_update, *extra)
+    last = r.stderr.splitlines()[-1]  # after the run's progress lines
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
+    assert last.startswith("error: the tuning diverged") and "no longer finite" in last and "lower --lr" in last, last
+    assert not out.exists() and not list(tmp_path.rglob("checkpoint.pt"))
 
 
 def test_finetune_for_a_simulated_quantizer(tiny_bpe, texts, tmp_path):

@@ -15,7 +15,7 @@ from npft_gguf.grids import get_grid
 from npft_gguf.imatrix import Entry, Imatrix, collect, read_imatrix, text_windows, write_imatrix
 from npft_gguf.sources import open_source
 from tests.conftest import calib_text, make_tiny_llama
-from tests.test_cli import assert_fails, cli
+from tests.test_cli import assert_fails, cli, no_work, run  # noqa: F401 - no_work is a fixture
 
 
 # --- the file --------------------------------------------------------------------------------------
@@ -297,6 +297,18 @@ def test_convert_tunes_against_the_imatrix_rules_it_writes_with(tiny_bpe, tmp_pa
         with pytest.raises(UsageError, match="--tune-imatrix"):
             plan_convert(str(tiny_bpe), out, ConvertSettings(bits=4, method=method, eval_text="none", tune_imatrix=True),
                          calib, NPFTSettings(noise=noise, resample="step"))
+
+
+def test_finetune_imatrix_of_another_model_is_refused_before_loading(tiny_bpe, deep_imatrix, tmp_path, no_work):
+    """The entries' widths are checked against the headers (rows of 64 here, entries of 256), not
+    after loading, and the refused run leaves no output or run folder behind."""
+    from tests.test_convert import TINY
+
+    (tmp_path / "calib.txt").write_text(calib_text(40_000))
+    out = tmp_path / "t"
+    r = run("finetune", tiny_bpe, "-o", out, "--calib", tmp_path / "calib.txt", *TINY, "--imatrix", deep_imatrix)
+    assert_fails(r, 2, str(deep_imatrix), "columns", "another model")
+    assert not out.exists()
 
 
 def test_finetune_imatrix_is_checked_before_any_work(deep_tiny, deep_imatrix, tmp_path):

@@ -211,6 +211,18 @@ def test_finetune_killed_at_any_point_resumes_and_leaves_nothing(tiny_bpe, calib
     assert json.loads((out / "report.json").read_text())["tune"]["resumed_at_epoch"] == 2
 
 
+def test_two_finetunes_into_one_folder_the_second_fails(tiny_bpe, calib, tmp_path):
+    """While one run tunes into a folder, a second one into the same folder fails at once in one
+    line instead of both writing a model there and reporting success."""
+    out = tmp_path / "tuned"
+    args = ["finetune", tiny_bpe, "-o", out, "--calib", calib, *TUNE, "--epochs", "1"]
+    first = start(args, "commit:checkpoint.pt", tmp_path / "logs")  # tuning, nothing in place yet
+    assert_fails(cli(*args), 2, str(out), "already being written by another run", f"PID {first.pid}")
+    rc, lines = stop(first, signal.SIGUSR1)  # let it go on
+    assert rc == 0, lines
+    assert (out / "config.json").exists() and not (out / ".npft.lock").exists() and temps(out) == []
+
+
 @pytest.mark.slow
 def test_convert_killed_at_any_point_leaves_nothing(tiny_bpe, calib, tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"

@@ -198,6 +198,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
         finally:
             noise.remove()
+        _check_weights(((n, w()) for n, w in merged_weights(peft_model).items()), settings, f"in epoch {epoch + 1}")
         save_checkpoint(ckpt_path, *pack_checkpoint(get_peft_model_state_dict(peft_model), opt.state_dict(), first_outliers, {
             "epoch_done": epoch + 1, "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
             "source": source, "history": result.history, "fisher_summary": result.fisher_summary,
@@ -211,6 +212,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     if settings.gradient_checkpointing:
         peft_model.base_model.model.gradient_checkpointing_disable()
     result.model = peft_model.merge_and_unload().eval()
+    _check_weights(result.model.named_parameters(), settings, "when merged")
     for p in result.model.parameters():
         p.requires_grad_(False)
     result.seconds = elapsed_before + time.time() - t0
@@ -317,6 +319,15 @@ def _check(loss: torch.Tensor, epoch: int, micro: int):
     if not torch.isfinite(loss):
         raise NpftError(f"the loss became {float(loss.detach())} at epoch {epoch + 1}, batch {micro + 1}; the last good "
                         "checkpoint is kept; lower --lr (and start over with --force) or check the data")
+
+
+def _check_weights(named_weights, settings: NPFTSettings, when: str):
+    """The last updates can diverge with every loss before them finite (the step after the last
+    loss, or W + BA overflowing): weights that are not finite are refused before they are saved."""
+    for name, w in named_weights:
+        if not torch.isfinite(w).all():
+            raise NpftError(f"the tuning diverged {when}: the weights of {name} are no longer finite; nothing of it was saved; "
+                            f"lower --lr (it was {settings.lr:g}) and start over with --force")
 
 
 def peak_memory_mb(device) -> dict:
