@@ -89,12 +89,13 @@ def is_gguf(path) -> bool:
 
 def check_gguf(path: Path) -> Path:
     """A GGUF file llama.cpp will run, checked by reading what it holds (inspect: the header, no
-    tensor data), so a truncated or corrupt file fails in one line before any text is loaded or
-    any other file evaluated."""
+    tensor data), so a truncated or corrupt file, or one with a tensor type llama.cpp cannot run,
+    fails in one line before any text is loaded or any other file evaluated."""
     from ..inspect import inspect
 
     path = require_file(path, "give a GGUF file")
     inspect(path)
+    llamacpp.check_runnable(path)
     return path
 
 
