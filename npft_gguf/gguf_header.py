@@ -8,11 +8,16 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from collections.abc import Callable, Iterable
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import GGUFValueType as V
+
+from .errors import UsageError
 
 ALIGNMENT = 32  # GGUF's default, unless general.alignment says otherwise
 SCALARS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
@@ -115,3 +120,31 @@ def read_header(path: Path) -> Header:
 def tensor_problems(tensors) -> list[str]:
     """What is wrong with readable tensor entries that llama.cpp or an export would trip over."""
     return [f"tensor {t.name!r} has a zero-sized dimension (shape {tuple(t.shape)})" for t in tensors if 0 in tuple(t.shape)]
+
+
+@lru_cache(maxsize=None)
+def gguf_py_dequantizes(ggml_type: GGMLQuantizationType) -> bool:
+    """Whether gguf-py (gguf.quants.dequantize, what a GGUF source is read with) can turn this type
+    into floats: asked of gguf-py itself on one block of zeros, so its own registry decides."""
+    from gguf.quants import dequantize
+
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[ggml_type][1]), np.uint8), ggml_type)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def refuse_types(path, tensors: Iterable[TensorInfo], supported: Callable[[GGMLQuantizationType], bool], why: str) -> None:
+    """One line naming the first tensor whose type `supported` refuses, read from the header before
+    any work; `why` says who cannot handle it and what to do."""
+    for t in tensors:
+        if not supported(t.type):
+            raise UsageError(f"{path}: tensor {t.name!r} is {t.type.name}, {why}")
+
+
+def check_dequantizable(path, tensors: Iterable[TensorInfo]) -> None:
+    """A GGUF file used as a SOURCE: every tensor must be one gguf-py can read as floats."""
+    refuse_types(path, tensors, gguf_py_dequantizes,
+                 "which gguf-py cannot dequantize, so the file cannot be read as a source; convert it with llama.cpp "
+                 "to a type it reads (f32, f16, bf16, q8_0, ...) or start from the Hugging Face checkpoint")

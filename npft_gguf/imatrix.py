@@ -113,19 +113,22 @@ def write_imatrix(path: Path, im: Imatrix, force: bool = False) -> Path:
 
 
 def read_imatrix(path: Path) -> Imatrix:
-    """An importance matrix from llama-imatrix's GGUF file (ours too) or its legacy .dat file."""
+    """An importance matrix from llama-imatrix's GGUF file (ours too) or its legacy .dat file, its
+    shapes and values checked (check_values): every command that reads one reads it here."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"imatrix {path}: no such file")
     with open(path, "rb") as f:
         magic = f.read(4)
     try:
-        return _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+        im = _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - struct/ValueError/IndexError from a damaged file
         raise UsageError(f"{path} is not a readable imatrix file ({type(e).__name__}: {e}); "
                          "make one with `npft-gguf imatrix` or llama-imatrix") from None
+    check_values(path, im)
+    return im
 
 
 def _read_gguf(path: Path) -> Imatrix:
@@ -144,17 +147,26 @@ def _read_gguf(path: Path) -> Imatrix:
     for t in r.tensors:
         if t.tensor_type != GGMLQuantizationType.F32:
             raise UsageError(f"{path}: tensor {t.name} is {t.tensor_type.name}; imatrix sums and counts are F32")
-        data = np.array(t.data, np.float32).reshape(int(np.prod(t.shape[1:])), int(t.shape[0]))
+        ne = [int(d) for d in t.shape]  # GGUF order: ne[0] values per matrix, then the matrices
+        if 0 in ne:
+            raise UsageError(f"{path}: tensor {t.name} is empty (ne {ne}); the file is damaged: compute it again")
+        data = np.array(t.data, np.float32).reshape(math.prod(ne[1:]), ne[0])
         if t.name.endswith(SUMS):
             sums[t.name[: -len(SUMS)]] = data
         elif t.name.endswith(COUNTS):
+            if ne[0] != 1:
+                raise UsageError(f"{path}: tensor {t.name} has ne {ne}; counts are one per matrix (ne [1, n_mat])")
             counts[t.name[: -len(COUNTS)]] = data.reshape(-1)
     if set(sums) != set(counts):
         odd = sorted(set(sums) ^ set(counts))[0]
         raise UsageError(f"{path}: {odd} has sums without counts or counts without sums")
     if not sums:
         raise UsageError(f"{path} holds no imatrix entries")
-    entries = {n: Entry(sums[n].reshape(len(counts[n]), -1), counts[n]) for n in sums}
+    for n in sums:
+        if len(sums[n]) != len(counts[n]):
+            raise UsageError(f"{path}: {n} has sums for {len(sums[n])} matrices and counts for {len(counts[n])}; "
+                             "the file is damaged: compute it again")
+    entries = {n: Entry(sums[n], counts[n]) for n in sums}
     return Imatrix(entries, [str(d) for d in value(KV_DATASETS, [])], int(value(KV_CHUNK_COUNT, 0)),
                    int(value(KV_CHUNK_SIZE, 0)))
 
@@ -180,6 +192,8 @@ def _read_dat(path: Path) -> Imatrix:
         name = buf[at:at + length].decode("utf-8")
         at += length
         ncall, nval = take("<ii")
+        if nval < 1:  # numpy would read the rest of the file for -1
+            raise UsageError(f"{path}: the entry for {name} holds {nval} values; the file is damaged: compute it again")
         vals = np.frombuffer(buf, np.float32, nval, at).copy()
         at += 4 * nval
         im.entries[name] = Entry(vals.reshape(1, -1), np.array([ncall], np.float32))
@@ -190,6 +204,30 @@ def _read_dat(path: Path) -> Imatrix:
             if length > 0:
                 im.datasets.append(buf[at:at + length].decode("utf-8", "replace"))
     return im
+
+
+def check_values(path, im: Imatrix) -> None:
+    """Refuse what would make llama.cpp's quantizer write NaN scales or weigh by garbage: sums of
+    squares and token counts are finite and non-negative; a matrix with no tokens counted has
+    nothing summed (llama.cpp then uses 1 for it, as `weights` does); something was counted. The
+    first bad entry, in file order, is named."""
+    what = "value" if im.legacy else "sum"
+    for name, e in im.entries.items():
+        n_mat = len(e.counts)
+        for label, a in ((what, e.sums), ("count", e.counts.reshape(-1, 1))):
+            bad = np.argwhere(~np.isfinite(a) | (a < 0))
+            if len(bad):
+                mat, col = bad[0]
+                at = (f" at column {col}" if label != "count" else "") + (f" of matrix {mat}" if n_mat > 1 else "")
+                raise UsageError(f"imatrix {path}: the entry for {name} has {label} {a[mat, col]}{at}; sums of squared "
+                                 "activations and token counts are finite and not negative: the file is damaged, compute it again")
+        if not im.legacy:
+            idle = np.flatnonzero((e.counts == 0) & e.sums.any(axis=-1))
+            if idle.size:
+                raise UsageError(f"imatrix {path}: the entry for {name} counts 0 tokens but has non-zero sums"
+                                 + (f" (matrix {idle[0]})" if n_mat > 1 else "") + "; the file is damaged: compute it again")
+    if not im.legacy and not any(e.counts.any() for e in im.entries.values()):
+        raise UsageError(f"imatrix {path} counts no tokens in any entry: it holds no importance; compute it again")
 
 
 # --- collection ----------------------------------------------------------------------------------
@@ -269,26 +307,27 @@ class ImatrixSettings:
     batch: int = 1
 
 
-def text_windows(model, tokenizer, text: str, ctx: int, chunks: int | None) -> list[list[int]]:
-    """llama-imatrix's windows of `text`: those of llama-perplexity (validate.perplexity.windows)."""
-    from .validate.models import TorchBackend
+def text_windows(source, text: str, ctx: int, chunks: int | None) -> list[list[int]]:
+    """llama-imatrix's windows of `text` (those of llama-perplexity, validate.perplexity.windows),
+    from `source`'s tokenizer and config: a text too short for them fails before the model loads."""
+    from .validate.models import TokenizerBackend
     from .validate.perplexity import EvalSettings, windows
 
-    backend = TorchBackend(model, tokenizer, label="imatrix")
-    return windows(backend.tokenize(text), backend, EvalSettings(ctx=ctx, chunks=chunks))
+    vocab = TokenizerBackend(source.tokenizer(), source.config, label="imatrix")
+    return windows(vocab.tokenize(text), vocab, EvalSettings(ctx=ctx, chunks=chunks))
 
 
 def compute_imatrix(source, settings: ImatrixSettings, device: str = "cpu", progress: bool = True,
                     text: str | None = None) -> Imatrix:
     """The importance matrix of `source`'s float model on its calibration text (settings.calib,
-    or `text` when given), chunked as llama-imatrix does."""
+    or `text` when given), chunked as llama-imatrix does; the windows are cut before the model loads."""
     import torch
 
     from .calib import calibration_text
 
     body = calibration_text(settings.calib) if text is None else text
+    wins = text_windows(source, body, settings.ctx, settings.chunks)
     model = source.load_model(dtype=torch.float32, device=device)
-    wins = text_windows(model, source.tokenizer(), body, settings.ctx, settings.chunks)
     return collect(model, source.arch, wins, [settings.calib], batch=settings.batch, progress=progress)
 
 
@@ -311,6 +350,46 @@ def load_imatrix(path) -> Imatrix:
     return _cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
+def check_widths(path, im: Imatrix, widths: dict[str, int]) -> set[str]:
+    """llama-quantize's rule for an imatrix against a model, given each matrix's GGUF name and row
+    length (from headers, before any weight is read): an entry naming a matrix must be as wide as
+    its rows (token_embd excepted: llama.cpp then quantizes it without one), and some entry must
+    name one. Returns the names whose entry applies."""
+    used = set()
+    for name, width in widths.items():
+        e = im.entries.get(name)
+        if e is None:
+            continue
+        if e.sums.size != width:  # what `weights` gives llama.cpp: n_mat x n_cols values
+            if name == "token_embd.weight":
+                continue
+            raise UsageError(f"imatrix {path}: the entry for {name} has {e.sums.size} columns, the tensor {width}; "
+                             "was it made for another model?")
+        used.add(name)
+    if not used:
+        raise UsageError(f"imatrix {path} has no entry for any of the {len(widths)} matrices here "
+                         f"(it names {', '.join(sorted(im.entries)[:2])}, ...); was it made for another model?")
+    return used
+
+
+def row_lengths(source) -> dict[str, int]:
+    """GGUF name -> row length of each matrix of `source`, from its config and header alone."""
+    out = {}
+    for hf, dims in source.shapes().items():
+        name = source.arch.gguf_name(hf)
+        if name is not None and len(dims) == 2:
+            out[name] = dims[-1]
+    return out
+
+
+def check_imatrix_for(path, source) -> Imatrix:
+    """The imatrix at `path`, read, checked and matched against `source`'s matrices before any
+    weight is loaded."""
+    im = load_imatrix(path)
+    check_widths(path, im, row_lengths(source))
+    return im
+
+
 def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict:
     """HF linear name -> the function NPFT's rtn noise quantizes that linear's merged weight with,
     so that the tuning meets the error of the file that will be written as `grid_name`, tensor by
@@ -327,24 +406,20 @@ def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict
 
     im = load_imatrix(path) if path else None
     shape = ModelShape.of(config)
-    out, used = {}, 0
+    gguf_names = {name: arch.gguf_name(name + ".weight") for name in linears}
+    used = set() if im is None else check_widths(
+        path, im, {g: linears[name].in_features for name, g in gguf_names.items() if g is not None})
+    out = {}
     for name, lin in linears.items():
-        gguf = arch.gguf_name(name + ".weight")
+        gguf = gguf_names[name]
         if gguf is None:
             continue
         grid = choose(grid_name, gguf, (lin.out_features, lin.in_features), shape, imatrix=im is not None).grid
-        qw = im.weights(gguf) if im is not None else None
-        if qw is not None and qw.size != lin.in_features:
-            raise UsageError(f"imatrix {path}: the entry for {gguf} has {qw.size} columns, the weight {lin.in_features}; "
-                             "was it made for another model?")
-        used += qw is not None
+        qw = im.weights(gguf) if gguf in used else None
         if grid.name in WEIGHTED and (qw is not None or grid.name in SEARCHED):
             out[name] = (TwinRules if grid.name in TWINNED else LlamaCppRules)(grid, qw).fakequant
         elif grid.name != grid_name:
             out[name] = grid.fakequant
-    if im is not None and not used:
-        raise UsageError(f"imatrix {path} has no entry for any tuned linear of this model "
-                         f"(it names {', '.join(sorted(im.entries)[:2])}, ...); was it made for another model?")
     return out
 
 
@@ -363,26 +438,17 @@ def attach_rules(tensors, settings) -> None:
         raise UsageError(f"--imatrix applies to --type {', '.join(IMATRIX_TYPES)} (llama.cpp's importance-weighted "
                          f"rules are reproduced for those), not {settings.type}")
     im = load_imatrix(settings.imatrix)
-    used = 0
+    used = check_widths(settings.imatrix, im, {t.name: t.shape[-1] for t in tensors if len(t.shape) == 2})
     for t in tensors:
         g = t.choice.grid.name
         if len(t.shape) != 2 or g in UNWEIGHTED:
             continue
-        qw = im.weights(t.name)
-        if qw is not None and qw.size != t.shape[-1]:
-            if t.name != "token_embd.weight":
-                raise UsageError(f"imatrix {settings.imatrix}: the entry for {t.name} has {qw.size} columns, the tensor "
-                                 f"{t.shape[-1]}; was it made for another model?")
-            qw = None
-        used += qw is not None
+        qw = im.weights(t.name) if t.name in used else None
         if g not in WEIGHTED:
             print(f"warning: {t.name}: {g} is written by our RTN, not by llama.cpp's imatrix rules, so this tensor "
                   "will differ from llama-quantize --imatrix", file=sys.stderr)
         elif qw is not None or g in SEARCHED:
             t.packer = LlamaCppRules(t.choice.grid, qw)
-    if not used:
-        raise UsageError(f"imatrix {settings.imatrix} has no entry for any tensor of this model "
-                         f"(it names {', '.join(sorted(im.entries)[:2])}, ...); was it made for another model?")
 
 
 def quantize_metadata(path) -> list[tuple]:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +64,62 @@ def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: 
                         "set NPFT_GGUF_VERBOSE=1 to see llama.cpp's log")
 
 
+class _CpuTypeTraits(ctypes.Structure):
+    """ggml-cpu.h's `struct ggml_type_traits_cpu`, as ggml_get_type_traits_cpu returns it."""
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+@lru_cache(maxsize=1)
+def matmul_types() -> frozenset | None:
+    """The GGUF tensor types the linked ggml's CPU backend can multiply with (its CPU type traits
+    have a dot product), asked of that ggml itself; None where the build does not export them
+    (a backend-per-CPU-variant build), and then nothing is refused."""
+    from gguf import GGMLQuantizationType
+
+    lib = _lib()
+    found = sorted((Path(lib.__file__).parent / "lib").glob("*ggml-cpu.*"))  # .so, .dylib or .dll
+    try:
+        traits = ctypes.CDLL(str(found[0])).ggml_get_type_traits_cpu
+    except (IndexError, OSError, AttributeError):
+        return None
+    traits.restype, traits.argtypes = ctypes.POINTER(_CpuTypeTraits), [ctypes.c_int]
+    return frozenset(t for t in GGMLQuantizationType if t < lib.GGML_TYPE_COUNT and traits(int(t)).contents.vec_dot)
+
+
+def check_runnable(path: Path) -> None:
+    """Refuse, from the header, a file holding a tensor type llama.cpp cannot compute with (F64,
+    Q8_1, Q8_K, integers): llama.cpp loads such a file and then aborts the whole process."""
+    path = Path(path)
+    if matmul_types() is not None and path.is_file():  # a missing file is the loader's to report
+        st = path.stat()
+        _check_runnable(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=16)
+def _check_runnable(path: Path, _mtime_ns: int, _size: int) -> None:
+    """check_runnable once per file version (eval checks its files up front, then loads them)."""
+    from .gguf_header import refuse_types
+    from .sources import read_gguf_header
+
+    refuse_types(path, read_gguf_header(path).tensors, matmul_types().__contains__,
+                 "which llama.cpp cannot compute with (it would abort); export the model again to a type it "
+                 "runs (npft-gguf export --type f32, f16, q8_0, q4_0, ...)")
+
+
 def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
          logits_all: bool = False, flash_attn: bool = False, n_batch: int | None = None,
          vocab_only: bool = False, kv_f32: bool = False):
     """A llama_cpp.Llama for the file; errors become one line.
 
-    llama.cpp loads first: a file it cannot load is then read by our header reader (only on
-    failure) to say whether it is truncated, misaligned or corrupt. `logits_all` only
-    matters to llama-cpp-python's own `eval`/`scores`; `logits()` below asks for what it needs.
+    Its tensor types are checked from the header first (check_runnable); then llama.cpp loads, and
+    a file it cannot load is read by our header reader to say whether it is truncated, misaligned
+    or corrupt. `logits_all` only matters to llama-cpp-python's own `eval`/`scores`; `logits()`
+    below asks for what it needs.
     """
     lib = _lib()
+    if not vocab_only:  # tokenizer-only loads compute nothing
+        check_runnable(path)
     kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch or n_ctx, n_ubatch=n_batch or n_ctx,
               logits_all=logits_all, verbose=False, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
               vocab_only=vocab_only)

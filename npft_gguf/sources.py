@@ -255,6 +255,9 @@ class GGUFSource(Source):
         for t in self.header.tensors:
             if t.type in INTEGER_TYPES:
                 raise UsageError(f"{path}: tensor {t.name!r} holds integers ({t.type.name}), not weights that can be read as floats")
+        from .gguf_header import check_dequantizable
+
+        check_dequantizable(path, self.header.tensors)  # F64, Q8_1, Q8_K...: before any work, not mid-export
         self._extras = {t.name: t for t in self.header.tensors if self._arch.passthrough(t.name)}
         self._extra_data = self._read_extras()  # small (one value per RoPE frequency): read once
         self.config = self._hf_config(self._arch.config_from_extras(self._config_kwargs(), self.extra_tensors()))

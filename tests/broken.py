@@ -71,3 +71,34 @@ class Planted:
 
     def __reduce__(self):
         return Path.write_text, (Path(self.marker), "unpickled")
+
+
+def retype_gguf(src: Path, dst: Path, name: str, type_name: str) -> Path:
+    """A copy of a float GGUF file (GGUFWriter: same metadata, same tensors) with tensor `name`
+    stored as `type_name`: F64 holds its values in float64; any other type gets zero blocks of
+    that type, enough for checks that read only the header."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+
+    from npft_gguf.gguf_header import read_header
+
+    fields = read_header(src).fields
+    w = GGUFWriter(dst, fields["general.architecture"].value)
+    for key, f in fields.items():
+        if key != "general.architecture":
+            w.add_key_value(key, f.value, f.type, f.sub_type)
+    qtype = GGMLQuantizationType[type_name.upper()]
+    for t in GGUFReader(src).tensors:
+        data = np.asarray(t.data)
+        if t.name != name:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+        elif qtype == GGMLQuantizationType.F64:
+            w.add_tensor(t.name, data.astype(np.float64), raw_dtype=qtype)
+        else:
+            block, size = GGML_QUANT_SIZES[qtype]
+            w.add_tensor(t.name, np.zeros((*data.shape[:-1], data.shape[-1] // block * size), np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -89,6 +89,16 @@ def corrupt_gguf(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", params=["f64", "q8_1"])
+def odd_type_gguf(request, tiny_gguf, tmp_path_factory) -> Path:
+    """tiny_gguf with blk.0.attn_q.weight stored as F64 or Q8_1: valid GGUF, but a type neither
+    llama.cpp's CPU backend (no matmul for it) nor gguf-py (no dequantizer) handles."""
+    from tests.broken import retype_gguf
+
+    return retype_gguf(tiny_gguf, tmp_path_factory.mktemp("odd") / f"tiny-{request.param}.gguf", "blk.0.attn_q.weight",
+                       request.param)
+
+
 # --- export: the source -----------------------------------------------------------------------
 def test_export_missing_path(out):
     r = cli("export", "/nonexistent/model", "-o", out / "m.gguf", "--type", "q4_0")
@@ -275,6 +285,25 @@ def test_truncated_gguf_gives_one_line(command, truncated_gguf):
 def test_corrupt_gguf_gives_one_line(command, corrupt_gguf):
     r = cli(command, corrupt_gguf)
     assert_fails(r, 2, "corrupt.gguf", "not a readable GGUF")
+
+
+def test_tensor_types_llama_cpp_cannot_run_give_one_line(odd_type_gguf, tiny_gguf, text_file, tmp_path):
+    """eval/bench of an F64 tensor: llama.cpp aborted the process (exit 134, ~170 lines of gdb output)."""
+    type_name = odd_type_gguf.stem.split("-")[1].upper()
+    words = [odd_type_gguf.name, "blk.0.attn_q.weight", type_name, "llama.cpp cannot compute"]
+    for command in ("eval", "bench"):
+        assert_fails(cli(command, odd_type_gguf, *(["--text", text_file] if command == "eval" else [])), 2, *words)
+    r = cli("compare", tiny_gguf, odd_type_gguf, "--ref", tiny_gguf, "--text", text_file, "-o", tmp_path / "r.md")
+    assert_fails(r, 2, *words)  # before the first file is evaluated
+    assert listing(tmp_path) == []
+
+
+def test_tensor_types_gguf_py_cannot_read_are_refused_from_the_header(odd_type_gguf, tmp_path):
+    """An F64 or Q8_1 tensor in a GGUF source failed mid-export: `error: NotImplementedError`, exit 1."""
+    type_name = odd_type_gguf.stem.split("-")[1].upper()
+    r = cli("export", odd_type_gguf, "-o", tmp_path / "m.gguf", "--type", "q8_0")
+    assert_fails(r, 2, odd_type_gguf.name, "blk.0.attn_q.weight", type_name, "gguf-py cannot dequantize")
+    assert listing(tmp_path) == []
 
 
 # --- in-process runs: every input is checked before any work ---------------------------------------

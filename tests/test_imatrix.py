@@ -15,7 +15,7 @@ from npft_gguf.grids import get_grid
 from npft_gguf.imatrix import Entry, Imatrix, collect, read_imatrix, text_windows, write_imatrix
 from npft_gguf.sources import open_source
 from tests.conftest import calib_text, make_tiny_llama
-from tests.test_cli import assert_fails, cli, no_work, run  # noqa: F401 - no_work is a fixture
+from tests.test_cli import assert_fails, cli, listing, no_work, run  # noqa: F401 - no_work is a fixture
 
 
 # --- the file --------------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ from tests.test_cli import assert_fails, cli, no_work, run  # noqa: F401 - no_wo
 def test_file_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     im = Imatrix({"blk.0.attn_q.weight": Entry(rng.random((1, 64), np.float32), np.array([512], np.float32)),
-                  "blk.0.ffn_down.weight": Entry(rng.random((1, 128), np.float32), np.array([0], np.float32))},
+                  "blk.0.ffn_down.weight": Entry(np.zeros((1, 128), np.float32), np.array([0], np.float32))},
                  ["wiki.txt"], 3, 512)
     path = write_imatrix(tmp_path / "im.gguf", im)
     back = read_imatrix(path)
@@ -65,6 +65,73 @@ def test_unreadable_files_are_one_line_usage_errors(tmp_path):
         read_imatrix(tmp_path / "x.gguf")
     with pytest.raises(UsageError, match="no such file"):
         read_imatrix(tmp_path / "missing.gguf")
+
+
+def raw_imatrix(path, tensors: dict[str, np.ndarray]) -> Path:
+    """An imatrix GGUF file holding exactly `tensors` (numpy order), whatever their shapes."""
+    from gguf import GGUFWriter
+
+    from npft_gguf.imatrix import KV_CHUNK_COUNT, KV_CHUNK_SIZE, KV_DATASETS
+
+    w = GGUFWriter(path, "")
+    w.kv_data[0].pop("general.architecture", None)
+    w.add_type("imatrix")
+    w.add_array(KV_DATASETS, ["t"])
+    w.add_uint32(KV_CHUNK_COUNT, 1)
+    w.add_uint32(KV_CHUNK_SIZE, 64)
+    for name, a in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _damage(sums=None, counts=None):
+    """Two entries, the second (by name) damaged: its sums[0, 5] and/or counts replaced."""
+    bad = Entry(np.ones((1, 32), np.float32), np.array([64], np.float32))
+    if sums is not None:
+        bad.sums[0, 5] = sums
+    if counts is not None:
+        bad.counts[:] = counts
+    return {"blk.0.attn_k.weight": Entry(np.ones((1, 32), np.float32), np.array([64], np.float32)),
+            "blk.0.attn_q.weight": bad}
+
+
+@pytest.mark.parametrize("entries, words", [
+    (_damage(sums=np.nan), ["sum nan at column 5"]),
+    (_damage(sums=np.inf), ["sum inf at column 5"]),
+    (_damage(sums=-1.0), ["sum -1.0 at column 5"]),
+    (_damage(counts=np.nan), ["count nan"]),
+    (_damage(counts=np.inf), ["count inf"]),
+    (_damage(counts=-3), ["count -3.0"]),
+    (_damage(counts=0), ["counts 0 tokens", "non-zero sums"]),  # llama.cpp would silently use 1s
+])
+def test_imatrix_values_are_checked_when_read(tmp_path, entries, words):
+    """NaN, inf or negative sums or counts made export --imatrix write NaN weights with exit 0."""
+    path = write_imatrix(tmp_path / "bad.gguf", Imatrix(entries, ["t"], 1, 64))
+    with pytest.raises(UsageError) as e:
+        read_imatrix(path)
+    assert str(path) in str(e.value) and "blk.0.attn_q.weight" in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_imatrix_shapes_are_checked_when_read(tmp_path):
+    zero = {"blk.0.attn_q.weight": Entry(np.zeros((1, 32), np.float32), np.array([0], np.float32))}
+    with pytest.raises(UsageError, match="counts no tokens in any entry"):
+        read_imatrix(write_imatrix(tmp_path / "zero.gguf", Imatrix(zero, ["t"], 1, 64)))
+    sums = np.ones((1, 32), np.float32)
+    with pytest.raises(UsageError, match=r"counts are one per matrix"):  # was read as 4 matrices of 8 columns
+        read_imatrix(raw_imatrix(tmp_path / "wide.gguf", {"a.weight.in_sum2": sums, "a.weight.counts": np.full((1, 4), 64)}))
+    with pytest.raises(UsageError, match="sums for 2 matrices and counts for 1"):
+        read_imatrix(raw_imatrix(tmp_path / "mats.gguf", {"a.weight.in_sum2": np.ones((2, 16)), "a.weight.counts": [[64]]}))
+    name = b"blk.0.attn_k.weight"  # a legacy entry of -1 values: numpy read the rest of the file as its values
+    blob = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 4, -1) + np.ones(8, np.float32).tobytes()
+    (tmp_path / "im.dat").write_bytes(blob)
+    with pytest.raises(UsageError, match="attn_k.weight holds -1 values"):
+        read_imatrix(tmp_path / "im.dat")
 
 
 # --- collection ------------------------------------------------------------------------------------
@@ -127,11 +194,11 @@ def test_text_windows_are_llama_imatrix_s(tiny_spm):
     tok = src.tokenizer()
     text = calib_text(20_000)
     ids = tok(text)["input_ids"]
-    wins = text_windows(src.load_model(), tok, text, ctx=64, chunks=None)
+    wins = text_windows(src, text, ctx=64, chunks=None)
     assert len(wins) == len(ids) // 64
     assert all(w[0] == tok.bos_token_id for w in wins)
     assert wins[1][1:] == ids[65:128]
-    assert len(text_windows(src.load_model(), tok, text, ctx=64, chunks=3)) == 3
+    assert len(text_windows(src, text, ctx=64, chunks=3)) == 3
 
 
 # --- the command and export --imatrix ------------------------------------------------------------
@@ -207,6 +274,45 @@ def test_export_refuses_what_it_cannot_reproduce(deep_tiny, tiny_bpe, deep_imatr
     with pytest.raises(UsageError, match="no such file"):
         export(open_source(str(tiny_bpe)), tmp_path / "m.gguf", ExportSettings("q4_0", imatrix=str(tmp_path / "no.gguf")))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def nan_imatrix(deep_imatrix, tmp_path_factory):
+    """deep_imatrix with one NaN in one entry's sums: (the file, that entry's name)."""
+    im = read_imatrix(deep_imatrix)
+    name = sorted(im.entries)[3]
+    im.entries[name].sums[0, 7] = np.nan
+    return write_imatrix(tmp_path_factory.mktemp("nan") / "nan.imatrix.gguf", im), name
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "llama.cpp"])
+def test_export_refuses_a_nan_imatrix(deep_tiny, nan_imatrix, tmp_path, quantizer):
+    """It wrote a Q4_0 file of NaN weights with exit 0 (llama-quantize refuses the imatrix)."""
+    path, name = nan_imatrix
+    r = run("export", deep_tiny, "-o", tmp_path / "m.gguf", "--type", "q4_0", "--quantizer", quantizer, "--imatrix", path)
+    assert_fails(r, 2, str(path), name, "sum nan at column 7")
+    assert listing(tmp_path) == []
+
+
+def test_llama_cpp_quantizer_checks_the_imatrix_against_the_model(tiny_bpe, deep_imatrix, tmp_path):
+    """export --quantizer llama.cpp --imatrix wrote the f32 file, then llama_model_quantize failed
+    (exit 1, "a full disk is the usual cause"); now refused from the headers as export's rtn path does."""
+    r = run("export", tiny_bpe, "-o", tmp_path / "m.gguf", "--quantizer", "llama.cpp", "--type", "q4_k_m", "--imatrix", deep_imatrix)
+    assert_fails(r, 2, str(deep_imatrix), "256 columns", "another model")
+    assert listing(tmp_path) == []
+
+
+def test_imatrix_text_too_short_fails_before_the_model_loads(deep_tiny, tmp_path, monkeypatch):
+    from npft_gguf.sources import HFDirSource
+
+    def load_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the text was checked")
+
+    monkeypatch.setattr(HFDirSource, "load_model", load_model)
+    (tmp_path / "short.txt").write_text(calib_text(500), encoding="utf-8")  # about 270 tokens
+    r = run("imatrix", deep_tiny, "--calib", tmp_path / "short.txt", "--ctx", "256", "-o", tmp_path / "im.gguf")
+    assert_fails(r, 2, "tokens", "at least 2 x ctx = 512")
+    assert listing(tmp_path) == ["short.txt"]
 
 
 # --- convert --method npft+imatrix -------------------------------------------------------------------
@@ -319,4 +425,14 @@ def test_finetune_imatrix_is_checked_before_any_work(deep_tiny, deep_imatrix, tm
     assert_fails(cli(*args, "--imatrix", tmp_path / "none.gguf"), 2, "no such file")
     assert_fails(cli(*args, "--imatrix", deep_imatrix, "--grid", "q8_0"), 2, "importance-weighted", "q8_0")
     assert_fails(cli(*args, "--imatrix", deep_imatrix, "--noise", "grid"), 2, "--imatrix", "--noise rtn")
+    assert not (tmp_path / "t").exists()
+
+
+def test_finetune_refuses_a_nan_imatrix(deep_tiny, nan_imatrix, tmp_path):
+    from tests.test_convert import TINY
+
+    path, name = nan_imatrix
+    (tmp_path / "calib.txt").write_text(calib_text(40_000))
+    r = run("finetune", deep_tiny, "-o", tmp_path / "t", "--calib", tmp_path / "calib.txt", *TINY, "--imatrix", path)
+    assert_fails(r, 2, str(path), name, "nan")
     assert not (tmp_path / "t").exists()

@@ -34,9 +34,9 @@ def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force
     provenance = {"method": f"llama.cpp:{ftype}", "quantizer": "llama_model_quantize (no imatrix), from an f32 export"}
     weights = None
     if imatrix is not None:
-        from ..imatrix import load_imatrix
+        from ..imatrix import check_imatrix_for
 
-        im = load_imatrix(imatrix)
+        im = check_imatrix_for(imatrix, source)  # its values, and its widths against the source's header
         weights = {name: im.weights(name) for name in im.entries}
         provenance["quantizer"] = f"llama_model_quantize with the imatrix {imatrix}, from an f32 export"
     job = prepare(source, ExportSettings("f32"), provenance)  # every check from headers, before any write

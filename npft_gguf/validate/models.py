@@ -89,12 +89,13 @@ def is_gguf(path) -> bool:
 
 def check_gguf(path: Path) -> Path:
     """A GGUF file llama.cpp will run, checked by reading what it holds (inspect: the header, no
-    tensor data), so a truncated or corrupt file fails in one line before any text is loaded or
-    any other file evaluated."""
+    tensor data), so a truncated or corrupt file, or one with a tensor type llama.cpp cannot run,
+    fails in one line before any text is loaded or any other file evaluated."""
     from ..inspect import inspect
 
     path = require_file(path, "give a GGUF file")
     inspect(path)
+    llamacpp.check_runnable(path)
     return path
 
 
@@ -138,21 +139,33 @@ class LlamaCppBackend(Backend):
         return tuple(self.llm.detokenize([i]) for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
 
 
-class TorchBackend(Backend):
-    """A float (or fake-quantized) model in torch, evaluated with the same protocol."""
+class TokenizerBackend(Backend):
+    """A Hugging Face tokenizer and its model's config: the vocabulary half of TorchBackend, enough
+    to cut a text into windows (and check that it fills them) before any model is loaded."""
 
-    def __init__(self, model, tokenizer, label: str, device: str = "cpu", settings: dict | None = None):
-        self.model, self.tok, self.device = model.eval(), tokenizer, device
+    def __init__(self, tokenizer, config, label: str, settings: dict | None = None):
+        self.tok = tokenizer
         ids = tokenizer("a")["input_ids"]
         bos = tokenizer.bos_token_id
         super().__init__(
-            label=label, n_vocab=model.config.vocab_size, add_bos=bos is not None and ids[:1] == [bos], bos_id=bos,
-            n_ctx_train=int(getattr(model.config, "max_position_embeddings", 0) or 0),
-            settings={"backend": "torch", "device": device, "dtype": str(next(model.parameters()).dtype), **(settings or {})},
+            label=label, n_vocab=config.vocab_size, add_bos=bos is not None and ids[:1] == [bos], bos_id=bos,
+            n_ctx_train=int(getattr(config, "max_position_embeddings", 0) or 0), settings=settings or {},
         )
 
     def tokenize(self, text):
         return self.tok(text, add_special_tokens=self.add_bos)["input_ids"]
+
+    def vocab_fingerprint(self, n=256):
+        return tuple(self.tok.decode([i]).encode("utf-8", "replace") for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
+
+
+class TorchBackend(TokenizerBackend):
+    """A float (or fake-quantized) model in torch, evaluated with the same protocol."""
+
+    def __init__(self, model, tokenizer, label: str, device: str = "cpu", settings: dict | None = None):
+        self.model, self.device = model.eval(), device
+        super().__init__(tokenizer, model.config, label,
+                         {"backend": "torch", "device": device, "dtype": str(next(model.parameters()).dtype), **(settings or {})})
 
     def logits(self, tokens, first=0):
         import torch
@@ -160,9 +173,6 @@ class TorchBackend(Backend):
         with torch.no_grad():
             x = torch.tensor([tokens], device=self.device)
             return self.model(x).logits[0, first:].float().cpu().numpy()
-
-    def vocab_fingerprint(self, n=256):
-        return tuple(self.tok.decode([i]).encode("utf-8", "replace") for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
 
 
 def fake_quantize_(model, type_name: str) -> dict:
