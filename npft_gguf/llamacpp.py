@@ -103,8 +103,8 @@ def _check_runnable(path: Path, _mtime_ns: int, _size: int) -> None:
     from .sources import read_gguf_header
 
     refuse_types(path, read_gguf_header(path).tensors, matmul_types().__contains__,
-                 "which llama.cpp cannot compute with (it would abort); export the model again to a type it "
-                 "runs (npft-gguf export --type f32, f16, q8_0, q4_0, ...)")
+                 "which llama.cpp cannot compute with (it would abort); export its source model again to a type "
+                 "llama.cpp runs (npft-gguf export SOURCE --type f32, f16, q8_0, q4_0, ...)")
 
 
 def load(path: Path, n_ctx: int = 512, n_threads: int | None = None, n_gpu_layers: int = 0,
