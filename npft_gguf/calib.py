@@ -31,6 +31,25 @@ class CalibSettings:
     samples: int = 128
     length: int = 512
     seed: int = 0
+    holdout: float = 0.0  # the share of the text, at its end, kept from calibration: convert's guard measures on it
+
+
+def split_holdout(text: str, fraction: float) -> tuple[str, str]:
+    """(calibration part, held-back part) of `text`: the last `fraction` of its characters, from
+    the start of a line, is held back, so no segment drawn for calibration overlaps it."""
+    if fraction <= 0:
+        return text, ""
+    cut = int(len(text) * (1 - fraction))
+    line = text.find("\n", cut)
+    cut = line + 1 if line >= 0 else cut
+    return text[:cut], text[cut:]
+
+
+def holdout_text(settings: CalibSettings) -> str:
+    """The held-back part of the calibration text (empty without a hold-out, or for `self`)."""
+    if settings.holdout <= 0 or settings.calib == "self":
+        return ""
+    return split_holdout(calibration_text(settings.calib), settings.holdout)[1]
 
 
 def load_calibration(settings: CalibSettings, tokenizer, model=None, progress: bool = True) -> torch.Tensor:
@@ -41,7 +60,7 @@ def load_calibration(settings: CalibSettings, tokenizer, model=None, progress: b
         if model is None:
             raise UsageError("--calib self needs the model to sample from")
         return sample_from_model(model, tokenizer, settings, progress=progress)
-    text = calibration_text(settings.calib)
+    text = split_holdout(calibration_text(settings.calib), settings.holdout)[0]
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return random_segments(torch.tensor(ids, dtype=torch.long), settings)
 

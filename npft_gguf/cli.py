@@ -624,7 +624,10 @@ def finetune(source, output, grid, imatrix, force, as_json, **kw):
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="GGUF file to write [default: <name>-<method>-<type>.gguf].")
 @click.option("--bits", default="4", show_default=True, type=click.Choice([str(b) for b in BITS]), callback=lambda c, p, v: int(v),
               help="Pick the best pure-RTN GGUF type of this width that the row lengths allow: "
-                   + ", ".join(f"{b} -> {' or '.join(t)}" for b, t in BITS.items()) + ".")
+                   + ", ".join(f"{b} -> {' or '.join(t)}" for b, t in BITS.items()) + ". At 4 bits, q4_0 has "
+                   "llama.cpp's simplest CPU kernels; --type iq4_nl is the same size and closer to the float model "
+                   "(evals/RESULTS.md); llama.cpp's q4_k_m (export --quantizer llama.cpp) is 5-15 % larger and closer "
+                   "still. The closing comparison shows all three beside the output.")
 @click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
               help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "
                    "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF).")
@@ -638,6 +641,15 @@ def finetune(source, output, grid, imatrix, force, as_json, **kw):
               help="npft+imatrix with --noise rtn (the default): tune against the error of the importance-weighted "
                    "quantizer that writes the file, not plain RTN's; on by default, computed on the tuning device "
                    "(grids/twins.py). --no-tune-imatrix: plain RTN's error, the earlier default.")
+@click.option("--keep-tuned", is_flag=True,
+              help="Write the tuned file even where the guard measures it farther from the float model than the peer "
+                   "(llama.cpp's quantization of the untuned model) on the held-back end of the calibration text.")
+@click.option("--guard-chunks", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Windows of the held-back calibration text (its last 10 %, never used to calibrate or tune) the guard "
+                   "measures the tuned file and its peer on; 0: no guard, the whole text calibrates.")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="The closing comparison adds the files of about the same size llama.cpp makes of the untuned model "
+                   "(for q4_0: iq4_nl and q4_k_m), each with its size.")
 @click.option("--act-order/--no-act-order", default=True, show_default=True,
               help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations).")
 @click.option("--owq-fraction", default=0.01, show_default=True, type=Finite(0, 1, min_open=True, max_open=True),
@@ -650,8 +662,8 @@ def finetune(source, output, grid, imatrix, force, as_json, **kw):
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT, and start over instead of resuming.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @npft_options
-def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fraction, eval_text, ctx, chunks, run_dir, force,
-            as_json, **kw):
+def convert(source, output, bits, type_, method, tune_imatrix, keep_tuned, guard_chunks, peers, act_order, owq_fraction, eval_text,
+            ctx, chunks, run_dir, force, as_json, **kw):
     """Calibrate, tune (NPFT), merge, quantize and write SOURCE as GGUF, then measure it.
 
     \b
@@ -685,7 +697,8 @@ def convert(source, output, bits, type_, method, tune_imatrix, act_order, owq_fr
         output = Path(f"{stem}-{'npft' if method == 'auto' else method}-{target or f'{bits}bit'}.gguf")
     calib, npft = _tuning_settings(kw, target or "q4_0")  # the plan sets the grid to the type written, --bits or --type
     settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks,
-                               threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction, tune_imatrix=tune_imatrix)
+                               threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction, tune_imatrix=tune_imatrix,
+                               keep_tuned=keep_tuned, guard_chunks=guard_chunks, peers=peers)
     try:
         record = run_convert(source, output, settings, calib, npft, device=kw["device"], run_dir=run_dir, force=force,
                              resume=kw["resume"], log=lambda m: click.echo(m, err=True), notice=_notice(kw))

@@ -42,6 +42,9 @@ class ConvertSettings:
     owq_fraction: float = 0.01     # OWQ: weak columns kept in fp16, per linear
     tune_imatrix: bool | None = None  # npft+imatrix: rtn noise = the importance-weighted quantizer's error (None: on
                                       # where it applies, npft+imatrix with rtn noise)
+    keep_tuned: bool = False       # keep the tuned file even where the guard measures it farther than the peer
+    guard_chunks: int = 10         # windows of held-back calibration text the guard measures on (0: no guard)
+    peers: bool = True             # the closing comparison adds the same-size files llama.cpp makes (choices.PEERS)
 
     @property
     def simulated(self):
@@ -68,6 +71,8 @@ class Plan:
     type_name: str | None = None   # the type written (and, for NPFT, tuned for)
     eval_text: tuple[str, str] | None = None  # (name, text) for the closing evaluation
     made_from: dict | None = None  # fingerprint.source_record: what the tuning checkpoint records and a resume must match
+    guard: tuple[str, int] | None = None  # (held-back calibration text, windows) the guard measures on; None: no guard
+    notes: tuple[str, ...] = ()    # what the plan decided that the user should hear before the run
 
 
 def resolve_method(method: str, type_name: str) -> str:
@@ -426,12 +431,34 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
         check_context(settings.ctx, source)
         eval_text = load_text(settings.eval_text)
         check_eval_text(eval_text[1], settings.ctx, source)
+    guard, notes = None, ()
+    if tuning and not settings.simulated and settings.guard_chunks > 0:
+        guard, calib, notes = plan_guard(calib, settings, source)
     tokens = calibration_tokens(calib, source) if settings.method != "rtn" else None
     made_from = source_record(source) if tuning else None
     if tuning and resume:
         check_resume(run_dir, npft, tokens, made_from)
     return Plan(spec, source, calib, npft if tuning else None, resolve_device(device) if in_torch else None, tokens, run_dir,
-                out=out, settings=settings, type_name=type_name, eval_text=eval_text, made_from=made_from)
+                out=out, settings=settings, type_name=type_name, eval_text=eval_text, made_from=made_from, guard=guard,
+                notes=notes)
+
+
+def plan_guard(calib: CalibSettings, settings: ConvertSettings, source: Source):
+    """(guard, calibration settings, notes): the end of the calibration text is held back from
+    calibration, the imatrix and the tuning, for the guard (validate/guard.py) to measure the tuned
+    file against its peer on; no guard where there is no text to hold back, or too little of it."""
+    from .calib import holdout_text
+    from .validate.guard import HOLDOUT, windows_in
+
+    if calib.calib == "self":
+        return None, calib, ("guard: off (--calib self has no text to hold back); the tuned file is written unchecked",)
+    held = replace(calib, holdout=HOLDOUT)
+    text = holdout_text(held)
+    n = windows_in(text, settings.ctx, source.tokenizer())
+    if n < 1:
+        return None, calib, (f"guard: off (the last {HOLDOUT:.0%} of the calibration text holds less than one "
+                             f"{settings.ctx}-token window); the tuned file is written unchecked",)
+    return (text, min(n, settings.guard_chunks)), held, ()
 
 
 def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
@@ -456,6 +483,8 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
     from .writer import ExportSettings, export
 
     settings, source, out, type_name, run_dir = plan.settings, plan.source, plan.out, plan.type_name, plan.run_dir
+    for note in plan.notes:
+        log(note)
     record: dict = {**run_header(plan.spec), "convert": asdict(settings) | {"type": type_name}}
     if settings.method == "rtn" and not settings.simulated:
         report = export(source, out, ExportSettings(type=type_name), force=force, progress=progress)
@@ -509,10 +538,15 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
                         provenance=provenance, progress=progress)
         record["output"] = report.__dict__
         log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
+    extra = ()
+    if plan.guard is not None:
+        record["guard"] = guard_output(plan, imatrix, progress, log)
+        extra = (Path(record["guard"]["tuned_file"]),) if record["guard"]["written"] == "peer" else ()
     if plan.eval_text:
         try:
             record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text,
-                                                             progress, log, imatrix=record.get("imatrix", {}).get("file"))
+                                                             progress, log, imatrix=record.get("imatrix", {}).get("file"),
+                                                             extra=extra)
         except KeyboardInterrupt:
             raise InterruptedAfterWriting(out) from None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -521,8 +555,43 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
         from .imatrix import imatrix_note
 
         evaluation = imatrix_note(record["imatrix"]) + ("\n" + evaluation if evaluation else "")
+    if "guard" in record:
+        from .validate.guard import note
+
+        evaluation = note(record["guard"]) + ("\n" + evaluation if evaluation else "")
     write_report(record | {"evaluation": evaluation}, run_dir)
     return record
+
+
+def guard_output(plan: Plan, imatrix: Path | None, progress: bool, log) -> dict:
+    """Never farther than the peer (validate/guard.py): the written file and the peer's against the
+    float model on the held-back calibration text; where the tuned file is not closer (and not
+    --keep-tuned), it moves to <run dir>/npft-TYPE.gguf and OUT becomes the peer's file."""
+    import shutil
+
+    from .atomic import atomic_output
+    from .validate.guard import judge
+
+    out, run_dir, settings = plan.out, plan.run_dir, plan.settings
+    text, chunks = plan.guard
+    ref = reference_file(plan.source, run_dir, log, progress)
+    peer, label = peer_file(plan.source, run_dir, plan.type_name, log, progress, str(imatrix) if imatrix else None)
+    log(f"guard: {out.name} beside {peer.name} on the held-back end of the calibration text ({chunks} x {settings.ctx} tokens)")
+    verdict = judge(out, peer, label, ref, text, settings.ctx, chunks, settings.threads, progress)
+    record = verdict.as_dict() | {"peer_file": str(peer), "written": "tuned"}
+    if verdict.tuned_closer:
+        log(f"guard: the tuned file is closer to the float model; {verdict.sentence()}")
+        return record
+    if settings.keep_tuned:
+        log(f"guard: the tuned file is NOT closer to the float model ({verdict.sentence()}); kept, as --keep-tuned asks")
+        return record
+    kept = run_dir / f"npft-{plan.type_name}.gguf"
+    shutil.move(out, kept)
+    with atomic_output(out, force=True) as tmp:
+        shutil.copyfile(peer, tmp)
+    log(f"guard: the tuned file is NOT closer to the float model ({verdict.sentence()}), so {out} is {label} "
+        f"instead; the tuned file is kept as {kept} (--keep-tuned writes it)")
+    return record | {"written": "peer", "tuned_file": str(kept)}
 
 
 def gptq_settings(settings: ConvertSettings, type_name: str):
@@ -570,38 +639,88 @@ def evaluate_in_torch(source: Source, model, label: str, settings: ConvertSettin
             "ppl_float": ref_r.ppl, "ppl": r.ppl, "kld": r.kld, "chunks": r.chunks, "markdown": md}
 
 
+def comparison_file(source: Source, run_dir: Path, name: str, t: str, log, progress: bool, imatrix: str | None = None,
+                    llamacpp: bool = False) -> Path:
+    """<run dir>/NAME: the untuned source written as `t` (with `imatrix`; by llama.cpp's own
+    quantizer where `llamacpp`), for comparison. Reused only when made from this source, with these
+    settings and this imatrix's bytes (writer.written_as), else (re)made."""
+    from .fingerprint import file_digest, source_fingerprint
+    from .writer import ExportSettings, export, written_as
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / name
+    made_from = {"source": source_fingerprint(source)}
+    if imatrix:
+        made_from["imatrix_digest"] = file_digest(Path(imatrix))
+    if llamacpp:  # written from an F32 export, whose keys llama_model_quantize keeps: the type goes in the record
+        made_from["llama.cpp"] = t
+    if written_as(path, ExportSettings(type="f32" if llamacpp else t, imatrix=None if llamacpp else imatrix), made_from):
+        return path
+    what = f"untuned {t}" + (" with the same imatrix" if imatrix else "") + (", llama.cpp's quantizer" if llamacpp else "")
+    log(f"{'remaking' if path.exists() else 'writing'} {path.name} ({what}, for comparison)"
+        + (": the one there was made from another model, version, imatrix or settings" if path.exists() else ""))
+    if llamacpp:
+        from .methods.llamacpp_quant import export_llamacpp
+
+        export_llamacpp(source, path, t, force=True, progress=progress, imatrix=Path(imatrix) if imatrix else None,
+                        provenance_extra=made_from)
+    else:
+        export(source, path, ExportSettings(type=t, imatrix=imatrix), force=True, provenance=made_from, progress=progress)
+    return path
+
+
+def reference_file(source: Source, run_dir: Path, log, progress: bool) -> Path:
+    """The float model as GGUF (F32; F16 from 2B parameters on), the reference every KLD is against."""
+    n_params = sum(math.prod(s) for s in source.shapes().values())
+    ref_type = "f32" if n_params < 2e9 else "f16"
+    return comparison_file(source, run_dir, f"float-{ref_type}.gguf", ref_type, log, progress)
+
+
+def peer_file(source: Source, run_dir: Path, type_name: str, log, progress: bool, imatrix: str | None) -> tuple[Path, str]:
+    """What the user would get without the tuning, in the same type: llama.cpp's quantization of the
+    untuned model (with the run's imatrix where the method has one; `export --imatrix` is byte-identical
+    to llama-quantize --imatrix), and its label."""
+    if imatrix:
+        return (comparison_file(source, run_dir, f"imatrix-{type_name}.gguf", type_name, log, progress, imatrix),
+                f"llama.cpp's {type_name} of the untuned model with the same imatrix")
+    return comparison_file(source, run_dir, f"rtn-{type_name}.gguf", type_name, log, progress), f"untuned {type_name}"
+
+
+def same_size_peers(source: Source, run_dir: Path, type_name: str, log, progress: bool, imatrix: str | None) -> list[Path]:
+    """The files of about the same size llama.cpp makes of the untuned model (choices.PEERS: for Q4_0,
+    IQ4_NL and Q4_K_M), with the run's imatrix where there is one, so the user sees the trade."""
+    from .choices import PEERS
+    from .grids import GRIDS
+    from .imatrix import IMATRIX_TYPES
+
+    out = []
+    for t in PEERS.get(type_name, ()):
+        ours = t in GRIDS and (imatrix is None or t in IMATRIX_TYPES)  # else llama.cpp's own quantizer writes it
+        name = f"peer-{t}{'-imatrix' if imatrix else ''}.gguf"
+        out.append(comparison_file(source, run_dir, name, t, log, progress, imatrix, llamacpp=not ours))
+    return out
+
+
 def evaluate_beside_baselines(source: Source, out: Path, type_name: str, settings: ConvertSettings, run_dir: Path,
-                              text: tuple[str, str], progress: bool, log, imatrix: str | None = None) -> dict:
-    """PPL and KLD of OUT beside plain RTN of the untuned source (and, for npft+imatrix, llama.cpp's
-    imatrix quantization of the untuned source with the same imatrix), against the float model, in llama.cpp."""
-    from .fingerprint import source_fingerprint
+                              text: tuple[str, str], progress: bool, log, imatrix: str | None = None,
+                              extra: tuple[Path, ...] = ()) -> dict:
+    """PPL and KLD of OUT beside plain RTN of the untuned source (and, with an imatrix, llama.cpp's
+    imatrix quantization of the untuned source with the same imatrix), the same-size files llama.cpp
+    makes (settings.peers) and `extra` files, against the float model, in llama.cpp."""
     from .validate.compare import compare, markdown
     from .validate.perplexity import EvalSettings
-    from .writer import ExportSettings, export, written_as
 
     text_name, body = text
     run_dir.mkdir(parents=True, exist_ok=True)
-    n_params = sum(math.prod(s) for s in source.shapes().values())
-    ref_type = "f32" if n_params < 2e9 else "f16"
-    ref = run_dir / f"float-{ref_type}.gguf"
+    ref = reference_file(source, run_dir, log, progress)
     files = [out]
-    wanted = [(ref, ref_type)]
     if settings.method != "rtn":
-        rtn = run_dir / f"rtn-{type_name}.gguf"
-        wanted.append((rtn, type_name))
-        files = [rtn, out]
-    made_from = {"source": source_fingerprint(source)}
-    for path, t in wanted:  # reused only when made from this source with these settings (written_as)
-        if written_as(path, ExportSettings(type=t), made_from):
-            continue
-        log(f"{'remaking' if path.exists() else 'writing'} {path.name} (untuned {t}, for comparison)"
-            + (": the one there was made from another model or version, or with other settings" if path.exists() else ""))
-        export(source, path, ExportSettings(type=t), force=True, provenance=made_from, progress=progress)
-    if settings.method == "npft+imatrix" and imatrix:  # rewritten each run: the imatrix follows the calibration
-        baseline = run_dir / f"imatrix-{type_name}.gguf"
-        log(f"writing {baseline.name} (untuned {type_name} with the same imatrix, for comparison)")
-        export(source, baseline, ExportSettings(type=type_name, imatrix=imatrix), force=True, progress=progress)
-        files.insert(1, baseline)
+        files = [comparison_file(source, run_dir, f"rtn-{type_name}.gguf", type_name, log, progress)]
+        if imatrix and settings.method == "npft+imatrix":
+            files.append(peer_file(source, run_dir, type_name, log, progress, imatrix)[0])
+        files += [*extra, out]
+    if settings.peers:
+        files += same_size_peers(source, run_dir, type_name, log, progress, imatrix)
     report = compare(files, ref, body, text_name, EvalSettings(ctx=settings.ctx, chunks=settings.chunks), None,
                      settings.threads, progress=progress)
     report["markdown"] = markdown(report)

@@ -43,3 +43,12 @@ def source_record(source) -> dict:
     """What a run directory's files record of their source: its name for messages, its fingerprint
     for the comparison."""
     return {"spec": source.spec, "fingerprint": source_fingerprint(source)}
+
+
+def file_digest(path: Path) -> str:
+    """16 hex digits of sha256 over a whole (small) file: an importance matrix that a comparison file was made with."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

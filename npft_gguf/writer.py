@@ -127,15 +127,18 @@ def made_by(settings: ExportSettings, provenance: dict) -> dict[str, str]:
 
 
 def written_as(path: Path, settings: ExportSettings, provenance: dict) -> bool:
-    """Whether `path` is a complete GGUF file this version wrote with these settings and provenance,
-    so that writing it again would give the same file; False for anything else, unreadable included."""
+    """Whether `path` is a complete GGUF file this version wrote with these settings and provenance
+    (its record may say more, as a file llama.cpp quantized from our F32 export does), so that
+    writing it again would give the same file; False for anything else, unreadable included."""
     from .gguf_header import read_header
 
     try:
         fields = read_header(path).fields
-    except Exception:  # noqa: BLE001 - absent, torn or foreign: not reusable, whatever the reason
+        tool, recorded = fields["general.npft.tool"].value, json.loads(fields["general.npft.settings"].value)
+    except Exception:  # noqa: BLE001 - absent, torn, foreign or unrecorded: not reusable, whatever the reason
         return False
-    return all(k in fields and fields[k].value == v for k, v in made_by(settings, provenance).items())
+    wanted = json.loads(made_by(settings, provenance)["general.npft.settings"])
+    return tool == f"npft-gguf {__version__}" and all(k in recorded and recorded[k] == v for k, v in wanted.items())
 
 
 def hparams(source: Source) -> list[tuple[str, object, V, V | None]]:

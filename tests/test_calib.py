@@ -113,3 +113,24 @@ def test_self_sampling(tok, tiny_bpe):
     b = load_calibration(s, tok, model=model, progress=False)
     assert a.shape == (3, 12) and torch.equal(a, b)
     assert int(a.max()) < model.config.vocab_size
+
+
+def test_the_held_back_end_of_the_text_is_never_calibrated_on(tiny_bpe, tmp_path):
+    """convert's guard measures on the last 10 % of the calibration text: no segment may overlap it."""
+    from transformers import AutoTokenizer
+
+    from npft_gguf.calib import CalibSettings, holdout_text, load_calibration, split_holdout
+
+    body = "\n".join(f"line {i} " + "word " * 20 for i in range(400))
+    head, tail = split_holdout(body, 0.1)
+    assert head + tail == body and tail.startswith("line ") and 0.09 < len(tail) / len(body) < 0.11
+    assert split_holdout(body, 0.0) == (body, "")
+    path = tmp_path / "calib-held.txt"
+    path.write_text(body)
+    tok = AutoTokenizer.from_pretrained(tiny_bpe)
+    settings = CalibSettings(calib=str(path), samples=64, length=16, holdout=0.1)
+    assert holdout_text(settings) == tail
+    first_held = int(tail.split()[1])
+    seen = {int(w) for row in load_calibration(settings, tok, progress=False) for w in tok.decode(row).split()
+            if w.isdigit()}
+    assert seen and max(seen) < first_held

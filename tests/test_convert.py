@@ -37,9 +37,21 @@ def test_convert_writes_tuned_gguf_and_compares(tiny_bpe, texts, tmp_path):
     assert "quick CPU recipe" in r.stderr
     rows = {row["file"].rsplit("/", 1)[-1]: row for row in rec["comparison"]["rows"]}
     # the defaults at 4 bits: NPFT with the rtn noise, then importance-weighted Q4_0 (method auto),
-    # measured beside plain RTN and the untuned model quantized with the same imatrix
-    assert set(rows) == {"float-f32.gguf", "rtn-q4_0.gguf", "imatrix-q4_0.gguf", out.name}
+    # measured beside plain RTN, the untuned model quantized with the same imatrix, and the files of
+    # about the same size llama.cpp makes with it (IQ4_NL, Q4_K_M)
+    guard = rec["guard"]
+    swapped = guard["written"] == "peer"
+    assert set(rows) == {"float-f32.gguf", "rtn-q4_0.gguf", "imatrix-q4_0.gguf", out.name, "peer-iq4_nl-imatrix.gguf",
+                         "peer-q4_k_m-imatrix.gguf"} | ({"npft-q4_0.gguf"} if swapped else set())
     assert rows["float-f32.gguf"]["kld_mean"] == 0.0 and rows[out.name]["kld_mean"] > 0
+    # the guard measured the tuned file and its peer on the held-back calibration text, and wrote the closer
+    assert guard["peer_file"].endswith("imatrix-q4_0.gguf") and guard["chunks"] == 10 and guard["ctx"] == 64
+    assert swapped == (guard["tuned_kld"] >= guard["peer_kld"])
+    assert rec["calibration"]["holdout"] == 0.1
+    run = out.with_name(out.stem + ".npft-run")
+    assert (out.read_bytes() == (run / "imatrix-q4_0.gguf").read_bytes()) == swapped
+    if not swapped:  # evaluated on other text, the tuned file's own numbers are in the comparison as the output's row
+        assert guard["tuned_closer"]
     assert rec["convert"]["method"] == "npft+imatrix" and rec["imatrix"]["weights"] == "NPFT-tuned and merged"
     t = rec["tune"]
     assert t["trace_before"]["n"] == 2 and t["trace_after"]["n"] == 2 and len(t["history"]) >= 1
@@ -47,8 +59,8 @@ def test_convert_writes_tuned_gguf_and_compares(tiny_bpe, texts, tmp_path):
     meta = GGUFReader(out).fields
     assert bytes(meta["general.npft.method"].parts[-1]).decode() == "npft+imatrix"
     assert '"noise": "rtn"' in bytes(meta["general.npft.settings"].parts[-1]).decode()
-    run = out.with_name(out.stem + ".npft-run")
-    assert (run / "report.md").read_text().count("Hessian trace") == 1
+    report = (run / "report.md").read_text()
+    assert report.count("Hessian trace") == 1 and "Guard: the tuned file" in report
     assert checkpoint_record(run)["source"] == source_record(open_source(str(tiny_bpe)))  # what a --resume must match
     # a second run without --force or --resume refuses to touch either
     again = cli("convert", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none")
@@ -397,3 +409,51 @@ def test_save_checkpoint_keeps_the_callers_progress_bar_setting(tmp_path):
             assert hf_logging.is_progress_bar_enabled() is on and (tmp_path / str(on) / "config.json").exists()
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+@pytest.mark.parametrize("keep_tuned", [False, True])
+def test_the_guard_writes_the_peer_where_the_tuned_file_is_not_closer(tiny_bpe, texts, tmp_path, monkeypatch, keep_tuned):
+    """Issue 28: never farther than llama.cpp's own file. With the verdict 'not closer' (the
+    measurement itself is llama.cpp's, in the test above), OUT becomes the peer's bytes and the tuned
+    file moves to the run directory; --keep-tuned keeps it."""
+    import npft_gguf.validate.guard as guard_mod
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.convert import ConvertSettings, guard_output, plan_convert
+    from npft_gguf.npft import NPFTSettings
+    from npft_gguf.writer import ExportSettings, export
+
+    out = tmp_path / "x.gguf"
+    plan = plan_convert(str(tiny_bpe), out, ConvertSettings(bits=4, method="npft", eval_text="none", ctx=64, keep_tuned=keep_tuned),
+                        CalibSettings(calib=str(texts / "calib.txt"), samples=4, length=32), NPFTSettings(noise="rtn"))
+    assert plan.guard is not None and plan.guard[1] == 10 and plan.calib.holdout == 0.1
+    export(open_source(str(tiny_bpe)), out, ExportSettings("q8_0"), progress=False)  # stands for the tuned file
+    tuned = out.read_bytes()
+    seen = {}
+
+    def judge(tuned_path, peer, label, ref, text, ctx, chunks, *a, **k):
+        seen.update(text=text, peer=peer)
+        return guard_mod.Verdict(tuned_kld=0.5, peer_kld=0.25, peer=label, text="t", ctx=ctx, chunks=chunks)
+
+    monkeypatch.setattr(guard_mod, "judge", judge)
+    lines = []
+    rec = guard_output(plan, None, False, lines.append)
+    assert seen["text"] == plan.guard[0] and seen["peer"].name == "rtn-q4_0.gguf"
+    assert rec["tuned_kld"] == 0.5 and rec["peer_kld"] == 0.25 and not rec["tuned_closer"]
+    if keep_tuned:
+        assert rec["written"] == "tuned" and out.read_bytes() == tuned and "--keep-tuned" in lines[-1]
+    else:
+        assert rec["written"] == "peer" and out.read_bytes() == seen["peer"].read_bytes()
+        assert Path(rec["tuned_file"]).read_bytes() == tuned and "NOT closer" in lines[-1] and "0.5000" in lines[-1]
+
+
+def test_no_guard_without_text_to_hold_back(tiny_bpe, texts, tmp_path):
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.convert import ConvertSettings, plan_convert
+    from npft_gguf.npft import NPFTSettings
+
+    (tmp_path / "short.txt").write_text(calib_text(1_000))  # its last 10 %: under one 64-token window
+    for calib, chunks in ((str(tmp_path / "short.txt"), 10), (str(texts / "calib.txt"), 0)):
+        plan = plan_convert(str(tiny_bpe), tmp_path / "x.gguf", ConvertSettings(bits=4, eval_text="none", ctx=64, guard_chunks=chunks),
+                            CalibSettings(calib=calib, samples=4, length=32), NPFTSettings(noise="rtn"))
+        assert plan.guard is None and plan.calib.holdout == 0.0
+        assert bool(plan.notes) == (chunks > 0)  # said before the run, when the guard was asked for

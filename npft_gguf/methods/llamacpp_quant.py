@@ -20,10 +20,11 @@ ALIASES = {"q3_k": "q3_k_s", "q4_k": "q4_k_s", "q5_k": "q5_k_s"}
 
 
 def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force: bool = False,
-                    progress: bool = True, imatrix: Path | None = None) -> ExportReport:
+                    progress: bool = True, imatrix: Path | None = None, provenance_extra: dict | None = None) -> ExportReport:
     """Write `source` at `out` quantized by llama.cpp to `type_name` (atomically): F32 first, in a
     temporary file beside `out` (`.NAME.npft-PID.f32`), removed afterwards however the run ends.
-    `imatrix`: an importance matrix file, used as llama-quantize --imatrix uses it."""
+    `imatrix`: an importance matrix file, used as llama-quantize --imatrix uses it; `provenance_extra`:
+    more of what made the file, recorded in its general.npft.settings (llama.cpp keeps the F32 file's keys)."""
     from .. import llamacpp
     from ..errors import UsageError
 
@@ -39,7 +40,7 @@ def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force
         im = check_imatrix_for(imatrix, source)  # its values, and its widths against the source's header
         weights = {name: im.weights(name) for name in im.entries}
         provenance["quantizer"] = f"llama_model_quantize with the imatrix {imatrix}, from an f32 export"
-    job = prepare(source, ExportSettings("f32"), provenance)  # every check from headers, before any write
+    job = prepare(source, ExportSettings("f32"), {**provenance, **(provenance_extra or {})})  # every check from headers, before any write
     with atomic_output(out, force) as tmp, temporary(out, "f32") as f32:
         write(source, f32, job, progress)
         pause_for_tests("llamacpp:quantize")
