@@ -64,6 +64,43 @@ def quantize(src: Path, dst: Path, type_name: str, pure: bool = False, nthread: 
                         "set NPFT_GGUF_VERBOSE=1 to see llama.cpp's log")
 
 
+@lru_cache(maxsize=1)
+def _ggml_base():
+    """libggml-base, which llama-cpp-python ships beside libllama: llama.cpp's own quantizers."""
+    lib = _lib()
+    found = sorted((Path(lib.__file__).parent / "lib").glob("*ggml-base.*"))  # .so, .dylib or .dll
+    if not found:  # pragma: no cover - llama-cpp-python always ships it
+        raise NpftError(f"llama-cpp-python ships no libggml-base in {Path(lib.__file__).parent / 'lib'}")
+    base = ctypes.CDLL(str(found[0]))
+    base.ggml_quantize_chunk.restype = ctypes.c_size_t
+    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_void_p]
+    base.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return base
+
+
+def ggml_quantize(type_name: str, w, qw=None):
+    """The GGUF bytes, uint8 (rows, row_bytes), llama.cpp's own quantizer (ggml_quantize_chunk, what
+    llama-quantize runs per tensor) makes of the float32 matrix `w` as `type_name`, with importance
+    matrix entry `qw` (its columns' weights) or without one."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    base, t = _ggml_base(), GGMLQuantizationType[type_name.upper()]
+    w = np.ascontiguousarray(w, np.float32)
+    block, nbytes = GGML_QUANT_SIZES[t]
+    if w.ndim != 2 or w.shape[1] % block:
+        raise ValueError(f"{type_name} needs a 2-D weight whose rows are a multiple of {block}, got {w.shape}")
+    out = np.zeros((w.shape[0], w.shape[1] // block * nbytes), np.uint8)
+    imat = None if qw is None else np.ascontiguousarray(qw, np.float32).reshape(-1)
+    if imat is not None and imat.size != w.shape[1]:
+        raise ValueError(f"the imatrix entry has {imat.size} columns, the weight {w.shape[1]}")
+    base.ggml_quantize_init(int(t))
+    base.ggml_quantize_chunk(int(t), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1],
+                             None if imat is None else imat.ctypes.data)
+    return out
+
+
 class _CpuTypeTraits(ctypes.Structure):
     """ggml-cpu.h's `struct ggml_type_traits_cpu`, as ggml_get_type_traits_cpu returns it."""
     _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),

@@ -2,20 +2,16 @@
 
 - a plain reference written here loop by loop, one float32 scalar at a time, from the C code's
   description (its own block packing too), on a few blocks;
-- ggml itself: `ggml_quantize_chunk` from the libggml-base that llama-cpp-python ships, on
+- ggml itself: `ggml_quantize_chunk` from the libggml-base that llama-cpp-python ships (llamacpp.ggml_quantize), on
   thousands of blocks with random importance matrices, byte for byte.
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from npft_gguf.grids import get_grid
@@ -256,30 +252,10 @@ def test_an_imatrix_of_the_wrong_width_is_refused():
 
 # --- ggml itself -------------------------------------------------------------------------------------
 
-def _ggml():
-    import llama_cpp
-
-    found = glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.*"))
-    if not found:  # pragma: no cover - llama-cpp-python always ships it
-        pytest.skip("llama-cpp-python ships no libggml-base here")
-    lib = ctypes.CDLL(sorted(found)[0])
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
-
-
 def ggml_quantize(name: str, w: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    lib, t = _ggml(), T[name.upper()]
-    w = np.ascontiguousarray(w, np.float32)
-    block, nbytes = GGML_QUANT_SIZES[t]
-    out = np.zeros((w.shape[0], w.shape[1] // block * nbytes), np.uint8)
-    lib.ggml_quantize_init(int(t))
-    imat = None if qw is None else np.ascontiguousarray(qw, np.float32)
-    lib.ggml_quantize_chunk(int(t), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1],
-                            None if imat is None else imat.ctypes.data)
-    return out
+    from npft_gguf.llamacpp import ggml_quantize as quantize
+
+    return quantize(name, w, qw)
 
 
 @pytest.mark.parametrize("name", WEIGHTED)

@@ -1,0 +1,160 @@
+"""Torch twins of llama.cpp's scale searches (npft_gguf/grids/twins.py): how often they write what
+llama.cpp writes, and what they cost a tuning step.
+
+Agreement: every decoder linear of SmolLM2-135M, with the importance matrix of the float model on
+the `wiki` calibration text (`npft-gguf imatrix smollm2-135m --calib wiki --chunks 32`) and without
+one: the share of 32-weight blocks whose bytes (codes and fp16 scale, and min) the twin makes
+exactly as llama.cpp's own quantizer (ggml_quantize_chunk in the libggml that llama-cpp-python
+ships) does, and the imatrix-weighted error of the twin's whole matrix over llama.cpp's.
+
+Step time: NPFT's short recipe (kl objective, rtn noise, Q4_0) on SmolLM2-135M for a few optimizer
+steps with each noise: plain RTN's error, the twins of the imatrix Q4_0 mix's rules (the default
+now), and the bit-exact numpy port on the CPU (what `--tune-imatrix` ran before the twins). Seconds
+per step after the first, median, and the ratio to plain RTN's; each noise twice, interleaved, so
+a busy machine shows as a spread rather than a bias.
+
+    .venv/bin/python evals/twins.py [--steps 5]
+    .venv/bin/python evals/twins.py --render
+
+writes evals/TWINS.md and evals/TWINS.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evals._run import machine, npft  # noqa: E402
+
+OUT = ROOT / "evals" / "out" / "twins"
+JSON = ROOT / "evals" / "TWINS.json"
+NOISES = {"plain RTN": "rtn", "twins (imatrix Q4_0 mix)": "twin", "numpy port (imatrix Q4_0 mix)": "numpy"}
+
+
+def agreement(source, imatrix) -> list[dict]:
+    import numpy as np
+    import torch
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    from npft_gguf.grids import get_grid
+    from npft_gguf.grids.twins import TWINNED, TwinRules
+    from npft_gguf.llamacpp import ggml_quantize
+
+    linears = [n for n, s in source.shapes().items() if len(s) == 2 and n.startswith("model.layers.")]
+    rows = []
+    for name in TWINNED:
+        grid = get_grid(name)
+        for with_im in (True, False):
+            same = total = 0
+            err_twin = err_ggml = 0.0
+            for n in linears:
+                w = source.load(n).float().numpy()
+                qw = imatrix.weights(source.arch.gguf_name(n)) if with_im else None
+                ours = grid.pack_blocks(TwinRules(name, qw).codes(torch.from_numpy(w)))
+                theirs = ggml_quantize(name, w, qw)
+                blocks = theirs.reshape(-1, GGML_QUANT_SIZES[grid.ggml][1])
+                same += int((ours == blocks).all(1).sum())
+                total += blocks.shape[0]
+                wt = np.ones(w.shape[1], np.float32) if qw is None else qw
+                d_ours = dequantize(ours.reshape(w.shape[0], -1), grid.ggml).reshape(w.shape)
+                d_theirs = dequantize(theirs, grid.ggml).reshape(w.shape)
+                err_twin += float((wt * (d_ours - w) ** 2).sum())
+                err_ggml += float((wt * (d_theirs - w) ** 2).sum())
+            rows.append({"type": name, "imatrix": with_im, "matrices": len(linears), "blocks": total, "identical": same,
+                         "identical_pct": 100.0 * same / total, "error_ratio": err_twin / err_ggml})
+            print(f"{name} imatrix={with_im}: {100.0 * same / total:.3f} % of {total} blocks identical", flush=True)
+    return rows
+
+
+def step_times(source, imatrix_path: Path, noise: str, steps: int) -> list[float]:
+    """Seconds between consecutive optimizer steps of a short-recipe tuning with `noise`."""
+    import tempfile
+
+    import npft_gguf.grids.twins as twins
+    from npft_gguf.calib import CalibSettings, load_calibration
+    from npft_gguf.npft import NPFTSettings, tune
+
+    tokens = load_calibration(CalibSettings(calib="wiki", samples=64, length=256), source.tokenizer(), progress=False)
+    settings = NPFTSettings(noise="rtn", objective="kl", grid="q4_0", imatrix=None if noise == "rtn" else str(imatrix_path),
+                            epochs=1, max_steps_per_epoch=steps, lr=5e-4, batch=4, fisher_samples=16, trace_samples=0)
+    stamps = []
+    saved = twins.TWINNED
+    if noise == "numpy":
+        twins.TWINNED = ()  # imatrix.tuning_quantizers then takes the numpy port (grids/weighted.py)
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            tune(source.load_model(), tokens, settings, Path(run_dir), progress=False,
+                 on_step=lambda row: stamps.append(time.perf_counter()), log=lambda m: None)
+    finally:
+        twins.TWINNED = saved
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--render", action="store_true")
+    a = ap.parse_args()
+    if a.render:
+        write(json.loads(JSON.read_text()))
+        return
+    import torch
+
+    from npft_gguf.imatrix import load_imatrix
+    from npft_gguf.sources import open_source
+
+    torch.set_num_threads(2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    im_path = OUT / "smollm2.imatrix.gguf"
+    cmd = None
+    if not im_path.exists():
+        npft("imatrix", "smollm2-135m", "--calib", "wiki", "--ctx", 512, "--chunks", 32, "-o", im_path)
+    cmd = f"npft-gguf imatrix smollm2-135m --calib wiki --ctx 512 --chunks 32 -o {im_path.relative_to(ROOT)}"
+    source = open_source("smollm2-135m")
+    rec = {"date": dt.date.today().isoformat(), "machine": machine(), "imatrix": cmd,
+           "agreement": agreement(source, load_imatrix(im_path)), "steps": {}}
+    for rep in range(2):
+        for label, noise in NOISES.items():
+            t = step_times(source, im_path, noise, a.steps)
+            rec["steps"].setdefault(label, []).extend(t)
+            print(f"{label} (round {rep + 1}): {', '.join(f'{x:.2f}' for x in t)} s per step", flush=True)
+    JSON.write_text(json.dumps(rec, indent=1))
+    write(rec)
+
+
+def write(rec: dict):
+    lines = [
+        "# Torch twins of llama.cpp's scale searches", "",
+        f"Built by `.venv/bin/python evals/twins.py` on {rec['date']} ({rec['machine']}). The imatrix: `{rec['imatrix']}`.", "",
+        "## Agreement with llama.cpp's bytes", "",
+        f"Every decoder linear of SmolLM2-135M ({rec['agreement'][0]['matrices']} matrices). Identical: the block's bytes (codes, fp16 scale, min) "
+        "equal ggml_quantize_chunk's. Error ratio: the twin's imatrix-weighted squared error over the whole model "
+        "divided by llama.cpp's (1 = the same; without an imatrix, unweighted).", "",
+        "| type | imatrix | blocks | identical % | error ratio |", "|---|---|---|---|---|",
+    ]
+    for r in rec["agreement"]:
+        lines.append(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {r['blocks']} | {r['identical_pct']:.3f} | "
+                     f"{r['error_ratio']:.6f} |")
+    base = statistics.median(rec["steps"]["plain RTN"])
+    lines += ["", "## Tuning step time", "",
+              "NPFT short recipe (kl objective, rtn noise, batch 4 x 256 tokens) on SmolLM2-135M, Q4_0; seconds between "
+              "optimizer steps after the first, both rounds pooled.", "",
+              "| noise | steps | median s | min s | max s | ratio to plain RTN |", "|---|---|---|---|---|---|"]
+    for label, t in rec["steps"].items():
+        m = statistics.median(t)
+        lines.append(f"| {label} | {len(t)} | {m:.2f} | {min(t):.2f} | {max(t):.2f} | {m / base:.2f}x |")
+    (ROOT / "evals" / "TWINS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
