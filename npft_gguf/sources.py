@@ -451,9 +451,7 @@ def _hf_name(arch: Family, config, gguf: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def open_source(spec: str) -> Source:
     """Resolve what the user typed into a Source, or fail with a one-line message."""
-    if spec in demo.DEMOS:
-        return GGUFSource(spec, demo.fetch(spec))
-    path = Path(spec).expanduser()
+    path = demo.resolve(spec)
     if path.is_file():
         from .validate.models import is_gguf
 

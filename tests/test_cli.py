@@ -464,6 +464,61 @@ def test_inspect_takes_the_demo_name(smollm2):
     assert info["path"] == str(smollm2.path) and info["architecture"] == "llama" and info["n_layers"] == 30
 
 
+@pytest.fixture
+def model_said(monkeypatch):
+    """Every way a command starts its work (fetching the demo, loading a model in torch or
+    llama.cpp, writing a GGUF file) stops it instead, with an error line naming the model it was given."""
+    from npft_gguf.errors import UsageError
+
+    def stop(what):
+        def said(*args, **_kw):
+            raise UsageError(what(args[0]))
+        return said
+
+    monkeypatch.setattr("npft_gguf.demo.fetch", stop(lambda name: f"would fetch the demo {name}"))
+    for target in ("npft_gguf.sources.HFDirSource.load_model", "npft_gguf.sources.GGUFSource.load_model"):
+        monkeypatch.setattr(target, stop(lambda src: f"would load {src.path}"))
+    monkeypatch.setattr("npft_gguf.llamacpp.load", stop(lambda path: f"would load {path}"))
+    monkeypatch.setattr("npft_gguf.writer.export", stop(lambda src: f"would export {src.path}"))
+
+
+@pytest.mark.parametrize("local", ["folder", "file"])
+def test_a_local_path_named_like_the_demo_wins_in_every_command(local, tiny_bpe, tiny_gguf, text_file, tmp_path,
+                                                                monkeypatch, model_said):
+    """export/eval/imatrix/finetune/convert took the demo over ./smollm2-135m, inspect and bench the local one."""
+    import shutil
+
+    from npft_gguf.demo import DEMOS
+
+    (name,) = DEMOS
+    monkeypatch.chdir(tmp_path)
+    if local == "folder":  # the tiny Hugging Face model
+        shutil.copytree(tiny_bpe, name)
+    else:  # the tiny model as a GGUF file
+        shutil.copy(tiny_gguf, name)
+    calib = ["--calib", text_file, "--calib-samples", "2", "--calib-len", "16", "--recipe", "short"]
+    runs = {
+        "export": ["-o", "x.gguf"],
+        "eval": ["--text", text_file, "--ctx", "64"],
+        "imatrix": ["-o", "x.imatrix.gguf", "--calib", text_file, "--ctx", "64"],
+        "finetune": ["-o", "tuned", *calib],
+        "convert": ["-o", "c.gguf", "--method", "rtn", "--eval-text", "none"],
+        "bench": [],
+        "inspect": ["--json"],
+    }
+    for command, args in runs.items():
+        r = run(command, name, *args)
+        if command == "inspect" and local == "file":
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["n_layers"] == 2  # the tiny model's, not the demo's 30
+            continue
+        line = assert_fails(r, 2, name)
+        if command in ("inspect", "bench") and local == "folder":
+            assert "is a directory" in line, (command, line)
+        else:
+            assert line == f"error: would {'export' if command in ('export', 'convert') else 'load'} {name}", (command, line)
+
+
 # --- --help --------------------------------------------------------------------------------------
 def test_help_shows_recipe_defaults_and_bits_values():
     """Options whose default depends on --recipe show each recipe's value, from the table itself."""
