@@ -117,11 +117,16 @@ def _common(tokenizer) -> list[Field]:
     return fields
 
 
+def pad_piece(token_id: int) -> str:
+    """The piece of an id with no token (an embedding row past the tokenizer), as GGUF files name it."""
+    return f"[PAD{token_id}]"
+
+
 def _vocab_table(id_to_token: dict[int, str], n_vocab: int, special: set[int], added: set[int]):
     tokens, types = [], []
     for i in range(n_vocab):
         if i not in id_to_token:
-            tokens.append(f"[PAD{i}]")
+            tokens.append(pad_piece(i))
             types.append(TokenType.UNUSED)
             continue
         tokens.append(id_to_token[i])
@@ -169,7 +174,7 @@ def sentencepiece_fields(tokenizer, model_file: Path, n_vocab: int) -> list[Fiel
     extra = {i: t for t, i in tokenizer.get_vocab().items() if i >= len(tokens)}
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     for i in range(len(tokens), n_vocab):
-        tokens.append(extra.get(i, f"[PAD{i}]"))
+        tokens.append(extra.get(i, pad_piece(i)))
         scores.append(-1000.0)
         types.append(int(TokenType.UNUSED if i not in extra else TokenType.CONTROL if i in special else TokenType.USER_DEFINED))
     return [

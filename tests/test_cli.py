@@ -395,6 +395,27 @@ def test_eval_of_a_source_checks_the_context_before_loading(tiny_bpe, text_file,
     assert_fails(run("eval", tiny_bpe, "--text", text_file, "--ctx", "512"), 2, "--ctx 512", "training context of 256")
 
 
+def test_eval_reference_of_the_same_vocabulary_in_the_other_library(tiny_gguf, tiny_bpe, text_file, tmp_path):
+    """eval GGUF --ref SOURCE of the very same model was refused, 'different vocabulary (400 vs 400
+    tokens)': llama.cpp's detokenizer and transformers' decode differ on special tokens and partial
+    UTF-8. The token pieces of one vocabulary are the same in both; another vocabulary of the same size
+    (two ids swapped) is still refused."""
+    from tests.broken import copy_model
+
+    common = ["--text", text_file, "--ctx", "64", "--chunks", "2", "--json", "-"]
+    for model, ref in ((tiny_gguf, tiny_bpe), (tiny_bpe, tiny_gguf)):
+        r = run("eval", model, "--ref", ref, *common)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["kld"]["mean"] < 1e-4  # the same f32 weights in llama.cpp and torch
+    other = copy_model(tiny_bpe, tmp_path / "other")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    pieces = {i: p for p, i in tok["model"]["vocab"].items()}
+    tok["model"]["vocab"][pieces[300]], tok["model"]["vocab"][pieces[301]] = 301, 300
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    for model, ref in ((tiny_gguf, other), (other, tiny_gguf)):
+        assert_fails(run("eval", model, "--ref", ref, *common), 2, "different vocabulary")
+
+
 @pytest.mark.skipif("_gpu_build()", reason="this llama-cpp-python build can offload to a GPU")
 def test_gpu_offload_on_a_cpu_build_is_refused_everywhere(tiny_gguf, tiny_bpe, text_file, tmp_path, no_work):
     """eval and compare ran on the CPU without a word when asked for GPU layers; bench refused (exit 2)."""
