@@ -106,15 +106,14 @@ LLAMA_HPARAMS = (
 GGUF_VALUES = {Keys.LLM.CONTEXT_LENGTH: True, Keys.LLM.EMBEDDING_LENGTH: True, Keys.LLM.BLOCK_COUNT: True,
                Keys.LLM.FEED_FORWARD_LENGTH: True, Keys.Attention.HEAD_COUNT: True, Keys.Attention.HEAD_COUNT_KV: True,
                Keys.Attention.KEY_LENGTH: True, Keys.Attention.VALUE_LENGTH: True, Keys.LLM.VOCAB_SIZE: True,
-               Keys.Rope.DIMENSION_COUNT: True, Keys.Rope.SCALING_ORIG_CTX_LEN: True, Keys.Attention.SLIDING_WINDOW: True,
+               Keys.Rope.DIMENSION_COUNT: True, Keys.Rope.SCALING_ORIG_CTX_LEN: True,
                Keys.Attention.LAYERNORM_RMS_EPS: False, Keys.Rope.FREQ_BASE: False, Keys.Rope.FREQ_BASE_SWA: False,
-               Keys.Rope.SCALING_FACTOR: False, Keys.Rope.SCALING_ATTN_FACTOR: False, Keys.LLM.FINAL_LOGIT_SOFTCAPPING: False}
+               Keys.Rope.SCALING_FACTOR: False, Keys.Rope.SCALING_ATTN_FACTOR: False}
 # the keys llama.cpp's loader requires of every family here
 GGUF_REQUIRED = (Keys.LLM.CONTEXT_LENGTH, Keys.LLM.EMBEDDING_LENGTH, Keys.LLM.BLOCK_COUNT, Keys.LLM.FEED_FORWARD_LENGTH,
                  Keys.Attention.HEAD_COUNT, Keys.Attention.LAYERNORM_RMS_EPS)
-HF_VALUES = {"max_position_embeddings": True, "hidden_size": True, "num_hidden_layers": True, "intermediate_size": True,
-             "num_attention_heads": True, "num_key_value_heads": True, "head_dim": True, "vocab_size": True,
-             "sliding_window": True, "rms_norm_eps": False, "rope_theta": False, "final_logit_softcapping": False}
+# the same, by the config attribute each GGUF key is read back to (config.json's names)
+HF_VALUES = {h.attr: GGUF_VALUES[h.key] for h in LLAMA_HPARAMS if h.attr} | {"rope_theta": False}
 
 
 def value_problem(name: str, value, integer: bool) -> str | None:
