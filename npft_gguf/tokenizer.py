@@ -91,12 +91,15 @@ class Field:
     sub_type: V | None = None
 
 
+# HF tokenizer role -> its name in GGUF's tokenizer.ggml.<name>_token_id (llama.cpp's spelling)
+SPECIAL_ROLES = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding", "sep": "seperator"}
+
+
 def _ids_of_special(tokenizer) -> dict[str, int]:
     out = {}
-    for role in ("bos", "eos", "unk", "pad", "sep"):
+    for role, key in SPECIAL_ROLES.items():
         tid = getattr(tokenizer, f"{role}_token_id", None)
         if tid is not None:
-            key = {"unk": "unknown", "pad": "padding", "sep": "seperator"}.get(role, role)
             out[f"tokenizer.ggml.{key}_token_id"] = int(tid)
     return out
 
@@ -117,11 +120,16 @@ def _common(tokenizer) -> list[Field]:
     return fields
 
 
+def pad_piece(token_id: int) -> str:
+    """The piece of an id with no token (an embedding row past the tokenizer), as GGUF files name it."""
+    return f"[PAD{token_id}]"
+
+
 def _vocab_table(id_to_token: dict[int, str], n_vocab: int, special: set[int], added: set[int]):
     tokens, types = [], []
     for i in range(n_vocab):
         if i not in id_to_token:
-            tokens.append(f"[PAD{i}]")
+            tokens.append(pad_piece(i))
             types.append(TokenType.UNUSED)
             continue
         tokens.append(id_to_token[i])
@@ -169,7 +177,7 @@ def sentencepiece_fields(tokenizer, model_file: Path, n_vocab: int) -> list[Fiel
     extra = {i: t for t, i in tokenizer.get_vocab().items() if i >= len(tokens)}
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     for i in range(len(tokens), n_vocab):
-        tokens.append(extra.get(i, f"[PAD{i}]"))
+        tokens.append(extra.get(i, pad_piece(i)))
         scores.append(-1000.0)
         types.append(int(TokenType.UNUSED if i not in extra else TokenType.CONTROL if i in special else TokenType.USER_DEFINED))
     return [
@@ -179,6 +187,39 @@ def sentencepiece_fields(tokenizer, model_file: Path, n_vocab: int) -> list[Fiel
         Field("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
         Field("tokenizer.ggml.add_space_prefix", bool(proto.normalizer_spec.add_dummy_prefix), V.BOOL),
     ] + _common(tokenizer)
+
+
+def gguf_tokenizer_problem(fields) -> str | None:
+    """What a GGUF file's tokenizer metadata lacks that llama.cpp needs to load the file (its
+    tokenizer model, a non-empty token list, a BPE's merges, per-token arrays of the list's length,
+    integer special-token ids), read from the header (gguf_header values by key); None: nothing."""
+    def value(key):
+        f = fields.get(key)
+        return None if f is None else f.value
+
+    model = value("tokenizer.ggml.model")
+    if model is None:
+        return "it holds no tokenizer (tokenizer.ggml.model is missing)"
+    if not isinstance(model, str) or model in ("none", "no_vocab"):
+        return f"its tokenizer.ggml.model is {model!r}, not a tokenizer"
+    tokens = value("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        return "it holds no token list (tokenizer.ggml.tokens is missing, empty or not strings)"
+    if model == "gpt2" and not isinstance(value("tokenizer.ggml.merges"), list):
+        return "its BPE tokenizer has no merges (tokenizer.ggml.merges is missing)"
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        per_token = value(key)
+        if per_token is not None and (not isinstance(per_token, list) or len(per_token) != len(tokens)):
+            n = len(per_token) if isinstance(per_token, list) else "no"
+            return f"its {key} has {n} entries for {len(tokens)} tokens"
+    for role in SPECIAL_ROLES.values():
+        tid = value(f"tokenizer.ggml.{role}_token_id")
+        if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0):
+            return f"its tokenizer.ggml.{role}_token_id is {tid!r}, not a token id"
+    pre = value("tokenizer.ggml.pre")
+    if pre is not None and not isinstance(pre, str):
+        return f"its tokenizer.ggml.pre is {pre!r}, not a name"
+    return None
 
 
 def gguf_fields(fields) -> list[Field]:

@@ -97,6 +97,33 @@ def retype_gguf(src: Path, dst: Path, name: str, type_name: str) -> Path:
         else:
             block, size = GGML_QUANT_SIZES[qtype]
             w.add_tensor(t.name, np.zeros((*data.shape[:-1], data.shape[-1] // block * size), np.uint8), raw_dtype=qtype)
+
+
+def rewrite_gguf_metadata(src: Path, dst: Path, drop=lambda key: False, **changes) -> Path:
+    """A copy of a GGUF file with metadata keys dropped (`drop(key)` true) or changed (keyword
+    `a__b=x` sets key `a.b` to x, typed as the value it replaces, or as x says where x is a
+    gguf_header.Value, as a new key must be), its tensors byte for byte."""
+    import numpy as np
+    from gguf import GGUFWriter, quant_shape_to_byte_shape
+
+    from npft_gguf.gguf_header import Value, read_header
+
+    header = read_header(src)
+    changes = {k.replace("__", "."): v for k, v in changes.items()}
+    w = GGUFWriter(str(dst), header.fields["general.architecture"].value)
+    for key, f in header.fields.items():
+        if key in ("general.architecture", "general.alignment") or drop(key):
+            continue
+        new = changes.get(key, f.value)
+        f = new if isinstance(new, Value) else f._replace(value=new)
+        w.add_key_value(key, f.value, f.type, sub_type=f.sub_type)
+    for key in changes.keys() - header.fields.keys():  # new keys: typed by their Value
+        w.add_key_value(key, changes[key].value, changes[key].type, sub_type=changes[key].sub_type)
+    with open(src, "rb") as fh:
+        for t in header.tensors:
+            fh.seek(t.data_offset)
+            raw = np.frombuffer(fh.read(t.n_bytes), np.uint8)
+            w.add_tensor(t.name, raw, raw_shape=quant_shape_to_byte_shape(t.shape, t.type), raw_dtype=t.type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -449,6 +449,27 @@ def test_eval_of_a_source_checks_the_context_before_loading(tiny_bpe, text_file,
     assert_fails(run("eval", tiny_bpe, "--text", text_file, "--ctx", "512"), 2, "--ctx 512", "training context of 256")
 
 
+def test_eval_reference_of_the_same_vocabulary_in_the_other_library(tiny_gguf, tiny_bpe, text_file, tmp_path):
+    """eval GGUF --ref SOURCE of the very same model was refused, 'different vocabulary (400 vs 400
+    tokens)': llama.cpp's detokenizer and transformers' decode differ on special tokens and partial
+    UTF-8. The token pieces of one vocabulary are the same in both; another vocabulary of the same size
+    (two ids swapped) is still refused."""
+    from tests.broken import copy_model
+
+    common = ["--text", text_file, "--ctx", "64", "--chunks", "2", "--json", "-"]
+    for model, ref in ((tiny_gguf, tiny_bpe), (tiny_bpe, tiny_gguf)):
+        r = run("eval", model, "--ref", ref, *common)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["kld"]["mean"] < 1e-4  # the same f32 weights in llama.cpp and torch
+    other = copy_model(tiny_bpe, tmp_path / "other")
+    tok = json.loads((other / "tokenizer.json").read_text())
+    pieces = {i: p for p, i in tok["model"]["vocab"].items()}
+    tok["model"]["vocab"][pieces[300]], tok["model"]["vocab"][pieces[301]] = 301, 300
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    for model, ref in ((tiny_gguf, other), (other, tiny_gguf)):
+        assert_fails(run("eval", model, "--ref", ref, *common), 2, "different vocabulary")
+
+
 @pytest.mark.skipif("_gpu_build()", reason="this llama-cpp-python build can offload to a GPU")
 def test_gpu_offload_on_a_cpu_build_is_refused_everywhere(tiny_gguf, tiny_bpe, text_file, tmp_path, no_work):
     """eval and compare ran on the CPU without a word when asked for GPU layers; bench refused (exit 2)."""
@@ -516,6 +537,61 @@ def test_inspect_takes_the_demo_name(smollm2):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["path"] == str(smollm2.path) and info["architecture"] == "llama" and info["n_layers"] == 30
+
+
+@pytest.fixture
+def model_said(monkeypatch):
+    """Every way a command starts its work (fetching the demo, loading a model in torch or
+    llama.cpp, writing a GGUF file) stops it instead, with an error line naming the model it was given."""
+    from npft_gguf.errors import UsageError
+
+    def stop(what):
+        def said(*args, **_kw):
+            raise UsageError(what(args[0]))
+        return said
+
+    monkeypatch.setattr("npft_gguf.demo.fetch", stop(lambda name: f"would fetch the demo {name}"))
+    for target in ("npft_gguf.sources.HFDirSource.load_model", "npft_gguf.sources.GGUFSource.load_model"):
+        monkeypatch.setattr(target, stop(lambda src: f"would load {src.path}"))
+    monkeypatch.setattr("npft_gguf.llamacpp.load", stop(lambda path: f"would load {path}"))
+    monkeypatch.setattr("npft_gguf.writer.export", stop(lambda src: f"would export {src.path}"))
+
+
+@pytest.mark.parametrize("local", ["folder", "file"])
+def test_a_local_path_named_like_the_demo_wins_in_every_command(local, tiny_bpe, tiny_gguf, text_file, tmp_path,
+                                                                monkeypatch, model_said):
+    """export/eval/imatrix/finetune/convert took the demo over ./smollm2-135m, inspect and bench the local one."""
+    import shutil
+
+    from npft_gguf.demo import DEMOS
+
+    (name,) = DEMOS
+    monkeypatch.chdir(tmp_path)
+    if local == "folder":  # the tiny Hugging Face model
+        shutil.copytree(tiny_bpe, name)
+    else:  # the tiny model as a GGUF file
+        shutil.copy(tiny_gguf, name)
+    calib = ["--calib", text_file, "--calib-samples", "2", "--calib-len", "16", "--recipe", "short"]
+    runs = {
+        "export": ["-o", "x.gguf"],
+        "eval": ["--text", text_file, "--ctx", "64"],
+        "imatrix": ["-o", "x.imatrix.gguf", "--calib", text_file, "--ctx", "64"],
+        "finetune": ["-o", "tuned", *calib],
+        "convert": ["-o", "c.gguf", "--method", "rtn", "--eval-text", "none"],
+        "bench": [],
+        "inspect": ["--json"],
+    }
+    for command, args in runs.items():
+        r = run(command, name, *args)
+        if command == "inspect" and local == "file":
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["n_layers"] == 2  # the tiny model's, not the demo's 30
+            continue
+        line = assert_fails(r, 2, name)
+        if command in ("inspect", "bench") and local == "folder":
+            assert "is a directory" in line, (command, line)
+        else:
+            assert line == f"error: would {'export' if command in ('export', 'convert') else 'load'} {name}", (command, line)
 
 
 # --- --help --------------------------------------------------------------------------------------

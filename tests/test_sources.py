@@ -9,8 +9,8 @@ from gguf import GGUFValueType as V
 from npft_gguf.gguf_header import read_header
 from npft_gguf.sources import open_source
 from npft_gguf.writer import ExportSettings, export
-from tests.broken import edit_tensor, model_copy, patch_gguf  # noqa: F401 - model_copy is a fixture
-from tests.test_cli import assert_fails, cli, listing, out, run  # noqa: F401 - out is a fixture
+from tests.broken import edit_config, edit_tensor, model_copy, patch_gguf, rewrite_gguf_metadata  # noqa: F401 - model_copy is a fixture
+from tests.test_cli import assert_fails, cli, listing, no_work, out, run  # noqa: F401 - no_work and out are fixtures
 
 
 def test_gguf_header_equals_gguf_reader(smollm2):
@@ -113,3 +113,94 @@ def test_inspect_flags_a_zero_sized_tensor(zero_sized_gguf, tiny_q8_gguf):
     text = cli("inspect", zero_sized_gguf)
     assert "PROBLEM" in text.stdout and "blk.0.ffn_down.weight" in text.stdout
     assert json.loads(cli("inspect", tiny_q8_gguf, "--json").stdout)["problems"] == []
+
+
+# --- bad metadata, config values and tokenizers: one line naming the file and the value, exit 2 ----
+def test_gguf_source_without_tokenizer_is_refused_from_its_header(tiny_q8_gguf, tmp_path, out, no_work):
+    """Exported (exit 0) into a file llama.cpp cannot load."""
+    cases = {
+        "no tokenizer": (lambda k: k.startswith("tokenizer."), ["tokenizer.ggml.model is missing"]),
+        "no tokens": (lambda k: k == "tokenizer.ggml.tokens", ["tokenizer.ggml.tokens"]),
+        "no merges": (lambda k: k == "tokenizer.ggml.merges", ["tokenizer.ggml.merges"]),
+    }
+    for name, (drop, words) in cases.items():
+        bad = rewrite_gguf_metadata(tiny_q8_gguf, tmp_path / f"{name.replace(' ', '-')}.gguf", drop=drop)
+        assert_fails(run("export", bad, "-o", out / "m.gguf"), 2, bad.name, *words)
+        assert gguf_problems(bad) == [f"tokenizer: {error_of(bad)}"]  # inspect shows it, as it is
+    assert listing(out) == []
+
+
+def gguf_problems(path):
+    import json
+
+    r = cli("inspect", path, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["problems"]
+
+
+def error_of(path):
+    """The reason GGUFSource gives for refusing `path`."""
+    from npft_gguf.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        open_source(str(path))
+    return str(e.value).split(": ", 1)[1].split(";")[0]
+
+
+def test_broken_hf_tokenizer_and_config_values_are_one_line(model_copy, tmp_path, out, no_work):
+    """A truncated tokenizer.json (JSONDecodeError), an empty vocabulary, a zero head count
+    (ZeroDivisionError) ended as internal errors, exit 1, without naming the file."""
+    import json
+    import shutil
+
+    tok = json.loads((model_copy / "tokenizer.json").read_text())
+    cases = []
+
+    def case(name, words, tokenizer=None, **config):
+        d = shutil.copytree(model_copy, tmp_path / name)
+        if tokenizer is not None:
+            (d / "tokenizer.json").write_text(tokenizer)
+        edit_config(d, **config)
+        cases.append((d, words))
+
+    case("truncated-tokenizer", ["tokenizer files cannot be read"], tokenizer=json.dumps(tok)[:3000])
+    case("empty-vocabulary", ["empty vocabulary"], tokenizer=json.dumps({**tok, "model": {**tok["model"], "vocab": {}, "merges": []}}))
+    case("zero-heads", ["config.json", "num_attention_heads is 0"], num_attention_heads=0)
+    case("string-layers", ["config.json", "num_hidden_layers is '2'"], num_hidden_layers="2")
+    case("negative-width", ["config.json", "hidden_size is -64"], hidden_size=-64)
+    case("bad-theta", ["config.json", "rope_theta is 0"], rope_theta=0)
+    case("kv-heads", ["config.json", "num_attention_heads 4 is not a multiple of num_key_value_heads 3"], num_key_value_heads=3)
+    for d, words in cases:
+        assert_fails(run("export", d, "-o", out / "m.gguf"), 2, d.name, *words)
+    (tmp_path / "truncated.json").write_text('{"hidden_size": 6')
+    shutil.copy(tmp_path / "truncated.json", model_copy / "config.json")
+    assert_fails(run("export", model_copy, "-o", out / "m.gguf"), 2, "config.json", "not valid JSON")
+    assert listing(out) == []
+
+
+def test_broken_gguf_hyperparameters_are_one_line(tiny_q8_gguf, tmp_path, out, no_work):
+    from gguf import GGUFValueType as V
+
+    from npft_gguf.gguf_header import Value
+
+    cases = [
+        (dict(llama__attention__head_count=0), ["llama.attention.head_count is 0"]),
+        (dict(llama__attention__head_count_kv=3), ["llama.attention.head_count 4 is not a multiple of llama.attention.head_count_kv 3"]),
+        (dict(llama__block_count=Value("2", V.STRING)), ["llama.block_count is '2'"]),
+        (dict(llama__rope__freq_base=float("nan")), ["llama.rope.freq_base is nan"]),
+        (dict(llama__context_length=0), ["llama.context_length is 0"]),
+        (dict(tokenizer__ggml__bos_token_id=Value("1", V.STRING)), ["tokenizer.ggml.bos_token_id is '1'"]),
+        (dict(llama__rope__scaling__type=Value("linear", V.STRING)), ["llama.rope.scaling.factor is missing"]),
+    ]
+    for i, (changes, words) in enumerate(cases):
+        bad = rewrite_gguf_metadata(tiny_q8_gguf, tmp_path / f"bad{i}.gguf", **changes)
+        assert_fails(run("export", bad, "-o", out / "m.gguf"), 2, bad.name, *words)
+    bad = rewrite_gguf_metadata(tiny_q8_gguf, tmp_path / "no-layers.gguf", drop=lambda k: k == "llama.block_count")
+    assert_fails(run("export", bad, "-o", out / "m.gguf"), 2, bad.name, "llama.block_count is missing")
+    assert listing(out) == []
+
+
+def test_gguf_with_npft_settings_that_are_not_json_is_one_line(tiny_q8_gguf, tmp_path):
+    for i, settings in enumerate(["{not json", "[1, 2]"]):
+        bad = rewrite_gguf_metadata(tiny_q8_gguf, tmp_path / f"settings{i}.gguf", general__npft__settings=settings)
+        assert_fails(run("inspect", bad), 2, bad.name, "general.npft.settings")

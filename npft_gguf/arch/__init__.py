@@ -47,8 +47,8 @@ def unwrap(config):
     return None
 
 
-def for_gguf(name: str):
-    if name not in FAMILIES:
+def for_gguf(name):
+    if not isinstance(name, str) or name not in FAMILIES:
         raise UsageError(f"GGUF architecture {name!r} is not supported yet; supported: {', '.join(FAMILIES)} "
                          "(npft-gguf archs lists them)")
     return FAMILIES[name]
@@ -60,4 +60,4 @@ def of_model(model):
 
 
 from . import gemma3, llama, phi3, qwen2, qwen3  # noqa: E402,F401 - each registers itself
-from .base import Family  # noqa: E402,F401
+from .base import Family, config_problem  # noqa: E402,F401

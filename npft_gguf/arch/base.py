@@ -12,6 +12,7 @@ grouped-query attention with RoPE); a family module overrides what differs and r
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -97,6 +98,54 @@ LLAMA_HPARAMS = (
     HParam(Keys.Rope.FREQ_BASE, GGUFWriter.add_rope_freq_base, None, rope_theta),
     HParam(Keys.LLM.VOCAB_SIZE, GGUFWriter.add_vocab_size, "vocab_size"),
 )
+
+# --- values a model's shape and RoPE are computed from: checked where a source is read ------------
+# Each a positive integer (True) or a positive finite number (False), by GGUF key and by HF config
+# attribute; a zero head count or a string layer count would otherwise fail deep inside transformers
+# or llama.cpp (ZeroDivisionError, TypeError) with no word of which file or value is at fault.
+GGUF_VALUES = {Keys.LLM.CONTEXT_LENGTH: True, Keys.LLM.EMBEDDING_LENGTH: True, Keys.LLM.BLOCK_COUNT: True,
+               Keys.LLM.FEED_FORWARD_LENGTH: True, Keys.Attention.HEAD_COUNT: True, Keys.Attention.HEAD_COUNT_KV: True,
+               Keys.Attention.KEY_LENGTH: True, Keys.Attention.VALUE_LENGTH: True, Keys.LLM.VOCAB_SIZE: True,
+               Keys.Rope.DIMENSION_COUNT: True, Keys.Rope.SCALING_ORIG_CTX_LEN: True,
+               Keys.Attention.LAYERNORM_RMS_EPS: False, Keys.Rope.FREQ_BASE: False, Keys.Rope.FREQ_BASE_SWA: False,
+               Keys.Rope.SCALING_FACTOR: False, Keys.Rope.SCALING_ATTN_FACTOR: False}
+# the keys llama.cpp's loader requires of every family here
+GGUF_REQUIRED = (Keys.LLM.CONTEXT_LENGTH, Keys.LLM.EMBEDDING_LENGTH, Keys.LLM.BLOCK_COUNT, Keys.LLM.FEED_FORWARD_LENGTH,
+                 Keys.Attention.HEAD_COUNT, Keys.Attention.LAYERNORM_RMS_EPS)
+# the same, by the config attribute each GGUF key is read back to (config.json's names)
+HF_VALUES = {h.attr: GGUF_VALUES[h.key] for h in LLAMA_HPARAMS if h.attr} | {"rope_theta": False}
+
+
+def value_problem(name: str, value, integer: bool) -> str | None:
+    """Why `value` cannot be the count or size `name` (None: it can)."""
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return None if ok else f"{name} is {value!r}, not a positive {'integer' if integer else 'number'}"
+
+
+def _heads_problem(heads_name: str, heads, kv_name: str, kv) -> str | None:
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        return f"{heads_name} {heads} is not a multiple of {kv_name} {kv}"
+    return None
+
+
+def config_problem(config: dict) -> str | None:
+    """What is wrong with config.json's counts and sizes (a multimodal checkpoint's text_config's
+    too), read as plain JSON before transformers builds (and divides by) them; None: nothing."""
+    for values in (config, config.get("text_config")):
+        if not isinstance(values, dict):
+            continue
+        for name, integer in HF_VALUES.items():
+            if values.get(name) is not None and (why := value_problem(name, values[name], integer)):
+                return why
+        why = _heads_problem("num_attention_heads", values.get("num_attention_heads"), "num_key_value_heads",
+                             values.get("num_key_value_heads"))
+        if why:
+            return why
+    return None
+
 
 def with_hparams(base: tuple[HParam, ...], *new: HParam) -> tuple[HParam, ...]:
     """`base` with `new` added, each replacing the entry of `base` with the same key."""
@@ -221,8 +270,28 @@ class Family:
             writer.add_rope_scaling_factor(float(rope["factor"]))
             writer.add_rope_scaling_orig_ctx_len(yarn_original_context(config))
 
+    def metadata_problem(self, meta: Callable[[str], object]) -> str | None:
+        """What is wrong with a GGUF file's `<arch>.*` counts and sizes (a key llama.cpp requires
+        missing, a zero, a string, a RoPE scaling without its factor); None: nothing. Checked
+        before `config_kwargs` reads them."""
+        key = lambda k: k.format(arch=self.name)  # noqa: E731
+        missing = [key(k) for k in GGUF_REQUIRED if meta(key(k)) is None]
+        if missing:
+            return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing (llama.cpp needs it)"
+        for k, integer in GGUF_VALUES.items():
+            if meta(key(k)) is not None and (why := value_problem(key(k), meta(key(k)), integer)):
+                return why
+        scaling = meta(key(Keys.Rope.SCALING_TYPE))
+        needed = {"linear": (Keys.Rope.SCALING_FACTOR,), "yarn": (Keys.Rope.SCALING_FACTOR, Keys.Rope.SCALING_ORIG_CTX_LEN)}
+        for k in needed.get(scaling, ()):
+            if meta(key(k)) is None:
+                return f"{key(Keys.Rope.SCALING_TYPE)} is {scaling!r} but {key(k)} is missing"
+        return _heads_problem(key(Keys.Attention.HEAD_COUNT), meta(key(Keys.Attention.HEAD_COUNT)),
+                              key(Keys.Attention.HEAD_COUNT_KV), meta(key(Keys.Attention.HEAD_COUNT_KV)))
+
     def config_kwargs(self, meta: Callable[[str], object]) -> dict:
-        """HF config keyword arguments from a GGUF file's metadata (`meta(key)`, None when absent)."""
+        """HF config keyword arguments from a GGUF file's metadata (`meta(key)`, None when absent;
+        `metadata_problem` has checked the values)."""
         kw = {"model_type": self.hf_model_types[0], "architectures": [self.hf_classes[0]]}
         for h in self.hparams:
             value = meta(h.key.format(arch=self.name))

@@ -41,6 +41,13 @@ class Backend:
         raise NotImplementedError
 
     def vocab_fingerprint(self, n: int = 256) -> tuple:
+        """The token pieces of every (len/n)-th id, as the vocabulary stores them ('Ġthe', '▁the',
+        '<0x0A>', '<|im_end|>'), so one vocabulary gives the same tuple in llama.cpp and in
+        transformers. Decoded text would not: the two detokenizers differ on special tokens and on
+        tokens that are part of a UTF-8 character."""
+        return tuple(self.piece(i) for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
+
+    def piece(self, token_id: int) -> str:
         raise NotImplementedError
 
 
@@ -135,8 +142,9 @@ class LlamaCppBackend(Backend):
     def logits(self, tokens, first=0):
         return self.batch.decode(self.llm, tokens, first)
 
-    def vocab_fingerprint(self, n=256):
-        return tuple(self.llm.detokenize([i]) for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
+    def piece(self, token_id):
+        lib = llamacpp._lib()
+        return lib.llama_vocab_get_text(lib.llama_model_get_vocab(self.llm._model.model), token_id).decode("utf-8", "replace")
 
 
 class TokenizerBackend(Backend):
@@ -155,8 +163,11 @@ class TokenizerBackend(Backend):
     def tokenize(self, text):
         return self.tok(text, add_special_tokens=self.add_bos)["input_ids"]
 
-    def vocab_fingerprint(self, n=256):
-        return tuple(self.tok.decode([i]).encode("utf-8", "replace") for i in range(0, self.n_vocab, max(1, self.n_vocab // n)))
+    def piece(self, token_id):
+        from ..tokenizer import pad_piece
+
+        piece = self.tok.convert_ids_to_tokens(token_id)
+        return pad_piece(token_id) if piece is None else piece
 
 
 class TorchBackend(TokenizerBackend):
