@@ -71,7 +71,7 @@ class Plan:
     type_name: str | None = None   # the type written (and, for NPFT, tuned for)
     eval_text: tuple[str, str] | None = None  # (name, text) for the closing evaluation
     made_from: dict | None = None  # fingerprint.source_record: what the tuning checkpoint records and a resume must match
-    guard: tuple[str, int] | None = None  # (held-back calibration text, windows) the guard measures on; None: no guard
+    guard: tuple[str, int, int] | None = None  # (held-back calibration text, windows, ctx) the guard measures on; None: none
     notes: tuple[str, ...] = ()    # what the plan decided that the user should hear before the run
 
 
@@ -454,11 +454,13 @@ def plan_guard(calib: CalibSettings, settings: ConvertSettings, source: Source):
         return None, calib, ("guard: off (--calib self has no text to hold back); the tuned file is written unchecked",)
     held = replace(calib, holdout=HOLDOUT)
     text = holdout_text(held)
-    n = windows_in(text, settings.ctx, source.tokenizer())
+    trained = int(getattr(source.config, "max_position_embeddings", 0) or 0)
+    ctx = min(settings.ctx, trained) if trained else settings.ctx  # --ctx is checked only with an evaluation text
+    n = windows_in(text, ctx, source.tokenizer())
     if n < 1:
         return None, calib, (f"guard: off (the last {HOLDOUT:.0%} of the calibration text holds less than one "
-                             f"{settings.ctx}-token window); the tuned file is written unchecked",)
-    return (text, min(n, settings.guard_chunks)), held, ()
+                             f"{ctx}-token window); the tuned file is written unchecked",)
+    return (text, min(n, settings.guard_chunks), ctx), held, ()
 
 
 def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
@@ -573,11 +575,11 @@ def guard_output(plan: Plan, imatrix: Path | None, progress: bool, log) -> dict:
     from .validate.guard import judge
 
     out, run_dir, settings = plan.out, plan.run_dir, plan.settings
-    text, chunks = plan.guard
+    text, chunks, ctx = plan.guard
     ref = reference_file(plan.source, run_dir, log, progress)
     peer, label = peer_file(plan.source, run_dir, plan.type_name, log, progress, str(imatrix) if imatrix else None)
-    log(f"guard: {out.name} beside {peer.name} on the held-back end of the calibration text ({chunks} x {settings.ctx} tokens)")
-    verdict = judge(out, peer, label, ref, text, settings.ctx, chunks, settings.threads, progress)
+    log(f"guard: {out.name} beside {peer.name} on the held-back end of the calibration text ({chunks} x {ctx} tokens)")
+    verdict = judge(out, peer, label, ref, text, ctx, chunks, settings.threads, progress)
     record = verdict.as_dict() | {"peer_file": str(peer), "written": "tuned"}
     if verdict.tuned_closer:
         log(f"guard: the tuned file is closer to the float model; {verdict.sentence()}")
