@@ -20,7 +20,8 @@ TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl",
 LLAMACPP_ONLY = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_xs",
                  "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")
 EXPORT_TYPES = TYPES + LLAMACPP_ONLY
-SOURCE_HELP = "SOURCE is a hub id (meta-llama/Llama-2-7b-hf), a Hugging Face directory, a .gguf file, or the demo 'smollm2-135m'."
+SOURCE_HELP = ("SOURCE is a hub id (meta-llama/Llama-2-7b, meta-llama/Llama-2-7b-hf), a Hugging Face directory, a folder in "
+               "Meta's layout (params.json, consolidated.NN.pth), a .gguf file, or the demo 'smollm2-135m'.")
 
 
 DEBUG_ENV = "NPFT_GGUF_DEBUG"
@@ -156,8 +157,9 @@ def export(source, output, type_, quantizer, pure, imatrix, force, as_json):
 
     \b
     SOURCE is a hub id (meta-llama/Llama-2-7b-hf), a Hugging Face directory,
-    a .gguf file, or the demo 'smollm2-135m'. Tensors are streamed one at a
-    time; the output appears only when complete.
+    a folder in Meta's layout (params.json, consolidated.NN.pth), a .gguf
+    file, or the demo 'smollm2-135m'. Tensors are streamed one at a time;
+    the output appears only when complete.
 
     \b
     Examples:

@@ -160,12 +160,7 @@ class HFDirSource(Source):
             return
         cache = self.__dict__.setdefault("_bins", {})
         if f not in cache:
-            import torch
-
-            try:
-                cache[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, pickle errors...
-                raise _unreadable_weights(f, e) from None
+            cache[f] = load_pickled_weights(f)
         yield cache[f]
 
     def _read_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -435,6 +430,17 @@ def read_gguf_header(path: Path):
     return header
 
 
+def load_pickled_weights(f: Path) -> dict:
+    """A torch pickle of weights (pytorch_model*.bin, consolidated.NN.pth), memory-mapped, read with
+    torch's weights-only unpickler: tensors and plain containers, never code a crafted file names."""
+    import torch
+
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, pickle errors...
+        raise _unreadable_weights(f, e) from None
+
+
 def _unreadable_weights(f: Path, e: BaseException) -> UsageError:
     if isinstance(e, FileNotFoundError):
         return UsageError(f"{f} is missing (the index names it); the checkpoint is incomplete: download it again")
@@ -457,13 +463,14 @@ CONFIG_DIMS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_k
 BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def check_tensors(arch: Family, config, shapes: dict[str, tuple[int, ...]], where: str, config_name: str = "the config") -> None:
+def check_tensors(arch: Family, config, shapes: dict[str, tuple[int, ...]], where: str, config_name: str = "the config",
+                  label=str) -> None:
     """Refuse, from shapes alone and before any work, what would make a GGUF file llama.cpp
     cannot load: a zero-sized dimension, a shape the config disagrees with, a layer the config
-    does not have, a missing tensor."""
+    does not have, a missing tensor. Messages name a tensor by `label(HF name)`: as the checkpoint does."""
     for name, shape in shapes.items():
         if 0 in tuple(shape):
-            raise UsageError(f"{where}: tensor {name} has a zero-sized dimension (shape {tuple(shape)}); the checkpoint is broken")
+            raise UsageError(f"{where}: tensor {label(name)} has a zero-sized dimension (shape {tuple(shape)}); the checkpoint is broken")
     try:
         expected = arch.expected_shapes(config)
     except (AttributeError, TypeError):  # a config without the sizes: llama.cpp's loader will say
@@ -474,17 +481,17 @@ def check_tensors(arch: Family, config, shapes: dict[str, tuple[int, ...]], wher
         gguf = arch.gguf_name(name)
         m = BLOCK.match(gguf or "")
         if m and int(m[1]) >= n_layer:
-            raise UsageError(f"{where}: tensor {name} belongs to layer {m[1]}, but {config_name} says num_hidden_layers {n_layer}")
+            raise UsageError(f"{where}: tensor {label(name)} belongs to layer {m[1]}, but {config_name} says num_hidden_layers {n_layer}")
         want = expected.get(f"blk.{{i}}.{m[2]}" if m else gguf)
         if want is not None and tuple(shape) != want:
             dims = ", ".join(f"{k} {getattr(config, k)}" for k in CONFIG_DIMS if getattr(config, k, None) is not None)
-            raise UsageError(f"{where}: tensor {name} has shape {tuple(shape)}, but {config_name} ({dims}) makes it {want}; "
+            raise UsageError(f"{where}: tensor {label(name)} has shape {tuple(shape)}, but {config_name} ({dims}) makes it {want}; "
                              "the weights and the config disagree")
         present.add(gguf)
     for key in expected:
         for gguf in ([key.replace("{i}", str(i)) for i in range(n_layer)] if "{i}" in key else [key]):
             if gguf not in present and key not in arch.optional:
-                raise UsageError(f"{where}: tensor {_hf_name(arch, config, gguf)} is missing ({config_name} says {n_layer} layers); "
+                raise UsageError(f"{where}: tensor {label(_hf_name(arch, config, gguf))} is missing ({config_name} says {n_layer} layers); "
                                  "the checkpoint is incomplete")
 
 
@@ -507,24 +514,44 @@ def open_source(spec: str) -> Source:
             raise UsageError(f"{spec} is a file but not a GGUF file; pass a GGUF file or a Hugging Face model directory")
         return GGUFSource(spec, path)
     if path.is_dir():
-        return HFDirSource(spec, path)
+        return _open_dir(spec, path)
     if HUB_ID.match(spec) and not spec.endswith(".gguf"):
-        return HFDirSource(spec, _from_hub(spec))
+        return _open_dir(spec, _from_hub(spec))
     raise UsageError(
-        f"{spec}: no such file or directory; pass a .gguf file, a Hugging Face model directory, "
-        f"a hub id like meta-llama/Llama-2-7b-hf, or a demo name ({', '.join(demo.DEMOS)})"
+        f"{spec}: no such file or directory; pass a .gguf file, a Hugging Face model directory, a folder in "
+        f"Meta's layout (params.json, consolidated.NN.pth), a hub id like meta-llama/Llama-2-7b, or a demo name "
+        f"({', '.join(demo.DEMOS)})"
     )
 
 
-def _from_hub(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
+def _open_dir(spec: str, path: Path) -> Source:
+    from .meta_layout import MetaSource, is_meta_dir
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - offline, gated, missing: all end the same way
+    return MetaSource(spec, path) if is_meta_dir(path) else HFDirSource(spec, path)
+
+
+# a transformers checkpoint's files, and Meta's original layout's (meta-llama/Llama-2-7b); a repository
+# holding both keeps Meta's in a subfolder (original/), which these patterns leave out
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "consolidated.*.pth"]
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import errors, snapshot_download
+
+    page = f"https://huggingface.co/{repo_id}"
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except errors.GatedRepoError:
+        raise NpftError(f"{repo_id} is gated: accept its licence on {page} with your account, then run `hf auth login` "
+                        "(or set HF_TOKEN) and try again") from None
+    except errors.RepositoryNotFoundError:
+        raise NpftError(f"{repo_id} is not on the Hugging Face Hub, or is private or gated and this machine is not logged "
+                        f"in: check the name on {page}, accept the licence there if it asks, and run `hf auth login`") from None
+    except Exception as e:  # noqa: BLE001 - offline, unreachable, a broken cache...
         raise NpftError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({_first_line(e)}); download it where the hub "
-            "is reachable and pass its local directory, or try the built-in demo 'smollm2-135m'"
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({_first_line(e)}); check the network and that HF_HUB_OFFLINE "
+            f"is not set; if it is gated accept the licence on {page} and run `hf auth login`; or download it where "
+            "the hub is reachable and pass its local folder"
         ) from None
 
 

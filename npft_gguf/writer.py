@@ -178,7 +178,7 @@ def _finite(source: Source, name: str, chunks):
         ok = torch.isfinite(c)
         if not bool(ok.all()):
             at = f" (row {row + int((~ok).reshape(len(c), -1).any(1).nonzero()[0])})" if c.ndim > 1 else ""
-            error = UsageError if getattr(source, "kind", "") in ("hf", "gguf") else NpftError
+            error = UsageError if getattr(source, "kind", "") in ("hf", "meta", "gguf") else NpftError
             raise error(f"tensor {name} of {source.spec} holds NaN or infinite values{at}; nothing was written")
         row += len(c) if c.ndim else 0
         yield c
