@@ -97,6 +97,11 @@ def retype_gguf(src: Path, dst: Path, name: str, type_name: str) -> Path:
         else:
             block, size = GGML_QUANT_SIZES[qtype]
             w.add_tensor(t.name, np.zeros((*data.shape[:-1], data.shape[-1] // block * size), np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
 
 
 def rewrite_gguf_metadata(src: Path, dst: Path, drop=lambda key: False, **changes) -> Path:

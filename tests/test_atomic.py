@@ -190,14 +190,14 @@ def test_a_full_disk_in_a_command_is_one_line(tiny_bpe, tmp_path, full_disk, mon
 
 def test_a_full_disk_outside_an_output_is_one_line_too(tiny_bpe, tmp_path, monkeypatch):
     """Anything else that runs out of space (compare's recorded logits, a download) still says so."""
-    import npft_gguf.cli as cli
+    import npft_gguf.demo as demo
 
     from tests.test_cli import assert_fails, run
 
     def no_space(*_a, **_k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x.npy"))
 
-    monkeypatch.setattr(cli, "_gguf_file", no_space)
+    monkeypatch.setattr(demo, "resolve", no_space)
     assert_fails(run("inspect", "anything"), 1, f"no space left on the device holding {mount_point(tmp_path)}", "x.npy")
 
 
