@@ -355,7 +355,9 @@ def test_npft_imatrix_is_compared_beside_llama_cpp_s_imatrix_quantization(deep_t
     out.write_bytes(b"")
     settings = ConvertSettings(type="q4_0", method="npft+imatrix")
     evaluate_beside_baselines(src, out, "q4_0", settings, tmp_path, ("t", "text"), False, lambda m: None, imatrix=str(deep_imatrix))
-    assert [p.name for p in seen["files"]] == ["rtn-q4_0.gguf", "imatrix-q4_0.gguf", "out.gguf"]
+    assert [p.name for p in seen["files"]] == ["rtn-q4_0.gguf", "imatrix-q4_0.gguf", "out.gguf", "peer-iq4_nl-imatrix.gguf",
+                                               "peer-q4_k_m-imatrix.gguf"]  # and the same-size files llama.cpp makes with it
+    assert GGUFReader(tmp_path / "peer-q4_k_m-imatrix.gguf").fields["general.file_type"].contents() == 15  # Q4_K_M
     assert GGUFReader(tmp_path / "imatrix-q4_0.gguf").fields["quantize.imatrix.file"].contents() == str(deep_imatrix)
 
 
