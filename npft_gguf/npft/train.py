@@ -136,9 +136,6 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         micro_per_epoch = min(micro_per_epoch, settings.max_steps_per_epoch * settings.grad_accum)
     steps_per_epoch = math.ceil(micro_per_epoch / settings.grad_accum)
 
-    if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                      target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(settings.seed)  # LoRA A's initialisation
@@ -194,6 +191,8 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         del fisher
         noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
                               merged_weights(peft_model), quantizers)
+        if settings.gradient_checkpointing:
+            _checkpoint_layers(peft_model, noise.checkpoint_contexts)
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
         finally:
@@ -210,7 +209,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         result.trace_after = outlier_trace(peft_model, trace_tokens, linears, first_outliers, settings.trace_probes,
                                            settings.seed, progress, desc="hessian trace (after)")
     if settings.gradient_checkpointing:
-        peft_model.base_model.model.gradient_checkpointing_disable()
+        _checkpoint_layers(peft_model, None)
     result.model = peft_model.merge_and_unload().eval()
     _check_weights(result.model.named_parameters(), settings, "when merged")
     for p in result.model.parameters():
@@ -304,6 +303,19 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
             if on_step is not None:
                 on_step(row)
     model.eval()
+
+
+def _checkpoint_layers(peft_model, context_fn):
+    """Gradient checkpointing of the decoder layers, non-reentrant, each recomputation run inside
+    `context_fn`'s second context (the noise as the layer's forward met it); None: switched off."""
+    lm = peft_model.get_base_model()
+    # transformers 5 renamed gradient_* to activation_*; the first argument is the checkpoint's kwargs in both
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    disable = getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable
+    if context_fn is None:
+        disable()
+    else:
+        enable({"use_reentrant": False, "context_fn": context_fn})
 
 
 def _teacher(model, x):
