@@ -33,7 +33,7 @@ from ..errors import NpftError, UsageError
 from ..grids import GRIDS
 from ..progress import bar
 from ..arch import of_model
-from ..sensitivity import fisher_diagonal, outliers, summary, target_linears
+from ..sensitivity import find_outliers, target_linears
 from .config import NPFTSettings
 from .hessian import outlier_trace
 from .noise import Perturbations, merged_weights
@@ -179,16 +179,15 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         log(f"no checkpoint in {run_dir}; starting from the beginning")
 
     for epoch in range(start_epoch, settings.epochs):
-        fisher = fisher_diagonal(peft_model, fisher_tokens, linears, progress, desc=f"epoch {epoch + 1}: fisher")
-        found = outliers(fisher, settings.outlier_pct)
+        found, fisher_rows = find_outliers(peft_model, fisher_tokens, linears, settings.outlier_pct, settings.fisher_stages,
+                                           progress, desc=f"epoch {epoch + 1}: fisher")
         result.outliers_per_epoch.append(sum(len(o) for o in found.values()))
         if epoch == 0:
             first_outliers = found
-            result.fisher_summary = summary(linears, fisher, found)
+            result.fisher_summary = fisher_rows
             if settings.trace_samples:
                 result.trace_before = outlier_trace(peft_model, trace_tokens, linears, found, settings.trace_probes,
                                                     settings.seed, progress, desc="hessian trace (before)")
-        del fisher
         noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
                               merged_weights(peft_model), quantizers)
         if settings.gradient_checkpointing:

@@ -90,3 +90,103 @@ def test_noise_holds_no_float32_copy_of_the_weight(monkeypatch):
     dense.resample(torch.Generator().manual_seed(0))
     assert dense.z.dtype == torch.bfloat16 and torch.count_nonzero(dense.z) > 0.9 * n
     dense.remove()
+
+
+def _dense_fisher(model, tokens, lin):
+    """The Fisher scores as they were first made: every module's gradient at once, then squared."""
+    fisher = {n: torch.zeros_like(m.weight) for n, m in lin.items()}
+    for m in lin.values():
+        m.weight.requires_grad_(True)
+    for i in range(len(tokens)):
+        x = tokens[i:i + 1]
+        grads = torch.autograd.grad(model(input_ids=x, labels=x).loss, [m.weight for m in lin.values()])
+        for f, g in zip(fisher.values(), grads):
+            f.add_(g.float().square())
+    return fisher
+
+
+def test_fisher_in_stages_finds_the_same_outliers_in_less_memory(tiny_bpe, tokens):
+    from peft import LoraConfig, get_peft_model
+
+    from npft_gguf.sensitivity import find_outliers, outliers, summary, target_linears
+
+    model = get_peft_model(tiny_model(tiny_bpe), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    lin = target_linears(model)
+    x = tokens[:3]
+    with TensorBytes() as dense_bytes:
+        dense = _dense_fisher(model, x, lin)
+    for m in lin.values():
+        m.weight.requires_grad_(False)
+    expect = outliers(dense, 1.0)
+    peaks = []
+    for stages in (1, 3, 100):
+        with TensorBytes() as count:
+            found, rows = find_outliers(model, x, lin, 1.0, stages, progress=False)
+        peaks.append(count.peak)
+        assert list(found) == list(expect)
+        for name, o in found.items():
+            assert set(zip(o.rows.tolist(), o.cols.tolist())) == set(zip(expect[name].rows.tolist(), expect[name].cols.tolist()))
+        assert [r["module"] for r in rows] == list(lin)
+        for got, want in zip(rows, summary(lin, dense, expect)):
+            assert got.pop("module") == want.pop("module") and got == pytest.approx(want, rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind, the adapter's included
+    assert not any(m.weight.requires_grad for m in lin.values())
+    # one gradient at a time: below all gradients at once; each stage holds a third of the scores, a module's at most
+    assert peaks[0] < dense_bytes.peak and peaks[1] < 0.8 * peaks[0] and peaks[2] < peaks[1], (peaks, dense_bytes.peak)
+
+
+def _dense_trace(model, tokens, lin, found, probes, seed):
+    """Hutchinson's outlier trace as it was first made: the gradients of the whole weights, with their graph."""
+    names = list(lin)
+    weights = [lin[n].weight.requires_grad_(True) for n in names]
+    at = [(found[n].rows, found[n].cols) for n in names]
+    gen = torch.Generator().manual_seed(seed)
+    estimates = []
+    for i in range(len(tokens)):
+        x = tokens[i:i + 1]
+        grads = torch.autograd.grad(model(input_ids=x, labels=x).loss, weights, create_graph=True)
+        for p in range(probes):
+            signs = [torch.randint(0, 2, (len(found[n]),), generator=gen).to(w.dtype) * 2 - 1 for n, w in zip(names, weights)]
+            dot = sum((g[r, c] * s).sum() for g, (r, c), s in zip(grads, at, signs))
+            hvs = torch.autograd.grad(dot, weights, retain_graph=p < probes - 1)
+            estimates.append(sum(float((hv[r, c] * s).sum()) for hv, (r, c), s in zip(hvs, at, signs)))
+    return estimates
+
+
+def test_trace_at_the_outliers_equals_the_whole_weight_one_in_less_memory(tiny_bpe, tokens):
+    from npft_gguf.npft.hessian import outlier_trace
+    from npft_gguf.sensitivity import outliers, target_linears
+
+    model = tiny_model(tiny_bpe).double().eval()
+    model.config._attn_implementation = "eager"
+    lin = target_linears(model)
+    g = torch.Generator().manual_seed(0)
+    found = outliers({n: torch.rand(m.weight.shape, generator=g) for n, m in lin.items()}, 1.0)
+    x = tokens[:2, :24]
+    with TensorBytes() as dense_bytes:
+        want = _dense_trace(model, x, lin, found, probes=2, seed=5)
+    for m in lin.values():
+        m.weight.requires_grad_(False)
+    with TensorBytes() as count:
+        got = outlier_trace(model, x, lin, found, probes=2, seed=5, progress=False)
+    assert got["estimates"] == pytest.approx(want, rel=1e-9)
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in lin.values())
+    assert dense_bytes.peak - count.peak > 2 * weight_bytes  # no whole-weight gradient, nor its product with H
+
+
+def test_finetune_command_with_checkpointing_and_fisher_stages(tiny_bpe, tmp_path):
+    """The command the issue saw fail: `finetune --gradient-checkpointing`, here with every memory option."""
+    import json
+
+    from tests.conftest import calib_text
+    from tests.test_cli import run
+    from tests.test_convert import TINY
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text(40_000))
+    out = tmp_path / "tuned"
+    r = run("finetune", tiny_bpe, "-o", out, "--calib", calib, *TINY, "--epochs", "1", "--noise", "rtn",
+            "--objective", "kl", "--gradient-checkpointing", "--fisher-stages", "3")
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((out / "report.json").read_text())["tune"]["settings"]
+    assert settings["gradient_checkpointing"] and settings["fisher_stages"] == 3
