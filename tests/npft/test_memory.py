@@ -190,3 +190,36 @@ def test_finetune_command_with_checkpointing_and_fisher_stages(tiny_bpe, tmp_pat
     assert r.returncode == 0, r.stderr
     settings = json.loads((out / "report.json").read_text())["tune"]["settings"]
     assert settings["gradient_checkpointing"] and settings["fisher_stages"] == 3
+
+
+def test_convert_exports_the_merged_model_in_its_own_dtype(tiny_bpe, tmp_path, monkeypatch):
+    """No float32 copy of the whole merged model on the tuning device: the export streams it in the
+    tuning's dtype (bfloat16 on CUDA, here forced on the CPU), and the bytes are those of its float32 copy."""
+    from npft_gguf import convert, sources
+    from npft_gguf.writer import ExportSettings, export
+    from tests.conftest import calib_text
+    from tests.test_cli import run
+    from tests.test_convert import TINY
+
+    exported = []
+    init = sources.ModelSource.__init__
+
+    def spy(self, base, model, label):
+        exported.append(model)
+        init(self, base, model, label)
+
+    monkeypatch.setattr(convert, "tuning_dtype", lambda device: torch.bfloat16)  # as on CUDA
+    monkeypatch.setattr(sources.ModelSource, "__init__", spy)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calib_text(40_000))
+    r = run("convert", tiny_bpe, "-o", tmp_path / "m.gguf", "--calib", calib, *TINY, "--epochs", "1", "--max-steps", "1",
+            "--eval-text", "none", "--ctx", "64")
+    assert r.returncode == 0, r.stderr
+    assert {p.dtype for p in exported[0].parameters()} == {torch.bfloat16}
+    base = sources.open_source(str(tiny_bpe))
+    written = []
+    for model in (exported[0], exported[0].float()):
+        out = tmp_path / f"{len(written)}.gguf"
+        export(sources.ModelSource(base, model, "npft"), out, ExportSettings(type="q4_0"), progress=False)
+        written.append(out.read_bytes())
+    assert written[0] == written[1]
