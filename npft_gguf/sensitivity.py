@@ -9,6 +9,7 @@ re-identified on the merged model" needs, without merging.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -47,24 +48,41 @@ def fisher_diagonal(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Lin
     weights = [m.weight for m in linears.values()]
     saved = [(w.requires_grad, w.grad) for w in weights]
     hooks = []
-    was_training = model.training
-    model.eval()
     try:
         for w, f in zip(weights, fisher.values()):
             w.requires_grad_(True)
             w.grad = None
             hooks.append(w.register_post_accumulate_grad_hook(functools.partial(_square_into, f)))
-        for i in bar(range(len(tokens)), desc=desc, unit="sample", disable=not progress):
-            x = tokens[i:i + 1].to(device)
-            torch.autograd.backward(model(input_ids=x, labels=x, use_cache=False).loss, inputs=weights)
+        with scoring_mode(model):
+            for i in bar(range(len(tokens)), desc=desc, unit="sample", disable=not progress):
+                x = tokens[i:i + 1].to(device)
+                torch.autograd.backward(model(input_ids=x, labels=x, use_cache=False).loss, inputs=weights)
     finally:
         for h in hooks:
             h.remove()
         for w, (requires_grad, grad) in zip(weights, saved):
             w.requires_grad_(requires_grad)
             w.grad = grad
-        model.train(was_training)
     return fisher
+
+
+@contextlib.contextmanager
+def scoring_mode(model):
+    """Eval mode (no dropout) for a pass that takes gradients, with the decoder layers still
+    checkpointed where gradient checkpointing is on: transformers checkpoints a layer only while
+    the layer itself is in training mode, a flag nothing else in the layer reads (its attention
+    and dropouts are modules of their own, and stay in eval mode)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    was_training = model.training
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            m.training = True
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _square_into(total: torch.Tensor, weight: torch.Tensor):

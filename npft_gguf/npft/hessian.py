@@ -35,7 +35,7 @@ def outlier_trace(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linea
     hooks = [linears[n].register_forward_hook(functools.partial(_offset_hook, r, c, d)) for n, (r, c), d in zip(names, at, offsets)]
     attn = getattr(model.config, "_attn_implementation", None)
     was_training = model.training
-    model.eval()
+    model.eval()  # not checkpointed (sensitivity.scoring_mode): a double backward keeps the recomputed layers anyway
     _set_attn(model, "eager")  # fused attention kernels have no double backward
     gen = torch.Generator().manual_seed(seed)
     estimates, per_module = [], {n: 0.0 for n in names}

@@ -178,6 +178,9 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     elif resume:
         log(f"no checkpoint in {run_dir}; starting from the beginning")
 
+    noise = Perturbations(linears, None, "none", settings.noise_scope, settings.grid, settings.perturbed)  # none yet
+    if settings.gradient_checkpointing:  # from here on, the Fisher passes included; the recomputations meet `noise` as it is then
+        checkpoint_layers(peft_model, lambda: noise.checkpoint_contexts())
     for epoch in range(start_epoch, settings.epochs):
         found, fisher_rows = find_outliers(peft_model, fisher_tokens, linears, settings.outlier_pct, settings.fisher_stages,
                                            progress, desc=f"epoch {epoch + 1}: fisher")
@@ -190,8 +193,6 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
                                                     settings.seed, progress, desc="hessian trace (before)")
         noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
                               merged_weights(peft_model), quantizers)
-        if settings.gradient_checkpointing:
-            _checkpoint_layers(peft_model, noise.checkpoint_contexts)
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
         finally:
@@ -208,7 +209,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         result.trace_after = outlier_trace(peft_model, trace_tokens, linears, first_outliers, settings.trace_probes,
                                            settings.seed, progress, desc="hessian trace (after)")
     if settings.gradient_checkpointing:
-        _checkpoint_layers(peft_model, None)
+        checkpoint_layers(peft_model, None)
     result.model = peft_model.merge_and_unload().eval()
     _check_weights(result.model.named_parameters(), settings, "when merged")
     for p in result.model.parameters():
@@ -304,7 +305,7 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
     model.eval()
 
 
-def _checkpoint_layers(peft_model, context_fn):
+def checkpoint_layers(peft_model, context_fn):
     """Gradient checkpointing of the decoder layers, non-reentrant, each recomputation run inside
     `context_fn`'s second context (the noise as the layer's forward met it); None: switched off."""
     lm = peft_model.get_base_model()

@@ -105,12 +105,16 @@ def _dense_fisher(model, tokens, lin):
     return fisher
 
 
+def _positions(found):
+    return {name: set(zip(o.rows.tolist(), o.cols.tolist())) for name, o in found.items()}
+
+
 def test_fisher_in_stages_finds_the_same_outliers_in_less_memory(tiny_bpe, tokens):
     from peft import LoraConfig, get_peft_model
 
     from npft_gguf.sensitivity import find_outliers, outliers, summary, target_linears
 
-    model = get_peft_model(tiny_model(tiny_bpe), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_model(tiny_bpe), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).eval()
     lin = target_linears(model)
     x = tokens[:3]
     with TensorBytes() as dense_bytes:
@@ -123,14 +127,26 @@ def test_fisher_in_stages_finds_the_same_outliers_in_less_memory(tiny_bpe, token
         with TensorBytes() as count:
             found, rows = find_outliers(model, x, lin, 1.0, stages, progress=False)
         peaks.append(count.peak)
-        assert list(found) == list(expect)
-        for name, o in found.items():
-            assert set(zip(o.rows.tolist(), o.cols.tolist())) == set(zip(expect[name].rows.tolist(), expect[name].cols.tolist()))
+        assert _positions(found) == _positions(expect)
         assert [r["module"] for r in rows] == list(lin)
         for got, want in zip(rows, summary(lin, dense, expect)):
-            assert got.pop("module") == want.pop("module") and got == pytest.approx(want, rel=1e-5)
-    assert all(p.grad is None for p in model.parameters())  # no gradient left behind, the adapter's included
-    assert not any(m.weight.requires_grad for m in lin.values())
+            numbers = lambda row: {k: v for k, v in row.items() if k != "module"}  # noqa: E731
+            assert got["module"] == want["module"] and numbers(got) == pytest.approx(numbers(want), rel=1e-5)
+        assert all(p.grad is None for p in model.parameters())  # no gradient left behind, the adapter's included
+        assert not any(m.weight.requires_grad for m in lin.values()) and not model.training
+        if stages == 1:  # and once more with the decoder layers checkpointed: the same, for less
+            from contextlib import nullcontext
+
+            from npft_gguf.npft.train import checkpoint_layers
+
+            model.train()
+            checkpoint_layers(model, lambda: (nullcontext(), nullcontext()))
+            with TensorBytes() as count:
+                again, again_rows = find_outliers(model, x, lin, 1.0, 1, progress=False)
+            assert again_rows == rows and _positions(again) == _positions(found)
+            checkpoint_layers(model, None)
+            assert model.training and count.peak < 0.8 * peaks[0], (count.peak, peaks)
+            model.eval()
     # one gradient at a time: below all gradients at once; each stage holds a third of the scores, a module's at most
     assert peaks[0] < dense_bytes.peak and peaks[1] < 0.8 * peaks[0] and peaks[2] < peaks[1], (peaks, dense_bytes.peak)
 
