@@ -239,3 +239,11 @@ def test_convert_exports_the_merged_model_in_its_own_dtype(tiny_bpe, tmp_path, m
         export(sources.ModelSource(base, model, "npft"), out, ExportSettings(type="q4_0"), progress=False)
         written.append(out.read_bytes())
     assert written[0] == written[1]
+
+
+def test_a_resume_may_change_the_memory_settings_only():
+    """Checkpointing and the Fisher stages change memory and time, never the result: a resumed run may
+    switch them; a change of recipe is still refused."""
+    saved = NPFTSettings().as_dict()
+    assert NPFTSettings(gradient_checkpointing=True, fisher_stages=4).same_run(saved) == []
+    assert NPFTSettings(lr=1e-3, fisher_stages=4).same_run(saved) == ["lr"]
