@@ -506,6 +506,9 @@ def npft_options(f):
         click.option("--trace-probes", default=2, show_default=True, type=click.IntRange(min=1), help="Rademacher probes per trace sample."),
         click.option("--trace-len", type=click.IntRange(min=8), help="Tokens per trace sample [default: --calib-len]."),
         click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory (large models on GPU)."),
+        click.option("--fisher-stages", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Passes the Fisher scores are made in, each for a run of layers: 4 bytes per targeted weight "
+                          "divided by this, for this many passes; the outliers are the same."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                      help="Where torch tunes the model (auto: CUDA when torch sees it)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and llama.cpp."),
@@ -543,7 +546,8 @@ def _tuning_settings(kw: dict, grid: str = "q4_0", imatrix: Path | None = None):
         grid=grid, resample=kw["resample"], clean_weight=kw["clean_weight"], objective=kw["objective"], rank=pick("rank"), alpha=pick("alpha"),
         dropout=kw["dropout"], targets=_targets(kw["targets"]), lr=pick("lr"),
         epochs=pick("epochs"), batch=pick("batch"), grad_accum=kw["grad_accum"], max_steps_per_epoch=pick("max_steps"),
-        seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], trace_samples=pick("trace_samples"),
+        seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], fisher_stages=kw["fisher_stages"],
+        trace_samples=pick("trace_samples"),
         trace_probes=kw["trace_probes"], trace_len=kw["trace_len"], imatrix=str(imatrix) if imatrix else None,
     )
     return calib, npft

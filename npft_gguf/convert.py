@@ -503,7 +503,10 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
         if plan.npft is not None:
             result, tokens = tuned_model(plan, force, resume, progress, log, notice)
             record.update(run_record(plan.spec, plan.calib, result))
-            model = result.model.float()
+            # the export reads the merged model tensor by tensor (ModelSource.load, to the CPU) in its own dtype; a
+            # float32 copy of the whole model on the tuning device is only for the methods that work on it in torch
+            in_torch = settings.method in ("gptq", "npft+gptq", "owq") or settings.simulated
+            model = result.model.float() if in_torch else result.model
         elif settings.method == "rtn":  # a simulated RTN needs no calibration text
             model = source.load_model(dtype=torch.float32, device=plan.device)
         else:  # GPTQ/OWQ want float32 Hessians

@@ -9,6 +9,8 @@ re-identified on the merged model" needs, without merging.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,26 +39,85 @@ def target_linears(model, suffixes: tuple[str, ...] | None = None) -> dict[str, 
 
 def fisher_diagonal(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linear], progress: bool = True,
                     desc: str = "fisher") -> dict[str, torch.Tensor]:
-    """Sum over samples of squared per-sample gradients, float32, on the weights' device."""
+    """Sum over samples of squared per-sample gradients, float32, on the weights' device. Each
+    weight's gradient is squared into its sum as soon as the backward pass makes it, and dropped:
+    one module's gradient exists at a time, not all of them (and no other parameter's gradient is
+    made: a LoRA adapter's stays as it was)."""
     device = next(model.parameters()).device
     fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in linears.items()}
-    saved = {n: m.weight.requires_grad for n, m in linears.items()}
+    weights = [m.weight for m in linears.values()]
+    saved = [(w.requires_grad, w.grad) for w in weights]
+    hooks = []
+    try:
+        for w, f in zip(weights, fisher.values()):
+            w.requires_grad_(True)
+            w.grad = None
+            hooks.append(w.register_post_accumulate_grad_hook(functools.partial(_square_into, f)))
+        with scoring_mode(model):
+            for i in bar(range(len(tokens)), desc=desc, unit="sample", disable=not progress):
+                x = tokens[i:i + 1].to(device)
+                torch.autograd.backward(model(input_ids=x, labels=x, use_cache=False).loss, inputs=weights)
+    finally:
+        for h in hooks:
+            h.remove()
+        for w, (requires_grad, grad) in zip(weights, saved):
+            w.requires_grad_(requires_grad)
+            w.grad = grad
+    return fisher
+
+
+@contextlib.contextmanager
+def scoring_mode(model):
+    """Eval mode (no dropout) for a pass that takes gradients, with the decoder layers still
+    checkpointed where gradient checkpointing is on: transformers checkpoints a layer only while
+    the layer itself is in training mode, a flag nothing else in the layer reads (its attention
+    and dropouts are modules of their own, and stay in eval mode)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     was_training = model.training
     model.eval()
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            m.training = True
     try:
-        for m in linears.values():
-            m.weight.requires_grad_(True)
-        for i in bar(range(len(tokens)), desc=desc, unit="sample", disable=not progress):
-            x = tokens[i:i + 1].to(device)
-            loss = model(input_ids=x, labels=x).loss
-            grads = torch.autograd.grad(loss, [m.weight for m in linears.values()])
-            for n, g in zip(linears, grads):
-                fisher[n].add_(g.float().square())
+        yield
     finally:
-        for n, m in linears.items():
-            m.weight.requires_grad_(saved[n])
         model.train(was_training)
-    return fisher
+
+
+def _square_into(total: torch.Tensor, weight: torch.Tensor):
+    total.addcmul_(weight.grad, weight.grad)
+    weight.grad = None
+
+
+def find_outliers(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linear], pct: float, stages: int = 1,
+                  progress: bool = True, desc: str = "fisher") -> tuple[dict[str, "Outliers"], list[dict]]:
+    """(outliers per module, summary rows): the modules are scored in `stages` passes over the
+    samples, each for a run of consecutive modules of about equal size, and only the outliers and
+    the summary of a run are kept: float32 scores exist for one run at a time (4 bytes a weight of
+    the run), for `stages` times the passes. The result does not depend on `stages`."""
+    found, rows = {}, []
+    runs = _runs(linears, stages)
+    for k, run in enumerate(runs):
+        fisher = fisher_diagonal(model, tokens, run, progress, desc if len(runs) == 1 else f"{desc} {k + 1}/{len(runs)}")
+        part = outliers(fisher, pct)
+        found.update(part)
+        rows += summary(run, fisher, part)
+        del fisher
+    return found, rows
+
+
+def _runs(linears: dict[str, torch.nn.Linear], stages: int) -> list[dict[str, torch.nn.Linear]]:
+    """`linears` in model order cut into at most `stages` runs of about equal weight count."""
+    total = sum(m.weight.numel() for m in linears.values())
+    runs, run, count = [], {}, 0
+    for name, m in linears.items():
+        run[name] = m
+        count += m.weight.numel()
+        if count * stages >= total * (len(runs) + 1):
+            runs.append(run)
+            run = {}
+    return runs + [run] if run else runs
 
 
 @dataclass

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 
+# settings that change what the tuning holds in memory and how long it takes, never its result
+MEMORY_ONLY = ("gradient_checkpointing", "fisher_stages")
+
 
 @dataclass(frozen=True)
 class NPFTSettings:
     # sensitivity
     outlier_pct: float = 0.05          # percent of each module's weights, by Fisher score
     fisher_samples: int | None = None  # calibration samples for the Fisher pass (None: all)
+    fisher_stages: int = 1             # passes the Fisher scores are made in, each for a run of modules (memory only)
     # noise
     noise: str = "paper"               # paper | grid | rtn | none (rtn: the exact RTN error, ours; none: a plain-LoRA control)
     noise_scope: str = "outliers"      # outliers | all (grid noise on every weight; ours to try)
@@ -61,6 +65,7 @@ class NPFTSettings:
             (self.rank >= 1 and self.epochs >= 1 and self.batch >= 1 and self.grad_accum >= 1,
              "--rank, --epochs, --batch and --grad-accum must be >= 1"),
             (self.lr > 0, "--lr must be > 0"),
+            (self.fisher_stages >= 1, "--fisher-stages must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -81,6 +86,7 @@ class NPFTSettings:
                        perturbed=family.perturbed if self.perturbed is None else self.perturbed)
 
     def same_run(self, other: dict) -> list[str]:
-        """Names of settings that differ from a saved run's (a resume must not change them)."""
+        """Names of settings that differ from a saved run's (a resume must not change them; those that
+        only trade memory for time may change)."""
         mine = self.as_dict()
-        return [k for k in mine if k in other and mine[k] != other[k]]
+        return [k for k in mine if k in other and mine[k] != other[k] and k not in MEMORY_ONLY]

@@ -36,26 +36,41 @@ def target_quantizer(name: str):
     return parse_simulated(name) or get_grid(name)
 
 
+NOISE_CHUNK = 2**22  # weights per row chunk of the rtn error: its float32 temporaries stay small
+
+
+def sparse_term(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor):
+    """out + x @ z^T for a z that is `values` at (rows, cols) and zero elsewhere: a gather and an
+    index_add, no dense z."""
+    return out.index_add(-1, rows, x[..., cols] * values.to(x.dtype))
+
+
 class Perturbation:
-    """Noise on one linear layer. `resample` draws a new z; the hook applies it while active."""
+    """Noise on one linear layer. `resample` draws a new z; the hook applies it while active.
+
+    No float32 copy of the weight is kept: rtn noise is formed in the hook, in row chunks, in the
+    weight's dtype (autograd keeps that one copy for the backward pass, and gradient checkpointing
+    drops it and forms it again in the recomputation); dense grid noise is held in the weight's
+    dtype; outlier noise is a vector of the outliers' count."""
 
     def __init__(self, linear: torch.nn.Linear, kind: str, scope: str, grid_name: str, found: Outliers | None,
                  merged=None, quantize=None):
-        w = linear.weight.detach().float()
-        self.kind, self.active = kind, False
+        self.kind, self.active, self.linear = kind, False, linear
         self.dense = scope == "all" or kind == "rtn"
+        weight = linear.weight
         if kind == "rtn":
             self.grid = target_quantizer(grid_name)
             self.quantize = quantize or self.grid.fakequant  # quantize-dequantize, as the written file will
             self.merged = merged or (lambda: linear.weight.detach())
-            self.z = torch.zeros_like(w)
+            self.fits = self.grid.fits(weight.shape[1])
+            self.square_sum = 0.0  # of the last error formed, for rms()
         elif self.dense:
-            grid = target_quantizer(grid_name)
-            self.scale = grid.step(w) if grid.fits(w.shape[1]) else torch.zeros_like(w)
-            self.z = torch.zeros_like(w)
+            self.grid = target_quantizer(grid_name)
+            self.z = torch.zeros_like(weight, requires_grad=False)
         else:
+            w = weight.detach()
             self.rows, self.cols = found.rows.to(w.device), found.cols.to(w.device)
-            vals = w[self.rows, self.cols]
+            vals = w[self.rows, self.cols].float()
             if kind == "paper":
                 n_rows = w.shape[0]
                 lo = torch.full((n_rows,), float("inf"), device=w.device).scatter_reduce(0, self.rows, vals, "amin")
@@ -64,19 +79,22 @@ class Perturbation:
                 self.count = torch.zeros(n_rows, device=w.device).index_add(0, self.rows, torch.ones_like(vals))
             else:
                 grid = target_quantizer(grid_name)
-                self.width = grid.step(w)[self.rows, self.cols] if grid.fits(w.shape[1]) else torch.zeros_like(vals)
+                self.width = _step(grid, w, self.rows, self.cols) if grid.fits(w.shape[1]) else torch.zeros_like(vals)
             self.z = torch.zeros_like(vals)
         self.handle = linear.register_forward_hook(self._hook)
 
     @torch.no_grad()
     def resample(self, gen: torch.Generator):
-        if self.kind == "rtn":
-            w = self.merged().float()
-            self.z = self.quantize(w) - w if self.grid.fits(w.shape[1]) else torch.zeros_like(w)
+        if self.kind == "rtn":  # z follows the adapter: the hook forms it from the weights as they are
             return
         u = torch.rand(self.z.shape, generator=gen).to(self.z.device)
         if self.dense:
-            self.z = (u - 0.5) * self.scale
+            w = self.linear.weight.detach()
+            self.z = torch.zeros_like(w)
+            if self.grid.fits(w.shape[1]):
+                for r in range(0, w.shape[0], _chunk_rows(w)):
+                    chunk = slice(r, r + _chunk_rows(w))
+                    self.z[chunk] = ((u[chunk] - 0.5) * self.grid.step(w[chunk].float())).to(w.dtype)
         elif self.kind == "paper":
             u = self.lo + self.width * u
             mean = torch.zeros_like(self.count).index_add(0, self.rows, u) / self.count.clamp(min=1)
@@ -84,16 +102,52 @@ class Perturbation:
         else:
             self.z = (u - 0.5) * self.width
 
+    @torch.no_grad()
+    def rtn_error(self) -> torch.Tensor | None:
+        """Q(W + BA) - (W + BA) for the adapter as it is now, in the weight's dtype, formed in row
+        chunks of about NOISE_CHUNK weights (float32 only inside a chunk); None where the target
+        cannot hold this weight (its rows are not a whole number of blocks)."""
+        if not self.fits:
+            return None
+        merged = self.merged()
+        z = torch.empty_like(merged)
+        square_sum = 0.0
+        for r in range(0, merged.shape[0], _chunk_rows(merged)):
+            w = merged[r:r + _chunk_rows(merged)].float()
+            err = self.quantize(w) - w
+            square_sum += float(err.square().sum())
+            z[r:r + len(w)] = err
+        self.square_sum = square_sum
+        return z
+
     def _hook(self, module, inputs, out):
         if not self.active:
             return out
         x = inputs[0]
+        if self.kind == "rtn":
+            z = self.rtn_error()
+            return out if z is None else out + F.linear(x, z.to(x.dtype))
         if self.dense:
             return out + F.linear(x, self.z.to(x.dtype))
-        return out.index_add(-1, self.rows, x[..., self.cols] * self.z.to(x.dtype))
+        return sparse_term(out, x, self.rows, self.cols, self.z)
 
     def remove(self):
         self.handle.remove()
+
+
+def _chunk_rows(w: torch.Tensor) -> int:
+    return max(1, NOISE_CHUNK // w.shape[1])
+
+
+def _step(grid, w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The target's step at the positions (rows, cols) of w, from row chunks (no float32 copy of w)."""
+    out = torch.empty(len(rows), dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], _chunk_rows(w)):
+        at = (rows >= r) & (rows < r + _chunk_rows(w))
+        if at.any():
+            step = grid.step(w[r:r + _chunk_rows(w)].float())
+            out[at] = step[rows[at] - r, cols[at]]
+    return out
 
 
 class Perturbations:
@@ -114,15 +168,27 @@ class Perturbations:
         for p in self.layers.values():
             p.resample(gen)
 
-    @contextlib.contextmanager
     def on(self):
+        """Noise on for the forward passes inside."""
+        return self._switched(True)
+
+    @contextlib.contextmanager
+    def _switched(self, active: bool):
+        before = [p.active for p in self.layers.values()]
         for p in self.layers.values():
-            p.active = True
+            p.active = active
         try:
             yield
         finally:
-            for p in self.layers.values():
-                p.active = False
+            for p, was in zip(self.layers.values(), before):
+                p.active = was
+
+    def checkpoint_contexts(self):
+        """torch.utils.checkpoint's `context_fn`: a checkpointed layer is recomputed in the backward
+        pass, after `on()` has ended, and must meet the noise as its original forward did (on or off);
+        anything else changes its result and what it saves for the gradient."""
+        active = any(p.active for p in self.layers.values())
+        return contextlib.nullcontext(), self._switched(active)
 
     def remove(self):
         for p in self.layers.values():
@@ -130,11 +196,16 @@ class Perturbations:
         self.layers = {}
 
     def rms(self) -> float:
-        """Root mean square of the current noise over the perturbed positions (for the report; a
-        strided sample of dense noise, so the per-step cost stays small)."""
-        zs = [p.z.flatten()[:: 101 if p.dense else 1] for p in self.layers.values()]  # dense z: a strided sample
-        tot = sum(float(z.float().square().sum()) for z in zs)
-        n = sum(z.numel() for z in zs)
+        """Root mean square of the current noise over the perturbed positions (for the report): rtn
+        noise's exact sum, kept when the hook last formed it; dense grid noise a strided sample, so the
+        per-step cost stays small."""
+        tot, n = 0.0, 0
+        for p in self.layers.values():
+            if p.kind == "rtn":
+                tot, n = tot + p.square_sum, n + p.linear.weight.numel()
+            else:
+                z = p.z.flatten()[:: 101 if p.dense else 1]
+                tot, n = tot + float(z.float().square().sum()), n + z.numel()
         return (tot / n) ** 0.5 if n else 0.0
 
 

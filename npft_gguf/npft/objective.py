@@ -69,7 +69,7 @@ def _causal_lm(model):
 def final_hidden(model, x: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states (batch, positions, hidden), without the vocabulary head."""
     lm = _causal_lm(model)
-    return lm.get_decoder()(input_ids=x).last_hidden_state
+    return lm.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
@@ -156,6 +156,6 @@ def kl_from_hidden(lm, h_student: torch.Tensor, h_teacher: torch.Tensor, chunk_b
 def loss(objective: Objective, model, x: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
     """The objective on one micro-batch `x`, for the model as it is now (noise on or off)."""
     if not objective.kl:
-        return model(input_ids=x, labels=x).loss
+        return model(input_ids=x, labels=x, use_cache=False).loss
     lm = _causal_lm(model)
     return head_loss(lm, final_hidden(model, x), teacher, x if objective.ce else None)

@@ -33,7 +33,7 @@ from ..errors import NpftError, UsageError
 from ..grids import GRIDS
 from ..progress import bar
 from ..arch import of_model
-from ..sensitivity import fisher_diagonal, outliers, summary, target_linears
+from ..sensitivity import find_outliers, target_linears
 from .config import NPFTSettings
 from .hessian import outlier_trace
 from .noise import Perturbations, merged_weights
@@ -136,9 +136,6 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         micro_per_epoch = min(micro_per_epoch, settings.max_steps_per_epoch * settings.grad_accum)
     steps_per_epoch = math.ceil(micro_per_epoch / settings.grad_accum)
 
-    if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
     cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                      target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(settings.seed)  # LoRA A's initialisation
@@ -181,17 +178,19 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     elif resume:
         log(f"no checkpoint in {run_dir}; starting from the beginning")
 
+    noise = Perturbations(linears, None, "none", settings.noise_scope, settings.grid, settings.perturbed)  # none yet
+    if settings.gradient_checkpointing:  # from here on, the Fisher passes included; the recomputations meet `noise` as it is then
+        checkpoint_layers(peft_model, lambda: noise.checkpoint_contexts())
     for epoch in range(start_epoch, settings.epochs):
-        fisher = fisher_diagonal(peft_model, fisher_tokens, linears, progress, desc=f"epoch {epoch + 1}: fisher")
-        found = outliers(fisher, settings.outlier_pct)
+        found, fisher_rows = find_outliers(peft_model, fisher_tokens, linears, settings.outlier_pct, settings.fisher_stages,
+                                           progress, desc=f"epoch {epoch + 1}: fisher")
         result.outliers_per_epoch.append(sum(len(o) for o in found.values()))
         if epoch == 0:
             first_outliers = found
-            result.fisher_summary = summary(linears, fisher, found)
+            result.fisher_summary = fisher_rows
             if settings.trace_samples:
                 result.trace_before = outlier_trace(peft_model, trace_tokens, linears, found, settings.trace_probes,
                                                     settings.seed, progress, desc="hessian trace (before)")
-        del fisher
         noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
                               merged_weights(peft_model), quantizers)
         try:
@@ -210,7 +209,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         result.trace_after = outlier_trace(peft_model, trace_tokens, linears, first_outliers, settings.trace_probes,
                                            settings.seed, progress, desc="hessian trace (after)")
     if settings.gradient_checkpointing:
-        peft_model.base_model.model.gradient_checkpointing_disable()
+        checkpoint_layers(peft_model, None)
     result.model = peft_model.merge_and_unload().eval()
     _check_weights(result.model.named_parameters(), settings, "when merged")
     for p in result.model.parameters():
@@ -304,6 +303,19 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
             if on_step is not None:
                 on_step(row)
     model.eval()
+
+
+def checkpoint_layers(peft_model, context_fn):
+    """Gradient checkpointing of the decoder layers, non-reentrant, each recomputation run inside
+    `context_fn`'s second context (the noise as the layer's forward met it); None: switched off."""
+    lm = peft_model.get_base_model()
+    # transformers 5 renamed gradient_* to activation_*; the first argument is the checkpoint's kwargs in both
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    disable = getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable
+    if context_fn is None:
+        disable()
+    else:
+        enable({"use_reentrant": False, "context_fn": context_fn})
 
 
 def _teacher(model, x):

@@ -106,8 +106,8 @@ def test_rtn_noise_uses_the_quantizer_that_will_write_the_file():
     coarse = lambda v: torch.round(v * 2) / 2  # noqa: E731 - a stand-in quantizer, unlike q4_0's RTN
     p = Perturbation(lin, "rtn", "all", "q4_0", None, quantize=coarse)
     p.resample(torch.Generator())
-    torch.testing.assert_close(w + p.z, coarse(w))
-    assert not torch.allclose(w + p.z, get_grid("q4_0").fakequant(w))
+    torch.testing.assert_close(w + p.rtn_error(), coarse(w))
+    assert not torch.allclose(w + p.rtn_error(), get_grid("q4_0").fakequant(w))
     p.remove()
 
 
@@ -123,7 +123,7 @@ def test_noise_for_a_simulated_per_channel_target():
     assert torch.all((q3.fakequant(w) - w).abs() <= step / 2 + 1e-6)
     p = Perturbation(lin, "rtn", "all", "rtn3", None)
     p.resample(torch.Generator())
-    torch.testing.assert_close(w + p.z, q3.fakequant(w))
+    torch.testing.assert_close(w + p.rtn_error(), q3.fakequant(w))
     g = Perturbation(lin, "grid", "outliers", "rtn3", o)
     g.resample(torch.Generator().manual_seed(0))
     z = _dense(g, w.shape)
