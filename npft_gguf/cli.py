@@ -767,8 +767,9 @@ def plan(source, gpu_memory, host_memory, disk, cpu_cores, as_json, **kw):
     sensitivity, trace, tune, merge, quantize, write, guard, evaluate): peak GPU
     memory, peak host RAM, disk written, work and a time estimate, from the
     model's shapes alone (nothing is loaded), then a verdict against this
-    machine or the one --gpu-memory/--host-memory/--disk/--cpu-cores name, with the option
-    that makes a stage fit where one does not. Exits 0 either way (see `fits`).
+    machine or the one --gpu-memory, --host-memory, --disk and --cpu-cores
+    name, with the option that makes a stage fit where one does not. Exits 0
+    either way (see `fits`).
     SOURCE may also be a folder holding only a config.json (no weights, no
     tokenizer): token counts are then estimated. Estimates: memory to tens of
     percent, time to a factor of a few.

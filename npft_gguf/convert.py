@@ -7,7 +7,10 @@
 Both keep their working state (epoch checkpoints, reference files) in a run directory, so an
 interrupted run continues with --resume and a repeated evaluation reuses what it already wrote.
 Each is planned first (`plan_convert`, `plan_finetune`: every input resolved and checked, nothing
-loaded), then run, so bad input fails before the hour of work rather than after it.
+loaded), then run, so bad input fails before the hour of work rather than after it. A convert plan
+is an ordered list of steps (`run_steps`), each with its estimated memory, disk and time (stages.py):
+a run that cannot fit this machine is refused before it starts (`check_fits`), and `run_convert`
+is a loop over the steps (STEPS), each measured beside its estimate in the report.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class Plan:
     guard: tuple[str, int] | None = None  # (held-back calibration text, windows) the guard measures on; None: no guard
     notes: tuple[str, ...] = ()    # what the plan decided that the user should hear before the run
     steps: tuple[str, ...] = ()    # what run_convert does, in order (run_steps; STEPS holds each one's code)
-    load_dtype: str = "fp32"       # the precision the model is loaded in for the torch steps (bf16: tuning on CUDA)
+    load_dtype: str = "float32"    # the torch dtype the model is loaded in for the torch steps (bfloat16: tuning on CUDA)
+    quantizer: str | None = None   # what the quantize step runs: gptq, owq or simulated (a per-channel min-max quantizer)
     torch_eval: bool = False       # evaluated in torch (simulated quantizers, OWQ): nothing GGUF is written
     eval_tokens: int = 0           # tokens of the closing evaluation's text (estimated where there is no tokenizer)
     stages: list | None = None     # stages.Stage, each with its estimated costs (set by check_fits)
@@ -454,30 +458,35 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
     made_from = source_record(source) if tuning else None
     if tuning and resume:
         check_resume(run_dir, npft, tokens, made_from)
+    if guard is not None:
+        check_context(settings.ctx, source)  # the guard measures windows of --ctx tokens (without --eval-text too)
     if in_torch:
         device = "cuda" if costs_only and device == "cuda" else resolve_device(device)
-    torch_eval = bool(settings.simulated) or settings.method == "owq"
+    quantizer = ("owq" if settings.method == "owq" else "gptq" if settings.method in GPTQ_FAMILY
+                 else "simulated" if settings.simulated else None)
+    torch_eval = quantizer in ("owq", "simulated")
     return Plan(spec, source, calib, npft if tuning else None, device if in_torch else None, tokens, run_dir,
                 out=out, settings=settings, type_name=type_name, eval_text=eval_text, made_from=made_from, guard=guard,
-                notes=notes, steps=run_steps(settings, tuning, eval_text is not None, guard is not None),
-                load_dtype=str(tuning_dtype(device)).removeprefix("torch.") if tuning else "float32", torch_eval=torch_eval, eval_tokens=eval_tokens)
+                notes=notes, steps=run_steps(settings, tuning, quantizer, torch_eval, eval_text is not None, guard is not None),
+                load_dtype=str(tuning_dtype(device)).removeprefix("torch.") if tuning else "float32", quantizer=quantizer,
+                torch_eval=torch_eval, eval_tokens=eval_tokens)
 
 
-def run_steps(settings: ConvertSettings, tuning: bool, evaluate: bool, guard: bool) -> tuple[str, ...]:
+def run_steps(settings: ConvertSettings, tuning: bool, quantizer: str | None, torch_eval: bool, evaluate: bool,
+              guard: bool) -> tuple[str, ...]:
     """The steps of a run, resolved once from the method (STEPS holds the code of each):
     imatrix (on the float model), source (the model in torch), calibration, tune (sensitivity,
     trace, LoRA under noise, merge), quantize (GPTQ/OWQ, or a simulated quantizer), write (quantize
     onto the GGUF grid and write), guard, evaluate. Plain RTN writes straight from the source."""
     if settings.method == "rtn" and not settings.simulated:
         return ("write",) + (("evaluate",) if evaluate else ())
-    torch_eval = bool(settings.simulated) or settings.method == "owq"
     steps = ["imatrix"] if "imatrix" in settings.method else []
     steps.append("source")
     if settings.method != "rtn":  # a simulated RTN needs no calibration text
         steps.append("calibration")
     if tuning:
         steps.append("tune")
-    if settings.method in GPTQ_FAMILY or settings.simulated:
+    if quantizer:
         steps.append("quantize")
     if not torch_eval:
         steps.append("write")
@@ -603,18 +612,18 @@ def step_tune(plan: Plan, state: RunState, opts: RunOptions) -> None:
 def step_quantize(plan: Plan, state: RunState, opts: RunOptions) -> None:
     """GPTQ/OWQ, or a simulated per-channel quantizer, in place."""
     settings = plan.settings
-    if settings.method in GPTQ_FAMILY:
-        state.record["quantizer"] = apply_gptq_family(state.model, state.tokens, settings, plan.type_name, opts.progress,
-                                                      opts.log)
-    else:
+    if plan.quantizer == "simulated":
         from .methods.simulate import fake_quantize_minmax_
 
         q = settings.simulated
         state.record["quantizer"] = fake_quantize_minmax_(state.model, q.bits, q.group)
+    else:
+        state.record["quantizer"] = apply_gptq_family(state.model, state.tokens, settings, plan.type_name, opts.progress,
+                                                      opts.log)
     if plan.torch_eval:
         from .methods.owq import OWQ_WARNING
 
-        opts.log("note: " + (OWQ_WARNING if settings.method == "owq" else
+        opts.log("note: " + (OWQ_WARNING if plan.quantizer == "owq" else
                              f"{plan.type_name} is a simulated per-channel quantizer with no GGUF form; nothing is written, "
                              "the model is evaluated in torch"))
 

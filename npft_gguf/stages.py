@@ -241,12 +241,14 @@ def tune_stage(d: Dims, elem: int, dev: str, npft, samples: int, seq: int) -> St
     """npft.train._train_epoch with npft.noise.Perturbations: rtn noise keeps a dense float32 z of every
     perturbed weight (grid noise on every weight: z and its step, both float32; outlier noise: a few
     floats per outlier); per micro-batch one backward at a time (noisy, then clean), the KL teacher's
-    hidden states; a resample makes the merged weight, its float32 copy and the quantizer's of one linear."""
+    hidden states; a resample makes the merged weight, its float32 copy and the quantizer's temporaries
+    for one linear at a time (grids/twins.py: each candidate scale over every block at once), about
+    eight float32 copies of the largest."""
     noise = {"rtn": 4 * d.linear, "none": 0}.get(npft.noise, 8 * d.linear if npft.noise_scope == "all"
                                                    else int(d.linear * npft.outlier_pct / 100 * 24))
     tokens_step = npft.batch * seq
     teacher = tokens_step * d.hidden * elem if "kl" in npft.objective else 0
-    peak = (d.params * elem + lora_state_bytes(d) + noise + 4 * d.largest_linear * 4
+    peak = (d.params * elem + lora_state_bytes(d) + noise + 8 * d.largest_linear * 4
             + activation_bytes(d, tokens_step, seq, elem, npft.gradient_checkpointing, eager=dev != "cuda")
             + logits_bytes(d, tokens_step, elem) + teacher + CUDA_CONTEXT)
     per_epoch = min(samples, (npft.max_steps_per_epoch or 10**12) * npft.grad_accum * npft.batch)
@@ -339,7 +341,7 @@ def plan_stages(plan, machine: Machine) -> list[Stage]:
                                       npft.trace_probes))
         stages += [tune_stage(d, elem, dev, npft, samples, seq), merge_stage(d, dev)]
     if "quantize" in steps:
-        stages.append(quantize_stage(d, dev, "simulated" if s.simulated else s.method, tokens, seq))
+        stages.append(quantize_stage(d, dev, plan.quantizer, tokens, seq))
     out_size = 0 if s.simulated else file_bytes(source, plan.type_name)
     if "write" in steps:
         stages.append(write_stage(d, out_size, "source" in steps, dev, machine.cores))
@@ -423,12 +425,13 @@ def verdict(plan, machine: Machine) -> Verdict:
         short = over(st, machine)
         if short is None:
             continue
-        st.fix = _fix(plan, st, machine)
+        st.fix, then = _fix(plan, st, machine)
         need = st.device_bytes if short == "GPU memory" else st.host_bytes
         have = (machine.gpu_bytes or 0) if short == "GPU memory" else machine.host_bytes
         problems.append(f"stage {st.name} ({st.what}) needs {human(need)} of {short}, {human(have)} "
                         f"{'is free' if short == 'GPU memory' else 'is available'}; "
-                        + (f"{st.fix} makes it fit" if st.fix else "no option of this version makes it fit"))
+                        + (f"{st.fix} makes it fit" + (f" (it then takes {duration(then)})" if then and then >= 1 else "")
+                           if st.fix else "no option of this version makes it fit"))
     if machine.disk_bytes is not None and disk > machine.disk_bytes:
         problems.append(f"the run writes {human(disk)}, {human(machine.disk_bytes)} of disk is free; "
                         "--no-peers, --guard-chunks 0 or --eval-text none write less")
@@ -449,26 +452,37 @@ def time_hints(plan, stages: list[Stage], machine: Machine) -> list[str]:
             f"--chunks {EVAL_HINT_CHUNKS} measures {EVAL_HINT_CHUNKS} of them ({duration(again.seconds)})"]
 
 
-def _fix(plan, st: Stage, machine: Machine) -> str | None:
-    """The first option of FIXES that alone makes `st` fit, else the fewest of them together (in
-    FIXES' order, --device cpu last), else None."""
+def _fix(plan, st: Stage, machine: Machine) -> tuple[str | None, float | None]:
+    """The first option of FIXES that alone makes `st` fit, else the fewest of them together (all of
+    them, then each one dropped that is not needed), else None."""
     usable = [(o, change) for o, change, helps in FIXES
               if (helps is None or st.name in helps) and (plan.npft is not None or o in ("--calib-len 256", "--device cpu"))
               and (o != "--device cpu" or plan.device == "cuda")]
-    tries = [[u] for u in usable] + [usable[:k] for k in range(2, len(usable) + 1)]
-    for chosen in tries:
+
+    def fits(chosen) -> Stage | None | bool:
         p = plan
         try:
             for _, change in chosen:
                 p = change(p)
         except (AttributeError, TypeError, UsageError):
-            continue
+            return False
         again = next((s for s in plan_stages(p, machine) if s.name == st.name), None)
-        if again is None:
-            return " ".join(o for o, _ in chosen)
-        if over(again, machine) is None:
-            return " ".join(o for o, _ in chosen) + f" (it then takes {duration(again.seconds)})"
-    return None
+        return again if again is None or over(again, machine) is None else False
+
+    def said(chosen, again) -> tuple[str, float | None]:
+        return " ".join(o for o, _ in chosen), None if again is None else again.seconds
+
+    for u in usable:
+        again = fits([u])
+        if again is not False:
+            return said([u], again)
+    chosen = list(usable)
+    if len(chosen) < 2 or fits(chosen) is False:
+        return None, None
+    for u in list(chosen):
+        if fits([c for c in chosen if c is not u]) is not False:
+            chosen.remove(u)
+    return said(chosen, fits(chosen))
 
 
 def table(v: Verdict) -> str:
