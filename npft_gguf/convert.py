@@ -523,7 +523,7 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
             progress: bool = True, log=print, notice: str | None = None) -> dict:
     """Write OUT.gguf by `settings.method` and evaluate it beside plain RTN and the float model."""
     plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume)
-    check_fits(plan)
+    check_fits(plan, log=log)
     return run_convert(plan, force, resume, progress, log, notice)
 
 
@@ -697,17 +697,21 @@ def write_run_report(record: dict, plan: Plan) -> None:
     write_report(record | {"evaluation": "\n".join(parts)}, plan.run_dir)
 
 
-def check_fits(plan: Plan, machine=None):
+def check_fits(plan: Plan, machine=None, log=print):
     """The run's stages against this machine (or `machine`): refused, naming the stage that cannot
-    fit and the option that makes it fit, before anything is loaded. Returns the verdict."""
+    fit and the option that makes it fit, before anything is loaded, where a stage needs more than
+    the estimates' uncertainty (stages.MARGIN) above what there is; within it, a warning. Returns
+    the verdict."""
     from .stages import refusal, this_machine, verdict
 
     if machine is None:
         machine = this_machine(plan.device, plan.out.parent, plan.settings.threads)
     result = verdict(plan, machine)
     plan.stages = result.stages
-    if not result.fits:
+    if result.certain:
         raise UsageError(refusal(result))
+    for problem in result.problems:
+        log(f"warning: may not fit: {problem}")
     return result
 
 

@@ -380,6 +380,7 @@ class Verdict:
     stages: list[Stage]
     problems: list[str] = field(default_factory=list)  # one line per stage that does not fit, with its fix
     hints: list[str] = field(default_factory=list)     # how to shorten what takes longest
+    certain: list[str] = field(default_factory=list)   # the problems beyond the estimates' uncertainty (MARGIN)
 
     def as_dict(self) -> dict:
         return {"fits": self.fits, "machine": {k: v for k, v in asdict(self.machine).items()},
@@ -388,14 +389,17 @@ class Verdict:
                 "disk_bytes": sum(s.disk_bytes for s in self.stages), "seconds": sum(s.seconds for s in self.stages),
                 "stages": [s.figures() | {"what": s.what, "where": s.where, "flops": s.flops, "tokens": s.tokens,
                                           "fix": s.fix} for s in self.stages],
-                "problems": self.problems, "hints": self.hints}
+                "problems": self.problems, "refused": bool(self.certain), "hints": self.hints}
 
 
-def over(st: Stage, m: Machine) -> str | None:
-    """What of `m` the stage exceeds ('device memory', 'host memory'), or None."""
-    if st.device_bytes and (m.gpu_bytes is None or st.device_bytes > m.gpu_bytes):
+MARGIN = 0.15  # the memory estimates' uncertainty: convert refuses a run only when a stage needs this much more
+
+
+def over(st: Stage, m: Machine, margin: float = 0.0) -> str | None:
+    """What of `m` the stage exceeds ('GPU memory', 'host memory') by more than `margin`, or None."""
+    if st.device_bytes and (m.gpu_bytes is None or st.device_bytes > m.gpu_bytes * (1 + margin)):
         return "GPU memory"
-    if st.host_bytes > m.host_bytes:
+    if st.host_bytes > m.host_bytes * (1 + margin):
         return "host memory"
     return None
 
@@ -419,7 +423,7 @@ def verdict(plan, machine: Machine) -> Verdict:
     """Does every stage fit `machine`? For each that does not, the first option of FIXES that makes
     it fit (with the options before it that it needs), or what it would need."""
     stages = plan_stages(plan, machine)
-    problems = []
+    problems, certain = [], []
     disk = sum(s.disk_bytes for s in stages)
     for st in stages:
         short = over(st, machine)
@@ -432,10 +436,13 @@ def verdict(plan, machine: Machine) -> Verdict:
                         f"{'is free' if short == 'GPU memory' else 'is available'}; "
                         + (f"{st.fix} makes it fit" + (f" (it then takes {duration(then)})" if then and then >= 1 else "")
                            if st.fix else "no option of this version makes it fit"))
+        if over(st, machine, MARGIN):
+            certain.append(problems[-1])
     if machine.disk_bytes is not None and disk > machine.disk_bytes:
         problems.append(f"the run writes {human(disk)}, {human(machine.disk_bytes)} of disk is free; "
                         "--no-peers, --guard-chunks 0 or --eval-text none write less")
-    return Verdict(not problems, machine, stages, problems, time_hints(plan, stages, machine))
+        certain.append(problems[-1])
+    return Verdict(not problems, machine, stages, problems, time_hints(plan, stages, machine), certain)
 
 
 EVAL_HINT_CHUNKS = 40
@@ -506,7 +513,8 @@ def table(v: Verdict) -> str:
     lines.append(f"machine ({m.label}): GPU {human(m.gpu_bytes) + ' free' if m.gpu_bytes else 'none'}, host "
                  f"{human(m.host_bytes)} available, disk {human(m.disk_bytes) + ' free' if m.disk_bytes is not None else 'not checked'}, "
                  f"{m.cores} CPU cores (llama.cpp and the writer)")
-    lines.append("verdict: fits" if v.fits else "verdict: does NOT fit")
+    lines.append("verdict: fits" if v.fits else "verdict: does NOT fit" if v.certain else
+                 f"verdict: may not fit (within the estimates' {MARGIN:.0%} uncertainty: convert warns and runs)")
     lines += ["  " + p for p in v.problems]
     lines += ["hint: " + h for h in v.hints]
     lines.append("(estimates: memory to tens of percent, time to a factor of a few)")
@@ -514,8 +522,8 @@ def table(v: Verdict) -> str:
 
 
 def refusal(v: Verdict) -> str:
-    """convert's one line when the plan says the run cannot fit."""
-    return "this run cannot fit: " + v.problems[0] + " (`npft-gguf plan` shows every stage)"
+    """convert's one line when the plan says the run cannot fit, beyond the estimates' uncertainty."""
+    return "this run cannot fit: " + v.certain[0] + " (`npft-gguf plan` shows every stage)"
 
 
 # --- measured beside planned -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from npft_gguf import stages
+from npft_gguf.errors import UsageError
 from npft_gguf.stages import GiB, Dims, Machine, parse_size
 
 from .test_cli import assert_fails, run
@@ -77,7 +78,7 @@ def test_plan_lists_each_stage_with_its_four_figures(configs, tmp_path, name):
 
 def test_llama2_on_a_24gb_gpu_does_not_fit_and_names_the_fixes(configs, tmp_path):
     d = plan_json(configs / "llama-2-7b", tmp_path, "--gpu-memory", "24GiB", "--host-memory", "64GiB")
-    assert d["fits"] is False
+    assert d["fits"] is False and d["refused"] is True
     by = {s["name"]: s for s in d["stages"]}
     assert by["trace"]["fix"] == "--trace-samples 0"
     assert "--device cpu" in by["tune"]["fix"]
@@ -255,3 +256,19 @@ def test_the_guard_s_context_is_checked_before_any_work(tiny_bpe, tmp_path, monk
             "--calib-samples", "4", "--calib-len", "32")
     assert_fails(r, 2, "--ctx 512", "training context")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_within_the_estimates_uncertainty_convert_warns_and_runs(tiny_bpe, tmp_path, monkeypatch):
+    """A stage a little over what is free (under stages.MARGIN) may still fit: a warning, not a refusal."""
+    from npft_gguf.convert import ConvertSettings, check_fits, plan_convert
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.npft import NPFTSettings
+
+    plan = plan_convert(str(tiny_bpe), tmp_path / "x.gguf", ConvertSettings(method="rtn", eval_text="none"),
+                        CalibSettings(), NPFTSettings())
+    need = stages.plan_stages(plan, Machine(None, 64 * GiB, None))[0].host_bytes
+    said = []
+    check_fits(plan, Machine(None, int(need / 1.05), None), log=said.append)  # 5 % short
+    assert len(said) == 1 and said[0].startswith("warning: may not fit: stage write")
+    with pytest.raises(UsageError, match="cannot fit: stage write"):
+        check_fits(plan, Machine(None, int(need / 1.3), None))  # 30 % short
