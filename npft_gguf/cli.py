@@ -618,51 +618,78 @@ def finetune(source, output, grid, imatrix, force, as_json, **kw):
     _emit(record, as_json, f"wrote {output} (merged model, report.md, report.json) in {t['seconds']:.0f} s{trace}")
 
 
+def convert_options(f):
+    """convert's options, which `plan` takes too."""
+    opts = [
+        click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="GGUF file to write [default: <name>-<method>-<type>.gguf]."),
+        click.option("--bits", default="4", show_default=True, type=click.Choice([str(b) for b in BITS]), callback=lambda c, p, v: int(v),
+                     help="Pick the best pure-RTN GGUF type of this width that the row lengths allow: "
+                          + ", ".join(f"{b} -> {' or '.join(t)}" for b, t in BITS.items()) + ". At 4 bits, q4_0 has "
+                          "llama.cpp's simplest CPU kernels; --type iq4_nl is the same size and closer to the float model "
+                          "(evals/RESULTS.md); llama.cpp's q4_k_m (export --quantizer llama.cpp) is 5-15 % larger and closer "
+                          "still. The closing comparison shows all three beside the output."),
+        click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
+                     help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "
+                          "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF)."),
+        click.option("--method", default="auto", show_default=True, type=click.Choice(METHODS),
+                     help="auto: npft+imatrix for the types it writes, npft for the others (what evals/RESULTS.md measures "
+                          "closest to the float model); npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
+                          "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it); imatrix: llama.cpp's "
+                          "importance-weighted quantization (llama-quantize --imatrix), the imatrix taken from the float model "
+                          "on the calibration tokens; npft+imatrix: tune, merge, then that (q4_0 q4_1 q5_0 q5_1 iq4_nl)."),
+        click.option("--tune-imatrix/--no-tune-imatrix", default=None,
+                     help="npft+imatrix with --noise rtn (the default): tune against the error of the importance-weighted "
+                          "quantizer that writes the file, not plain RTN's; on by default, computed on the tuning device "
+                          "(grids/twins.py). --no-tune-imatrix: plain RTN's error, the earlier default."),
+        click.option("--keep-tuned", is_flag=True,
+                     help="Write the tuned file even where the guard measures it farther from the float model than the peer "
+                          "(llama.cpp's quantization of the untuned model) on the held-back end of the calibration text."),
+        click.option("--guard-chunks", default=10, show_default=True, type=click.IntRange(min=0),
+                     help="Windows of the held-back calibration text (its last 10 %, never used to calibrate or tune) the guard "
+                          "measures the tuned file and its peer on; 0: no guard, the whole text calibrates."),
+        click.option("--peers/--no-peers", default=True, show_default=True,
+                     help="The closing comparison adds the files of about the same size llama.cpp makes of the untuned model "
+                          "(for q4_0: iq4_nl and q4_k_m), each with its size."),
+        click.option("--act-order/--no-act-order", default=True, show_default=True,
+                     help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations)."),
+        click.option("--owq-fraction", default=0.01, show_default=True, type=Finite(0, 1, min_open=True, max_open=True),
+                     help="OWQ: fraction of each linear's input columns kept in fp16."),
+        click.option("--eval-text", default="wikitext2", show_default=True,
+                     help="Text for the closing evaluation (wiki-heldout, wikitext2, c4, FILE) or 'none'."),
+        click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Evaluation context."),
+        click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows."),
+        click.option("--run-dir", type=click.Path(path_type=Path), help="Checkpoints and comparison files [default: <output stem>.npft-run]."),
+        click.option("--force", is_flag=True, help="Overwrite OUTPUT, and start over instead of resuming."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return npft_options(f)
+
+
+def _convert_args(source: str, kw: dict) -> tuple:
+    """convert's arguments from its options: (spec, out, settings, calib, npft, device, run_dir, force, resume)."""
+    from .convert import ConvertSettings
+
+    target = (kw["type_"] or "").lower() or None
+    output = kw["output"]
+    if output is None:
+        stem = Path(source.rstrip("/")).name.removesuffix(".gguf") or "model"
+        method, width = kw["method"], f"{kw['bits']}bit"
+        output = Path(f"{stem}-{'npft' if method == 'auto' else method}-{target or width}.gguf")
+    calib, npft = _tuning_settings(kw, target or "q4_0")  # the plan sets the grid to the type written, --bits or --type
+    settings = ConvertSettings(bits=kw["bits"], type=target, method=kw["method"], eval_text=kw["eval_text"], ctx=kw["ctx"],
+                               chunks=kw["chunks"], threads=kw["threads"], act_order=kw["act_order"],
+                               owq_fraction=kw["owq_fraction"], tune_imatrix=kw["tune_imatrix"], keep_tuned=kw["keep_tuned"],
+                               guard_chunks=kw["guard_chunks"], peers=kw["peers"])
+    return source, output, settings, calib, npft, kw["device"], kw["run_dir"], kw["force"], kw["resume"]
+
+
 @main.command()
 @click.argument("source")
-@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="GGUF file to write [default: <name>-<method>-<type>.gguf].")
-@click.option("--bits", default="4", show_default=True, type=click.Choice([str(b) for b in BITS]), callback=lambda c, p, v: int(v),
-              help="Pick the best pure-RTN GGUF type of this width that the row lengths allow: "
-                   + ", ".join(f"{b} -> {' or '.join(t)}" for b, t in BITS.items()) + ". At 4 bits, q4_0 has "
-                   "llama.cpp's simplest CPU kernels; --type iq4_nl is the same size and closer to the float model "
-                   "(evals/RESULTS.md); llama.cpp's q4_k_m (export --quantizer llama.cpp) is 5-15 % larger and closer "
-                   "still. The closing comparison shows all three beside the output.")
-@click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
-              help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "
-                   "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF).")
-@click.option("--method", default="auto", show_default=True, type=click.Choice(METHODS),
-              help="auto: npft+imatrix for the types it writes, npft for the others (what evals/RESULTS.md measures "
-                   "closest to the float model); npft: tune, merge, then RTN; rtn: RTN only; gptq: GPTQ onto the same grid; npft+gptq: both; "
-                   "owq: weak columns in fp16 + GPTQ (simulated in torch: GGUF cannot hold it); imatrix: llama.cpp's "
-                   "importance-weighted quantization (llama-quantize --imatrix), the imatrix taken from the float model "
-                   "on the calibration tokens; npft+imatrix: tune, merge, then that (q4_0 q4_1 q5_0 q5_1 iq4_nl).")
-@click.option("--tune-imatrix/--no-tune-imatrix", default=None,
-              help="npft+imatrix with --noise rtn (the default): tune against the error of the importance-weighted "
-                   "quantizer that writes the file, not plain RTN's; on by default, computed on the tuning device "
-                   "(grids/twins.py). --no-tune-imatrix: plain RTN's error, the earlier default.")
-@click.option("--keep-tuned", is_flag=True,
-              help="Write the tuned file even where the guard measures it farther from the float model than the peer "
-                   "(llama.cpp's quantization of the untuned model) on the held-back end of the calibration text.")
-@click.option("--guard-chunks", default=10, show_default=True, type=click.IntRange(min=0),
-              help="Windows of the held-back calibration text (its last 10 %, never used to calibrate or tune) the guard "
-                   "measures the tuned file and its peer on; 0: no guard, the whole text calibrates.")
-@click.option("--peers/--no-peers", default=True, show_default=True,
-              help="The closing comparison adds the files of about the same size llama.cpp makes of the untuned model "
-                   "(for q4_0: iq4_nl and q4_k_m), each with its size.")
-@click.option("--act-order/--no-act-order", default=True, show_default=True,
-              help="GPTQ/OWQ: quantize columns by decreasing Hessian diagonal (needed on models with massive activations).")
-@click.option("--owq-fraction", default=0.01, show_default=True, type=Finite(0, 1, min_open=True, max_open=True),
-              help="OWQ: fraction of each linear's input columns kept in fp16.")
-@click.option("--eval-text", default="wikitext2", show_default=True,
-              help="Text for the closing evaluation (wiki-heldout, wikitext2, c4, FILE) or 'none'.")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Evaluation context.")
-@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
-@click.option("--run-dir", type=click.Path(path_type=Path), help="Checkpoints and comparison files [default: <output stem>.npft-run].")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT, and start over instead of resuming.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
-@npft_options
-def convert(source, output, bits, type_, method, tune_imatrix, keep_tuned, guard_chunks, peers, act_order, owq_fraction, eval_text,
-            ctx, chunks, run_dir, force, as_json, **kw):
+@convert_options
+@click.option("--dry-run", is_flag=True, help="Print the plan (`npft-gguf plan`) for this machine and stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record (with --dry-run: the plan) as JSON.")
+def convert(source, dry_run, as_json, **kw):
     """Calibrate, tune (NPFT), merge, quantize and write SOURCE as GGUF, then measure it.
 
     \b
@@ -687,27 +714,93 @@ def convert(source, output, bits, type_, method, tune_imatrix, keep_tuned, guard
       npft-gguf convert smollm2-135m --bits 4 --recipe short --no-tune-imatrix   # tuned against plain RTN's error
       npft-gguf convert ./model --method npft --type rtn3   # the paper's 3-bit per-channel RTN, simulated
     """
-    from .convert import ConvertSettings, InterruptedAfterWriting
+    from .convert import InterruptedAfterWriting
     from .convert import convert as run_convert
 
-    target = (type_ or "").lower() or None
-    if output is None:
-        stem = Path(source.rstrip("/")).name.removesuffix(".gguf") or "model"
-        output = Path(f"{stem}-{'npft' if method == 'auto' else method}-{target or f'{bits}bit'}.gguf")
-    calib, npft = _tuning_settings(kw, target or "q4_0")  # the plan sets the grid to the type written, --bits or --type
-    settings = ConvertSettings(bits=bits, type=target, method=method, eval_text=eval_text, ctx=ctx, chunks=chunks,
-                               threads=kw["threads"], act_order=act_order, owq_fraction=owq_fraction, tune_imatrix=tune_imatrix,
-                               keep_tuned=keep_tuned, guard_chunks=guard_chunks, peers=peers)
+    if dry_run:
+        _print_plan(source, kw, None, as_json)
+        return
+    args = _convert_args(source, kw)
     try:
-        record = run_convert(source, output, settings, calib, npft, device=kw["device"], run_dir=run_dir, force=force,
-                             resume=kw["resume"], log=lambda m: click.echo(m, err=True), notice=_notice(kw))
+        record = run_convert(*args, log=lambda m: click.echo(m, err=True), notice=_notice(kw))
     except InterruptedAfterWriting as e:
         _interrupted(f"{e.out} was written; its closing evaluation was not finished, and no report was written "
                      f"(`npft-gguf compare` measures the file)")
     except KeyboardInterrupt:
-        _interrupted_run(run_dir or output.with_name(output.stem + ".npft-run"))
+        _interrupted_run(args[6] or args[1].with_name(args[1].stem + ".npft-run"))
+    output = args[1]
     cmp = record.get("comparison")
     _emit(record, as_json, cmp["markdown"] if cmp else f"wrote {output}")
+
+
+class Size(click.ParamType):
+    """A memory or disk size: 24GiB, 64GB, 512MiB (stages.parse_size)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .stages import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+@main.command()
+@click.argument("source")
+@convert_options
+@click.option("--gpu-memory", type=Size(), help="Plan for a GPU with this much free memory (e.g. 24GiB) instead of this "
+              "machine's; implies --device cuda unless --device says otherwise.")
+@click.option("--host-memory", type=Size(), help="Plan for this much available host RAM (e.g. 64GiB) instead of this machine's.")
+@click.option("--disk", type=Size(), help="Plan for this much free disk instead of what is free where the run writes.")
+@click.option("--cpu-cores", type=click.IntRange(min=1),
+              help="Time the CPU stages (writing, llama.cpp's evaluation) for this many cores instead of this machine's.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the plan as JSON: fits, peak_device_bytes, peak_host_bytes, disk_bytes, seconds, stages.")
+def plan(source, gpu_memory, host_memory, disk, cpu_cores, as_json, **kw):
+    """Print what each stage of `convert SOURCE [options]` will cost, and whether it fits.
+
+    \b
+    Takes every convert option. For each stage (imatrix, source, calibration,
+    sensitivity, trace, tune, merge, quantize, write, guard, evaluate): peak GPU
+    memory, peak host RAM, disk written, work and a time estimate, from the
+    model's shapes alone (nothing is loaded), then a verdict against this
+    machine or the one --gpu-memory, --host-memory, --disk and --cpu-cores
+    name, with the option that makes a stage fit where one does not. Exits 0
+    either way (see `fits`).
+    SOURCE may also be a folder holding only a config.json (no weights, no
+    tokenizer): token counts are then estimated. Estimates: memory to tens of
+    percent, time to a factor of a few.
+
+    \b
+    Examples:
+      npft-gguf plan meta-llama/Llama-2-7b-hf --gpu-memory 24GiB --host-memory 64GiB
+      npft-gguf plan ./Llama-3.1-8B --gradient-checkpointing --json
+      npft-gguf plan ./config-only-folder --method gptq --gpu-memory 80GiB
+    """
+    _print_plan(source, kw, (gpu_memory, host_memory, disk, cpu_cores), as_json)
+
+
+def _print_plan(source: str, kw: dict, named: tuple | None, as_json: bool) -> None:
+    """`plan` and `convert --dry-run`: the plan's stages and verdict, as a table or JSON."""
+    from .convert import plan_convert
+    from .stages import named_machine, open_for_plan, table, this_machine, verdict
+
+    spec, out, settings, calib, npft, device, run_dir, force, resume = _convert_args(source, kw)
+    if named and named[0] is not None and device == "auto":
+        device = "cuda"
+    run_plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume,
+                            source=open_for_plan(spec), costs_only=True)
+    machine = this_machine(run_plan.device, out.parent, settings.threads)
+    if named and any(v is not None for v in named):
+        machine = named_machine(machine, *named)
+    result = verdict(run_plan, machine)
+    data = {"source": spec, "output": str(out), "method": settings.method, "type": run_plan.type_name,
+            "device": run_plan.device, "steps": list(run_plan.steps)} | result.as_dict()
+    head = (f"plan: {spec} -> {out} (method {run_plan.settings.method}, type {run_plan.type_name}, "
+            f"device {run_plan.device or 'none'})\n")
+    _emit(data, as_json, head + table(result))
 
 
 @main.command()

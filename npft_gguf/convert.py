@@ -7,7 +7,10 @@
 Both keep their working state (epoch checkpoints, reference files) in a run directory, so an
 interrupted run continues with --resume and a repeated evaluation reuses what it already wrote.
 Each is planned first (`plan_convert`, `plan_finetune`: every input resolved and checked, nothing
-loaded), then run, so bad input fails before the hour of work rather than after it.
+loaded), then run, so bad input fails before the hour of work rather than after it. A convert plan
+is an ordered list of steps (`run_steps`), each with its estimated memory, disk and time (stages.py):
+a run that cannot fit this machine is refused before it starts (`check_fits`), and `run_convert`
+is a loop over the steps (STEPS), each measured beside its estimate in the report.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ class Plan:
     made_from: dict | None = None  # fingerprint.source_record: what the tuning checkpoint records and a resume must match
     guard: tuple[str, int, int] | None = None  # (held-back calibration text, windows, ctx) the guard measures on; None: none
     notes: tuple[str, ...] = ()    # what the plan decided that the user should hear before the run
+    steps: tuple[str, ...] = ()    # what run_convert does, in order (run_steps; STEPS holds each one's code)
+    load_dtype: str = "float32"    # the torch dtype the model is loaded in for the torch steps (bfloat16: tuning on CUDA)
+    quantizer: str | None = None   # what the quantize step runs: gptq, owq or simulated (a per-channel min-max quantizer)
+    torch_eval: bool = False       # evaluated in torch (simulated quantizers, OWQ): nothing GGUF is written
+    eval_tokens: int = 0           # tokens of the closing evaluation's text (estimated where there is no tokenizer)
+    stages: list | None = None     # stages.Stage, each with its estimated costs (set by check_fits)
 
 
 def resolve_method(method: str, type_name: str) -> str:
@@ -221,20 +230,23 @@ def check_context(ctx: int, source: Source) -> None:
     check_ctx(ctx, int(getattr(source.config, "max_position_embeddings", 0) or 0))
 
 
-def check_eval_text(text: str, ctx: int, source: Source) -> None:
+def check_eval_text(text: str, ctx: int, source: Source) -> int:
     """The closing evaluation's text must fill two windows; counted with the source's tokenizer
-    (llama.cpp's count differs by a few tokens at most), before the run rather than after it."""
+    (llama.cpp's count differs by a few tokens at most), before the run rather than after it.
+    Returns the count."""
     from .validate.perplexity import check_length
 
-    check_length(len(source.tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"]), ctx)
+    n = len(source.tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"])
+    check_length(n, ctx)
+    return n
 
 
 def calibrated_model(source: Source, calib: CalibSettings, device: str, progress: bool, log, notice: str | None = None,
-                     dtype=None, tokens=None):
-    """The model on its device (CUDA: bf16 base weights; the adapters train in fp32) and its
-    calibration tokens (`tokens` when the plan already read them)."""
+                     tokens=None):
+    """The model on its device in the tuning's precision (CUDA: bf16 base weights; the adapters train
+    in fp32) and its calibration tokens (`tokens` when the plan already read them)."""
     dev = resolve_device(device)
-    model = source.load_model(dtype=dtype or tuning_dtype(dev), device=dev)
+    model = source.load_model(dtype=tuning_dtype(dev), device=dev)
     if tokens is None:
         tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
     log(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.calib}")
@@ -383,9 +395,13 @@ def run_record(spec: str, calib: CalibSettings, result) -> dict:
 
 
 def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
-                 device: str = "auto", run_dir: Path | None = None, force: bool = False, resume: bool = False) -> Plan:
+                 device: str = "auto", run_dir: Path | None = None, force: bool = False, resume: bool = False,
+                 source: Source | None = None, costs_only: bool = False) -> Plan:
     """Resolve and check the whole run: outputs, source (headers only), type, method, the tuning
-    grid, evaluation and calibration texts, device. Nothing is loaded, tuned or written."""
+    grid, evaluation and calibration texts, device, and the steps it takes. Nothing is loaded, tuned
+    or written. `costs_only` (`npft-gguf plan`): --device cuda is taken as asked, whether or not
+    torch sees a GPU here, and a source without a tokenizer (stages.ConfigSource) is planned from
+    estimated token counts."""
     from .atomic import check_target
     from .texts import load_text
 
@@ -395,7 +411,8 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
     run_dir = Path(run_dir) if run_dir else out.with_name(out.stem + ".npft-run")
     check_apart(out, run_dir)
     check_target(out, force)
-    source = open_source(spec)
+    source = source or open_source(spec)
+    has_tokenizer = source.kind != "config"
     type_name = (settings.type or type_for_bits(settings.bits, source)).lower()
     settings = replace(settings, method=resolve_method(settings.method, type_name))
     tuning = "npft" in settings.method
@@ -412,7 +429,7 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
         from .grids import get_grid
 
         get_grid(type_name)
-    if settings.method in ("gptq", "npft+gptq", "owq"):
+    if settings.method in GPTQ_FAMILY:
         gptq_settings(settings, type_name).quantizer()  # an unsupported target fails here
     if "imatrix" in settings.method:
         from .imatrix import IMATRIX_TYPES
@@ -426,21 +443,60 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
             npft = replace(npft, imatrix=str(run_dir / "imatrix.gguf"))  # calibration_imatrix writes it before tuning
         check_targets(npft.targets, source)
     in_torch = settings.method != "rtn" or settings.simulated
-    eval_text = None
+    eval_text, eval_tokens = None, 0
     if settings.eval_text != "none":
         check_context(settings.ctx, source)
         eval_text = load_text(settings.eval_text)
-        check_eval_text(eval_text[1], settings.ctx, source)
+        eval_tokens = check_eval_text(eval_text[1], settings.ctx, source) if has_tokenizer else len(eval_text[1]) // 4
     guard, notes = None, ()
     if tuning and not settings.simulated and settings.guard_chunks > 0:
-        guard, calib, notes = plan_guard(calib, settings, source)
-    tokens = calibration_tokens(calib, source) if settings.method != "rtn" else None
+        if has_tokenizer:
+            guard, calib, notes = plan_guard(calib, settings, source)
+        else:  # planned as if the held-back text filled --guard-chunks windows
+            trained = int(getattr(source.config, "max_position_embeddings", 0) or 0)
+            guard = ("", settings.guard_chunks, min(settings.ctx, trained) if trained else settings.ctx)
+    tokens = calibration_tokens(calib, source) if settings.method != "rtn" and has_tokenizer else None
     made_from = source_record(source) if tuning else None
     if tuning and resume:
         check_resume(run_dir, npft, tokens, made_from)
-    return Plan(spec, source, calib, npft if tuning else None, resolve_device(device) if in_torch else None, tokens, run_dir,
+    if in_torch:
+        device = "cuda" if costs_only and device == "cuda" else resolve_device(device)
+    quantizer = ("owq" if settings.method == "owq" else "gptq" if settings.method in GPTQ_FAMILY
+                 else "simulated" if settings.simulated else None)
+    torch_eval = quantizer in ("owq", "simulated")
+    return Plan(spec, source, calib, npft if tuning else None, device if in_torch else None, tokens, run_dir,
                 out=out, settings=settings, type_name=type_name, eval_text=eval_text, made_from=made_from, guard=guard,
-                notes=notes)
+                notes=notes, steps=run_steps(settings, tuning, quantizer, torch_eval, eval_text is not None, guard is not None),
+                load_dtype=str(tuning_dtype(device)).removeprefix("torch.") if tuning else "float32", quantizer=quantizer,
+                torch_eval=torch_eval, eval_tokens=eval_tokens)
+
+
+def run_steps(settings: ConvertSettings, tuning: bool, quantizer: str | None, torch_eval: bool, evaluate: bool,
+              guard: bool) -> tuple[str, ...]:
+    """The steps of a run, resolved once from the method (STEPS holds the code of each):
+    imatrix (on the float model), source (the model in torch), calibration, tune (sensitivity,
+    trace, LoRA under noise, merge), quantize (GPTQ/OWQ, or a simulated quantizer), write (quantize
+    onto the GGUF grid and write), guard, evaluate. Plain RTN writes straight from the source."""
+    if settings.method == "rtn" and not settings.simulated:
+        return ("write",) + (("evaluate",) if evaluate else ())
+    steps = ["imatrix"] if "imatrix" in settings.method else []
+    steps.append("source")
+    if settings.method != "rtn":  # a simulated RTN needs no calibration text
+        steps.append("calibration")
+    if tuning:
+        steps.append("tune")
+    if quantizer:
+        steps.append("quantize")
+    if not torch_eval:
+        steps.append("write")
+    if guard:
+        steps.append("guard")
+    if evaluate:
+        steps.append("evaluate")
+    return tuple(steps)
+
+
+GPTQ_FAMILY = ("gptq", "npft+gptq", "owq")
 
 
 def plan_guard(calib: CalibSettings, settings: ConvertSettings, source: Source):
@@ -468,6 +524,7 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
             progress: bool = True, log=print, notice: str | None = None) -> dict:
     """Write OUT.gguf by `settings.method` and evaluate it beside plain RTN and the float model."""
     plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume)
+    check_fits(plan, log=log)
     return run_convert(plan, force, resume, progress, log, notice)
 
 
@@ -479,93 +536,185 @@ class InterruptedAfterWriting(KeyboardInterrupt):
         self.out = out
 
 
+@dataclass
+class RunState:
+    """What the steps of a run hand on to the ones after them."""
+
+    record: dict
+    tokens: object = None          # calibration segments
+    model: object = None           # the model in torch (loaded, tuned and merged, or quantized)
+    imatrix: Path | None = None    # the run's importance matrix file
+    extra: tuple[Path, ...] = ()   # files the closing comparison adds (the tuned file the guard set aside)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    force: bool = False
+    resume: bool = False
+    progress: bool = True
+    log: object = print
+    notice: str | None = None
+
+
 def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress: bool = True, log=print,
                 notice: str | None = None) -> dict:
-    """The work of a checked plan: tune and/or quantize, write, evaluate, report."""
-    from .writer import ExportSettings, export
+    """The work of a checked plan: its steps in order (plan.steps), each measured (wall time, peak
+    host and device memory) beside the plan's estimate, then the report."""
+    from .stages import measure, stage_report
 
-    settings, source, out, type_name, run_dir = plan.settings, plan.source, plan.out, plan.type_name, plan.run_dir
+    opts = RunOptions(force, resume, progress, log, notice)
     for note in plan.notes:
         log(note)
-    record: dict = {**run_header(plan.spec), "convert": asdict(settings) | {"type": type_name}}
-    if settings.method == "rtn" and not settings.simulated:
-        report = export(source, out, ExportSettings(type=type_name), force=force, progress=progress)
-        record["output"] = report.__dict__
-        log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method rtn)")
+    state = RunState(record={**run_header(plan.spec), "convert": asdict(plan.settings) | {"type": plan.type_name}},
+                     tokens=plan.tokens)
+    measured = {}
+    for step in plan.steps:
+        with measure(plan.device) as measured[step]:
+            STEPS[step](plan, state, opts)
+    state.record["stages"] = stage_report(plan, measured)
+    write_run_report(state.record, plan)
+    return state.record
+
+
+def step_imatrix(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    """On the float model, before any tuning (imatrix.calibration_imatrix)."""
+    from .imatrix import calibration_imatrix
+
+    state.imatrix, state.record["imatrix"] = calibration_imatrix(plan, opts.progress, opts.log)
+
+
+def step_source(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    """The model on its device, in plan.load_dtype (CUDA tuning: bf16 base weights; the adapters train
+    in fp32; GPTQ/OWQ want float32 Hessians)."""
+    import torch
+
+    state.model = plan.source.load_model(dtype=getattr(torch, plan.load_dtype), device=plan.device)
+
+
+def step_calibration(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    """The tokens the plan read, or (--calib self) a sample of the loaded model."""
+    if state.tokens is None:
+        state.tokens = load_calibration(plan.calib, plan.source.tokenizer(), model=state.model, progress=opts.progress)
+    opts.log(f"calibration: {state.tokens.shape[0]} x {state.tokens.shape[1]} tokens from {plan.calib.calib}")
+    if opts.notice:
+        opts.log(opts.notice)
+
+
+def step_tune(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    """Sensitivity, trace, LoRA under noise and the merge (npft.tune). The export reads the merged
+    model tensor by tensor (ModelSource.load, to the CPU) in its own dtype; a float32 copy of the
+    whole model on the tuning device is made only for the quantizers that work on it in torch."""
+    clear_run_dir(plan.run_dir, opts.force, opts.resume)
+    result = tune(state.model, state.tokens, plan.npft, plan.run_dir, resume=opts.resume, progress=opts.progress,
+                  log=opts.log, source=plan.made_from)
+    state.record.update(run_record(plan.spec, plan.calib, result))
+    state.model = result.model if plan.quantizer is None else result.model.float()
+
+
+def step_quantize(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    """GPTQ/OWQ, or a simulated per-channel quantizer, in place."""
+    settings = plan.settings
+    if plan.quantizer == "simulated":
+        from .methods.simulate import fake_quantize_minmax_
+
+        q = settings.simulated
+        state.record["quantizer"] = fake_quantize_minmax_(state.model, q.bits, q.group)
     else:
-        import torch
+        state.record["quantizer"] = apply_gptq_family(state.model, state.tokens, settings, plan.type_name, opts.progress,
+                                                      opts.log)
+    if plan.torch_eval:
+        from .methods.owq import OWQ_WARNING
 
-        imatrix = None
-        if "imatrix" in settings.method:  # on the float model, before any tuning (imatrix.calibration_imatrix)
-            from .imatrix import calibration_imatrix
+        opts.log("note: " + (OWQ_WARNING if plan.quantizer == "owq" else
+                             f"{plan.type_name} is a simulated per-channel quantizer with no GGUF form; nothing is written, "
+                             "the model is evaluated in torch"))
 
-            imatrix, record["imatrix"] = calibration_imatrix(plan, progress, log)
-        if plan.npft is not None:
-            result, tokens = tuned_model(plan, force, resume, progress, log, notice)
-            record.update(run_record(plan.spec, plan.calib, result))
-            # the export reads the merged model tensor by tensor (ModelSource.load, to the CPU) in its own dtype; a
-            # float32 copy of the whole model on the tuning device is only for the methods that work on it in torch
-            in_torch = settings.method in ("gptq", "npft+gptq", "owq") or settings.simulated
-            model = result.model.float() if in_torch else result.model
-        elif settings.method == "rtn":  # a simulated RTN needs no calibration text
-            model = source.load_model(dtype=torch.float32, device=plan.device)
-        else:  # GPTQ/OWQ want float32 Hessians
-            model, tokens = calibrated_model(source, plan.calib, plan.device, progress, log, notice, dtype=torch.float32,
-                                             tokens=plan.tokens)
-        if settings.method in ("gptq", "npft+gptq", "owq"):
-            record["quantizer"] = apply_gptq_family(model, tokens, settings, type_name, progress, log)
-        elif settings.simulated:
-            from .methods.simulate import fake_quantize_minmax_
 
-            q = settings.simulated
-            record["quantizer"] = fake_quantize_minmax_(model, q.bits, q.group)
-        if settings.simulated or settings.method == "owq":
-            from .methods.owq import OWQ_WARNING
+def step_write(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    """Quantize onto the GGUF grid and write OUT: straight from the source (plain RTN), or from the
+    model in memory with what made it in the file's provenance."""
+    from .writer import ExportSettings, export
 
-            log("note: " + (OWQ_WARNING if settings.method == "owq" else
-                            f"{type_name} is a simulated per-channel quantizer with no GGUF form; nothing is written, "
-                            "the model is evaluated in torch"))
-            if plan.eval_text:
-                record["comparison"] = evaluate_in_torch(source, model, f"{settings.method} {type_name}", settings,
-                                                         plan.eval_text, progress)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_report(record | {"evaluation": record.get("comparison", {}).get("markdown")}, run_dir)
-            return record
+    settings, out, type_name = plan.settings, plan.out, plan.type_name
+    if state.model is None:
+        report = export(plan.source, out, ExportSettings(type=type_name), force=opts.force, progress=opts.progress)
+    else:
         provenance = {"method": settings.method, "calibration": asdict(plan.calib)}
         if plan.npft is not None:
             provenance["npft"] = plan.npft.as_dict()
-        if "quantizer" in record:
-            provenance["quantizer"] = {k: v for k, v in record["quantizer"].items() if k != "linears"}
-        if imatrix is not None:
-            provenance["imatrix"] = record["imatrix"]
-        tuned = ModelSource(source, model, settings.method)
-        report = export(tuned, out, ExportSettings(type=type_name, imatrix=str(imatrix) if imatrix else None), force=force,
-                        provenance=provenance, progress=progress)
-        record["output"] = report.__dict__
-        log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
-    extra = ()
-    if plan.guard is not None:
-        record["guard"] = guard_output(plan, imatrix, progress, log)
-        extra = (Path(record["guard"]["tuned_file"]),) if record["guard"]["written"] == "peer" else ()
-    if plan.eval_text:
-        try:
-            record["comparison"] = evaluate_beside_baselines(source, out, type_name, settings, run_dir, plan.eval_text,
-                                                             progress, log, imatrix=record.get("imatrix", {}).get("file"),
-                                                             extra=extra)
-        except KeyboardInterrupt:
-            raise InterruptedAfterWriting(out) from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    evaluation = record.get("comparison", {}).get("markdown")
-    if "imatrix" in record:
-        from .imatrix import imatrix_note
+        if "quantizer" in state.record:
+            provenance["quantizer"] = {k: v for k, v in state.record["quantizer"].items() if k != "linears"}
+        if state.imatrix is not None:
+            provenance["imatrix"] = state.record["imatrix"]
+        tuned = ModelSource(plan.source, state.model, settings.method)
+        report = export(tuned, out, ExportSettings(type=type_name, imatrix=str(state.imatrix) if state.imatrix else None),
+                        force=opts.force, provenance=provenance, progress=opts.progress)
+        state.model = tuned = None  # written: the evaluation needs the memory more
+    state.record["output"] = report.__dict__
+    opts.log(f"wrote {out}: {report.size_bytes / 1e6:.1f} MB ({type_name}, method {settings.method})")
 
-        evaluation = imatrix_note(record["imatrix"]) + ("\n" + evaluation if evaluation else "")
+
+def step_guard(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    guard = state.record["guard"] = guard_output(plan, state.imatrix, opts.progress, opts.log)
+    state.extra = (Path(guard["tuned_file"]),) if guard["written"] == "peer" else ()
+
+
+def step_evaluate(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    """In torch where nothing GGUF was written, else in llama.cpp beside the baselines."""
+    settings = plan.settings
+    if plan.torch_eval:
+        state.record["comparison"] = evaluate_in_torch(plan.source, state.model, f"{settings.method} {plan.type_name}",
+                                                       settings, plan.eval_text, opts.progress)
+        return
+    try:
+        state.record["comparison"] = evaluate_beside_baselines(
+            plan.source, plan.out, plan.type_name, settings, plan.run_dir, plan.eval_text, opts.progress, opts.log,
+            imatrix=state.record.get("imatrix", {}).get("file"), extra=state.extra)
+    except KeyboardInterrupt:
+        raise InterruptedAfterWriting(plan.out) from None
+
+
+STEPS = {"imatrix": step_imatrix, "source": step_source, "calibration": step_calibration, "tune": step_tune,
+         "quantize": step_quantize, "write": step_write, "guard": step_guard, "evaluate": step_evaluate}
+
+
+def write_run_report(record: dict, plan: Plan) -> None:
+    """report.json and report.md in the run directory: the evaluation, what quantized the file and
+    whether the guard kept it, and each stage's measured cost beside the plan's."""
+    from .stages import report_markdown
+
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
     if "guard" in record:
         from .validate.guard import note
 
-        evaluation = note(record["guard"]) + ("\n" + evaluation if evaluation else "")
-    write_report(record | {"evaluation": evaluation}, run_dir)
-    return record
+        parts.append(note(record["guard"]))
+    if "imatrix" in record:
+        from .imatrix import imatrix_note
+
+        parts.append(imatrix_note(record["imatrix"]))
+    if record.get("comparison", {}).get("markdown"):
+        parts.append(record["comparison"]["markdown"])
+    parts.append(report_markdown(record["stages"]))
+    write_report(record | {"evaluation": "\n".join(parts)}, plan.run_dir)
+
+
+def check_fits(plan: Plan, machine=None, log=print):
+    """The run's stages against this machine (or `machine`): refused, naming the stage that cannot
+    fit and the option that makes it fit, before anything is loaded, where a stage needs more than
+    the estimates' uncertainty (stages.MARGIN) above what there is; within it, a warning. Returns
+    the verdict."""
+    from .stages import refusal, this_machine, verdict
+
+    if machine is None:
+        machine = this_machine(plan.device, plan.out.parent, plan.settings.threads)
+    result = verdict(plan, machine)
+    plan.stages = result.stages
+    if result.certain:
+        raise UsageError(refusal(result))
+    for problem in result.problems:
+        log(f"warning: may not fit: {problem}")
+    return result
 
 
 def guard_output(plan: Plan, imatrix: Path | None, progress: bool, log) -> dict:

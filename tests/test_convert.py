@@ -126,7 +126,7 @@ def test_a_diverged_tuning_saves_nothing(tiny_bpe, texts, tmp_path, command):
     and the merged weights are not; nothing is saved, not even the epoch checkpoint."""
     out = tmp_path / ("tuned" if command == "finetune" else "t.gguf")
     one_update = ["--lr", "1e30", "--epochs", "1", "--calib-samples", "4", "--batch", "4"]
-    extra = ["--method", "npft", "--type", "q8_0", "--eval-text", "none"] if command == "convert" else []
+    extra = ["--method", "npft", "--type", "q8_0", "--eval-text", "none", "--ctx", "64"] if command == "convert" else []
     r = cli(command, tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, *one_update, *extra)
     last = r.stderr.splitlines()[-1]  # after the run's progress lines
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
@@ -234,7 +234,7 @@ def test_convert_checks_every_input_before_any_work(tiny_bpe, texts, wiki_test_r
         ([*calib[:-2], "--eval-text", short_text, "--ctx", "64"], ["2 x ctx = 128", "smaller --ctx"]),
     ]
     if not torch.cuda.is_available():
-        cases.append(([*calib, "--device", "cuda"], ["--device cuda", "no CUDA"]))
+        cases.append(([*calib, "--ctx", "64", "--device", "cuda"], ["--device cuda", "no CUDA"]))
     for args, words in cases:
         assert_fails(run("convert", tiny_bpe, "-o", out, *args), 2, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "short.txt"]
@@ -367,7 +367,7 @@ def test_convert_tunes_for_the_type_it_writes(tiny_bpe, texts, tmp_path, monkeyp
     for args, grid in ((["--bits", "5"], "q5_0"), (["--bits", "8"], "q8_0"), (["--type", "q4_1"], "q4_1")):
         try:
             run("convert", tiny_bpe, "-o", tmp_path / "x.gguf", *args, "--noise", "rtn", "--calib", texts / "calib.txt", *TINY,
-                "--eval-text", "none")
+                "--eval-text", "none", "--ctx", "64")
         except Stop:
             pass
         assert seen.pop() == grid, args
@@ -384,7 +384,8 @@ def test_the_default_method_follows_the_type_written(tiny_bpe, texts, tmp_path):
     cases = ((dict(bits=4), "npft+imatrix"), (dict(type="q5_1"), "npft+imatrix"), (dict(bits=8), "npft"),
              (dict(type="rtn3"), "npft"), (dict(bits=4, method="npft"), "npft"), (dict(bits=4, method="gptq"), "gptq"))
     for kw, method in cases:
-        plan = plan_convert(str(tiny_bpe), tmp_path / "x.gguf", ConvertSettings(eval_text="none", **kw), calib, NPFTSettings())
+        plan = plan_convert(str(tiny_bpe), tmp_path / "x.gguf", ConvertSettings(eval_text="none", ctx=64, **kw), calib,
+                            NPFTSettings())
         assert plan.settings.method == method, kw
         assert (plan.npft is not None) == ("npft" in method), kw
 

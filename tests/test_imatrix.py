@@ -325,7 +325,7 @@ def test_convert_npft_then_imatrix(tiny_bpe, tmp_path):
     (tmp_path / "calib.txt").write_text(calib_text(40_000))
     out = tmp_path / "tiny-npft-im.gguf"
     r = cli("convert", tiny_bpe, "-o", out, "--method", "npft+imatrix", "--type", "q4_0", "--calib", tmp_path / "calib.txt",
-            *TINY, "--eval-text", "none", "--tune-imatrix", "--json")
+            *TINY, "--eval-text", "none", "--guard-chunks", "0", "--tune-imatrix", "--json")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["imatrix"]["computed_on"] == "the float (untuned) model" and rec["imatrix"]["tokens"] == "6 x 32"
@@ -398,7 +398,7 @@ def test_convert_tunes_against_the_imatrix_rules_it_writes_with(tiny_bpe, tmp_pa
     out = tmp_path / "x.gguf"
     im = str(tmp_path / "x.npft-run" / "imatrix.gguf")
     for method, tune_imatrix, expect in (("auto", True, im), ("auto", None, im), ("auto", False, None), ("npft", None, None)):
-        plan = plan_convert(str(tiny_bpe), out, ConvertSettings(bits=4, method=method, eval_text="none", tune_imatrix=tune_imatrix),
+        plan = plan_convert(str(tiny_bpe), out, ConvertSettings(bits=4, method=method, eval_text="none", ctx=64, tune_imatrix=tune_imatrix),
                             calib, NPFTSettings(noise="rtn", resample="step"))
         assert plan.npft.imatrix == expect, (method, tune_imatrix)
     for method, noise in (("npft", "rtn"), ("npft+imatrix", "grid")):

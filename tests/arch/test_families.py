@@ -124,7 +124,7 @@ def test_convert_short_recipe_end_to_end(family_model, tmp_path):
     dst = tmp_path / "m.gguf"
     r = cli("convert", path, "-o", dst, "--bits", "4", "--recipe", "short", "--calib", tmp_path / "calib.txt",
             "--calib-samples", "4", "--calib-len", "32", "--fisher-samples", "2", "--trace-samples", "0", "--max-steps", "2",
-            "--epochs", "1", "--eval-text", "none", "--threads", "2", "--json")
+            "--epochs", "1", "--eval-text", "none", "--guard-chunks", "0", "--threads", "2", "--json")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["tune"]["settings"]["targets"] == list(FAMILIES[GGUF_ARCH[kind]].lora_targets)

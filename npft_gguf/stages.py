@@ -1,0 +1,645 @@
+"""What each stage of a convert run costs, from the model's shapes and the settings alone.
+
+The plan (convert.plan_convert) resolves a run into an ordered list of stages; this module says,
+for each, its peak device memory, peak host RAM, the disk it writes, its work (FLOPs, tokens) and
+a time estimate, without loading a weight, so `npft-gguf plan` (and convert, in its first second)
+can say whether the run fits a machine, and which option makes a stage fit when it does not.
+
+Every memory formula models the code AS IT IS, one function per stage, each naming the code it
+models: when that code changes (bounded-memory Fisher scores, chunked noise, ...), its formula
+changes here and nowhere else. The figures are estimates: memory to within tens of percent
+(allocator slack, fragmentation and the CUDA context are not modelled beyond a fixed reserve),
+seconds to within a factor of a few (nominal throughputs, below).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .errors import UsageError
+
+GiB = 2**30
+CUDA_CONTEXT = GiB // 2   # the CUDA context and cuBLAS workspaces torch holds beside its tensors
+PROCESS_BASE = 3 * GiB // 4  # torch, transformers and the interpreter, before any model (host; evals/README.md's
+                             # "Memory by NPFT stage": 1.26 GiB with SmolLM2-135M's 0.5 GiB loaded)
+
+# nominal sustained throughputs for the time estimates (FLOP/s, bytes/s); rough on purpose
+GPU_FLOPS = {"H200": 4e14, "H100": 4e14, "A100": 1.5e14, "L40": 9e13, "4090": 8e13, "A10": 4e13, "3090": 3.5e13}
+GPU_FLOPS_DEFAULT = 5e13     # an unnamed GPU
+GPU_EFFICIENCY = 0.35        # of that, what eager transformers kernels reach
+CPU_FLOPS_PER_CORE = 5e10    # torch and llama.cpp on CPU, per core (llama-bench pp512 of a 7B on 16 cores: ~60-300 t/s)
+QUANTIZE_WEIGHTS_PER_S = 3e7 # our GGUF writer, per core-group (torch RTN/imatrix search and packing)
+LLAMACPP_BPW = {"q4_k_m": 4.89, "q5_k_m": 5.69}  # llama.cpp's own mixes (llama-quantize's table), for the peers
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model's size, from its tensor shapes and config (nothing loaded)."""
+
+    params: int            # every parameter, tied ones once
+    linear: int            # weights of the decoder linears the tuning perturbs (sensitivity.target_linears)
+    largest_linear: int    # the largest such weight
+    lora: int              # LoRA parameters (rank r on each --targets linear)
+    layers: int
+    hidden: int
+    ff: int
+    heads: int
+    vocab: int
+    matmul: int            # weights a token multiplies by: the decoder linears and the output matrix
+    imatrix_cols: int      # input columns of every decoder linear (the imatrix entries)
+
+    @classmethod
+    def of(cls, source, npft=None) -> "Dims":
+        c = source.config
+        shapes = source.shapes()
+        perturbed = set(npft.perturbed if npft is not None and npft.perturbed else source.arch.perturbed)
+        targets = set(npft.targets if npft is not None and npft.targets else source.arch.lora_targets)
+        rank = npft.rank if npft is not None else 16
+        decoder = {n.removesuffix(".weight"): s for n, s in shapes.items()
+                   if len(s) == 2 and n.endswith(".weight") and source.arch.layer_name(n)}
+        lin = [math.prod(s) for n, s in decoder.items() if n.rsplit(".", 1)[-1] in perturbed]
+        lora = sum(rank * (s[0] + s[1]) for n, s in decoder.items() if n.rsplit(".", 1)[-1] in targets)
+        vocab, hidden = int(c.vocab_size), int(c.hidden_size)
+        return cls(params=sum(math.prod(s) for s in shapes.values()), linear=sum(lin), largest_linear=max(lin, default=0),
+                   lora=lora, layers=int(c.num_hidden_layers), hidden=hidden,
+                   ff=int(getattr(c, "intermediate_size", 4 * hidden)), heads=int(c.num_attention_heads), vocab=vocab,
+                   matmul=sum(math.prod(s) for s in decoder.values()) + vocab * hidden,
+                   imatrix_cols=sum(s[1] for s in decoder.values()))
+
+
+# --- activations: what a forward pass keeps for its backward ----------------------------------------
+def activation_bytes(d: Dims, tokens: int, seq: int, elem: int, checkpointing: bool = False, eager: bool = True) -> int:
+    """Saved activations of a backward pass over `tokens` tokens in sequences of `seq` (the
+    transformers decoder, as Korthikanti et al. count them: about 8h + 2.25ff elements per token and
+    layer, plus 2.5 a s for the attention scores where attention is not fused). With gradient
+    checkpointing (transformers' gradient_checkpointing_enable, training mode only) each layer keeps
+    its input and one layer at a time is recomputed."""
+    per_layer = tokens * ((8 * d.hidden + 2.25 * d.ff) * elem + (2.5 * d.heads * seq * elem if eager else 0))
+    if checkpointing:
+        return int(d.layers * tokens * d.hidden * elem + per_layer)
+    return int(d.layers * per_layer)
+
+
+def logits_bytes(d: Dims, tokens: int, elem: int) -> int:
+    """`model(labels=x).loss`: logits in the weights' dtype, their float32 upcast and its gradient."""
+    return int(tokens * d.vocab * (elem + 8))
+
+
+def forward_flops(d: Dims, tokens: int, seq: int) -> float:
+    """2 FLOPs per weight per token, and the attention's 4 s h per layer per token (causal: half)."""
+    return tokens * (2.0 * d.matmul + 2.0 * d.layers * seq * d.hidden)
+
+
+# --- the stages, each modelling the code named in its docstring --------------------------------------
+@dataclass
+class Stage:
+    name: str
+    what: str
+    step: str                # the run step that executes it (convert.STEPS); sensitivity, trace and merge run in `tune`
+    where: str               # cuda / cpu / llama.cpp
+    device_bytes: int = 0    # peak memory on the GPU (0 on a CPU run: it is all host memory)
+    host_bytes: int = 0      # peak resident host memory of the process
+    disk_bytes: int = 0      # what it writes and keeps
+    flops: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    fix: str | None = None   # the option that makes it fit, where it does not (set by `verdict`)
+
+    def figures(self) -> dict:
+        return {"name": self.name, "peak_device_bytes": self.device_bytes, "peak_host_bytes": self.host_bytes,
+                "disk_bytes": self.disk_bytes, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a run may use: free GPU memory (None: no GPU), available host RAM, free disk."""
+
+    gpu_bytes: int | None
+    host_bytes: int
+    disk_bytes: int | None
+    gpu_flops: float = GPU_FLOPS_DEFAULT
+    cores: int = 1
+    label: str = "this machine"
+
+    @property
+    def cpu_flops(self) -> float:
+        return self.cores * CPU_FLOPS_PER_CORE
+
+
+def this_machine(device: str | None, where: Path, threads: int | None = None) -> Machine:
+    """Free device memory (torch.cuda.mem_get_info, when the run uses CUDA), available host RAM
+    (psutil) and free disk where the run writes."""
+    import psutil
+
+    gpu, flops, label = None, GPU_FLOPS_DEFAULT, "this machine"
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():  # (a plan for a GPU made where there is none: no GPU here)
+        gpu = torch.cuda.mem_get_info()[0]
+        name = torch.cuda.get_device_name()
+        flops = next((f for k, f in GPU_FLOPS.items() if k in name), GPU_FLOPS_DEFAULT)
+        label = f"this machine ({name})"
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    cores = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return Machine(gpu, psutil.virtual_memory().available, shutil.disk_usage(existing).free, flops, cores, label)
+
+
+def named_machine(base: Machine, gpu: int | None, host: int | None, disk: int | None, cores: int | None = None) -> Machine:
+    """`base` with the figures the user named (--gpu-memory, --host-memory, --disk, --cpu-cores)."""
+    return replace(base, gpu_bytes=gpu if gpu is not None else base.gpu_bytes, host_bytes=host or base.host_bytes,
+                   disk_bytes=disk if disk is not None else base.disk_bytes, cores=cores or base.cores,
+                   label="as named" + ("" if None not in (gpu, host, disk, cores) else " (the rest: this machine)"))
+
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24G', '64 GB', '512MiB' -> bytes (K, M, G, T and KiB... are binary; KB, MB, GB, TB decimal)."""
+    m = SIZE.match(text or "")
+    if not m:
+        raise ValueError(f"{text!r} is not a size; write it like 24GiB, 64GB or 512MiB")
+    unit = m[2].lower()
+    letter = unit[:1] if unit not in ("", "b") else ""
+    scale = 1000 ** "kmgt".index(letter) * 1000 if unit.endswith("b") and "i" not in unit and letter else UNITS[letter]
+    return int(float(m[1]) * scale)
+
+
+def human(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:.0f} MiB"
+
+
+def duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+# --- one function per stage -----------------------------------------------------------------------
+def source_stage(d: Dims, elem: int, dev: str, download: int) -> Stage:
+    """sources.*.load_model(dtype, device): the model is built on the host in `elem` bytes per weight
+    (from_pretrained, or fill_model for a GGUF source), then moved to the device."""
+    model = d.params * elem
+    return Stage("source", f"load the model ({'bf16' if elem == 2 else 'fp32'})", "source", dev,
+                 device_bytes=model if dev == "cuda" else 0, host_bytes=PROCESS_BASE + model, disk_bytes=download,
+                 seconds=model / 1e9)  # ~1 GB/s from disk
+
+
+def calibration_stage(tokens: int, self_sampled: bool, d: Dims, seq: int) -> Stage:
+    """calib.load_calibration: text read and tokenized in the plan; --calib self samples the model."""
+    flops = forward_flops(d, tokens, seq) * seq / 2 if self_sampled else 0.0  # generation: one token at a time
+    return Stage("calibration", "calibration segments" + (" (sampled from the model)" if self_sampled else ""),
+                 "calibration", "cpu", tokens=tokens, flops=flops, host_bytes=PROCESS_BASE)
+
+
+def imatrix_stage(d: Dims, elem: int, dev: str, tokens: int, seq: int) -> Stage:
+    """imatrix.calibration_imatrix: the float model in the tuning's precision, one window per forward
+    (no gradient, logits_to_keep=1), float64 sums per input column of every decoder linear."""
+    model, sums = d.params * elem, d.imatrix_cols * 8 * 2
+    act = int(seq * (8 * d.hidden + 2.25 * d.ff + 2.5 * d.heads * seq) * elem)  # one layer's forward, transient
+    on_dev = model + sums + act + CUDA_CONTEXT
+    return Stage("imatrix", "llama.cpp's importance matrix of the float model", "imatrix", dev,
+                 device_bytes=on_dev if dev == "cuda" else 0, host_bytes=PROCESS_BASE + (model if dev == "cuda" else on_dev),
+                 disk_bytes=d.imatrix_cols * 4 + 2**20, flops=forward_flops(d, tokens, seq), tokens=tokens)
+
+
+def lora_state_bytes(d: Dims) -> int:
+    """The adapters (fp32) with their gradients and AdamW's two moments."""
+    return d.lora * 4 * 4
+
+
+def sensitivity_stage(d: Dims, elem: int, dev: str, samples: int, seq: int, epochs: int) -> Stage:
+    """sensitivity.fisher_diagonal, once per epoch: a float32 accumulator of every perturbed weight,
+    every perturbed weight's gradient at once (torch.autograd.grad, weights' dtype) and its float32
+    square, one sample's backward in eval mode (no gradient checkpointing: it is training-only)."""
+    peak = (d.params * elem + lora_state_bytes(d) + d.linear * 4 + d.linear * elem + d.largest_linear * 8
+            + activation_bytes(d, seq, seq, elem, eager=dev != "cuda") + logits_bytes(d, seq, elem) + CUDA_CONTEXT)
+    tokens = samples * seq * epochs
+    return _torch_stage("sensitivity", "Fisher scores of every perturbed weight, per epoch", dev, peak, d, elem,
+                        flops=3 * forward_flops(d, tokens, seq), tokens=tokens)
+
+
+def trace_stage(d: Dims, elem: int, dev: str, samples: int, seq: int, probes: int, fisher_alive: bool = True) -> Stage:
+    """npft.hessian.outlier_trace, before and after: eager attention; the gradient of every perturbed
+    weight kept with its graph (create_graph) and each probe's Hessian-vector product (weights' dtype);
+    the graph holds the forward's activations, the first backward's gradients of them and the double
+    backward's own: about 6x one backward's activations (fitted to the trace's peak measured on
+    SmolLM2-135M, evals/README.md "Memory by NPFT stage"). Before the tuning, train.tune still holds the Fisher accumulator
+    (float32) while it runs (`fisher_alive`)."""
+    peak = (d.params * elem + lora_state_bytes(d) + d.linear * 4 * fisher_alive + 2 * d.linear * elem
+            + 6 * activation_bytes(d, seq, seq, elem) + logits_bytes(d, seq, elem) + CUDA_CONTEXT)
+    tokens = 2 * samples * seq
+    return _torch_stage("trace", "Hutchinson trace at the outliers, before and after", dev, peak, d, elem,
+                        flops=(3 + 6 * probes) * forward_flops(d, tokens, seq), tokens=tokens)
+
+
+def tune_stage(d: Dims, elem: int, dev: str, npft, samples: int, seq: int) -> Stage:
+    """npft.train._train_epoch with npft.noise.Perturbations: rtn noise keeps a dense float32 z of every
+    perturbed weight (grid noise on every weight: z and its step, both float32; outlier noise: a few
+    floats per outlier); per micro-batch one backward at a time (noisy, then clean), the KL teacher's
+    hidden states; a resample makes the merged weight, its float32 copy and the quantizer's temporaries
+    for one linear at a time (grids/twins.py: each candidate scale over every block at once), about
+    eight float32 copies of the largest."""
+    noise = {"rtn": 4 * d.linear, "none": 0}.get(npft.noise, 8 * d.linear if npft.noise_scope == "all"
+                                                   else int(d.linear * npft.outlier_pct / 100 * 24))
+    tokens_step = npft.batch * seq
+    teacher = tokens_step * d.hidden * elem if "kl" in npft.objective else 0
+    peak = (d.params * elem + lora_state_bytes(d) + noise + 8 * d.largest_linear * 4
+            + activation_bytes(d, tokens_step, seq, elem, npft.gradient_checkpointing, eager=dev != "cuda")
+            + logits_bytes(d, tokens_step, elem) + teacher + CUDA_CONTEXT)
+    per_epoch = min(samples, (npft.max_steps_per_epoch or 10**12) * npft.grad_accum * npft.batch)
+    tokens = npft.epochs * per_epoch * seq
+    passes = 3 * (1 + (npft.clean_weight > 0)) + ("kl" in npft.objective) + (npft.gradient_checkpointing * 1)
+    return _torch_stage("tune", f"LoRA under {npft.noise} noise, {npft.epochs} epochs", dev, peak, d, elem,
+                        flops=passes * forward_flops(d, tokens, seq), tokens=tokens,
+                        disk=lora_state_bytes(d) * 3 // 4 + 2**20)  # checkpoint: adapter and AdamW moments
+
+
+def merge_stage(d: Dims, dev: str) -> Stage:
+    """peft merge_and_unload, then convert's `result.model.float()`: the merged model in float32 on the
+    tuning device, held through the writing."""
+    peak = d.params * 4 + CUDA_CONTEXT
+    return _torch_stage("merge", "merge the adapters; the model in fp32", dev, peak, d, 4)
+
+
+def quantize_stage(d: Dims, dev: str, method: str, tokens: int, seq: int) -> Stage:
+    """methods.gptq / owq (layer by layer on a float32 model: each layer's inputs and outputs for every
+    calibration token, and a float32 Hessian per linear input) or the simulated quantizer (in place)."""
+    peak = d.params * 4 + CUDA_CONTEXT
+    flops = 0.0
+    if method != "simulated":
+        peak += 2 * tokens * d.hidden * 4 + 4 * (4 * d.hidden**2 + d.ff**2)
+        flops = 2.0 * tokens * (4 * d.hidden**2 + d.ff**2) * d.layers + forward_flops(d, tokens, seq)
+    return _torch_stage("quantize", method, dev, peak, d, 4, flops=flops, tokens=tokens)
+
+
+def write_stage(d: Dims, size: int, from_model: bool, dev: str, cores: int) -> Stage:
+    """writer.export: tensors streamed one at a time (a float32 copy, its blocks, the packed bytes),
+    quantized on the CPU; from a tuned model (sources.ModelSource) it stays where it is."""
+    host = PROCESS_BASE + 3 * d.largest_linear * 4 + (d.params * 4 if from_model and dev != "cuda" else 0)
+    return Stage("write", "quantize and write the GGUF file", "write", "cpu", host_bytes=host, disk_bytes=size,
+                 seconds=d.params / (QUANTIZE_WEIGHTS_PER_S * max(1, cores) / 2))
+
+
+def llamacpp_stage(name: str, what: str, files: list[int], new_files: int, tokens: int, d: Dims, m: Machine,
+                   ctx: int) -> Stage:
+    """validate.compare / guard: llama.cpp (CPU) runs each file over `tokens` in windows of `ctx`, one
+    file at a time; the comparison files it writes first go through writer.export."""
+    host = PROCESS_BASE + max(files, default=0) + ctx * d.vocab * 4 * 2 + d.layers * ctx * d.hidden * 2 * 2
+    flops = sum(2.0 * tokens * d.matmul for _ in files)
+    writing = new_files * d.params / (QUANTIZE_WEIGHTS_PER_S * max(1, m.cores) / 2)
+    return Stage(name, what, name, "llama.cpp", host_bytes=host, flops=flops, tokens=tokens * len(files),
+                 seconds=flops / m.cpu_flops + writing)
+
+
+def _torch_stage(name, what, dev, peak, d: Dims, elem, flops=0.0, tokens=0, disk=0) -> Stage:
+    """On CUDA the peak is on the device and the host holds the interpreter; on the CPU it is all host memory."""
+    on_gpu = dev == "cuda"
+    return Stage(name, what, "tune" if name in ("sensitivity", "trace", "merge") else name, dev,
+                 device_bytes=peak if on_gpu else 0, host_bytes=PROCESS_BASE + (0 if on_gpu else peak - CUDA_CONTEXT),
+                 disk_bytes=disk, flops=flops, tokens=tokens)
+
+
+# --- the whole run ----------------------------------------------------------------------------------
+def file_bytes(source, type_name: str) -> int:
+    """The GGUF file of `source` in `type_name`, by the writer's own tensor plan (llama.cpp's mixes by
+    their nominal bits per weight)."""
+    from .writer import ExportSettings, plan
+
+    if type_name in LLAMACPP_BPW:
+        return int(Dims.of(source).params * LLAMACPP_BPW[type_name] / 8)
+    return sum(t.nbytes for t in plan(source, ExportSettings(type=type_name)))
+
+
+def plan_stages(plan, machine: Machine) -> list[Stage]:
+    """The run's stages in order, each with its costs on `machine` (plan: convert.Plan)."""
+    from .choices import PEERS
+
+    s, source, npft, calib = plan.settings, plan.source, plan.npft, plan.calib
+    d = Dims.of(source, npft)
+    dev = plan.device or "cpu"
+    elem = 2 if plan.load_dtype == "bfloat16" else 4
+    seq, samples = calib.length, calib.samples
+    tokens = samples * seq
+    download = 0  # a hub model is fetched by open_source, before the plan
+    stages: list[Stage] = []
+    steps = plan.steps
+    if "imatrix" in steps:  # in the tuning's precision (convert.tuning_dtype), whatever the method
+        stages.append(imatrix_stage(d, 2 if dev == "cuda" else 4, dev, tokens, seq))
+    if "source" in steps:
+        stages.append(source_stage(d, elem, dev, download))
+    if "calibration" in steps:
+        stages.append(calibration_stage(tokens, calib.calib == "self", d, seq))
+    if "tune" in steps:
+        stages += [sensitivity_stage(d, elem, dev, min(samples, npft.fisher_samples or samples), seq, npft.epochs)]
+        if npft.trace_samples:
+            stages.append(trace_stage(d, elem, dev, min(samples, npft.trace_samples), npft.trace_len or seq,
+                                      npft.trace_probes))
+        stages += [tune_stage(d, elem, dev, npft, samples, seq), merge_stage(d, dev)]
+    if "quantize" in steps:
+        stages.append(quantize_stage(d, dev, plan.quantizer, tokens, seq))
+    out_size = 0 if s.simulated else file_bytes(source, plan.type_name)
+    if "write" in steps:
+        stages.append(write_stage(d, out_size, "source" in steps, dev, machine.cores))
+    ref_size = d.params * (4 if d.params < 2e9 else 2)  # convert.reference_file: F32, F16 from 2B parameters on
+    if "guard" in steps:
+        text, chunks, guard_ctx = plan.guard
+        stages.append(llamacpp_stage("guard", f"tuned file beside its peer, {chunks} held-back windows",
+                                     [ref_size, out_size, out_size], 2, chunks * guard_ctx, d, machine, guard_ctx))
+        stages[-1].disk_bytes = ref_size + out_size * 2  # the reference, the peer and the kept tuned file
+    if "evaluate" in steps:
+        n_tok = plan.eval_tokens if s.chunks is None else min(plan.eval_tokens, s.chunks * s.ctx)
+        if plan.torch_eval:
+            st = replace(_torch_stage("evaluate", "perplexity and KLD in torch beside the float model", dev,
+                                      2 * d.params * 4 + activation_bytes(d, s.ctx, s.ctx, 4) // d.layers
+                                      + logits_bytes(d, s.ctx, 4) + CUDA_CONTEXT, d, 4,
+                                      flops=2 * forward_flops(d, n_tok, s.ctx), tokens=2 * n_tok))
+            stages.append(st)
+        else:
+            peers = [int(file_bytes(source, t)) for t in PEERS.get(plan.type_name, ())] if s.peers else []
+            files = [ref_size, out_size] + ([out_size] * (1 + ("imatrix" in s.method)) if s.method != "rtn" else []) + peers
+            new = len(files) - 1 - ("guard" in steps) * 2  # the guard's reference and peer are reused
+            stages.append(llamacpp_stage("evaluate", f"perplexity and KLD of {len(files) - 1} files beside the float model",
+                                         files, new, n_tok, d, machine, s.ctx))
+            stages[-1].disk_bytes = sum(files[2:]) + (0 if "guard" in steps else ref_size)
+    for st in stages:
+        if not st.seconds:
+            rate = machine.gpu_flops * GPU_EFFICIENCY if st.where == "cuda" else machine.cpu_flops
+            st.seconds = st.flops / rate
+    return stages
+
+
+@dataclass
+class Verdict:
+    fits: bool
+    machine: Machine
+    stages: list[Stage]
+    problems: list[str] = field(default_factory=list)  # one line per stage that does not fit, with its fix
+    hints: list[str] = field(default_factory=list)     # how to shorten what takes longest
+    certain: list[str] = field(default_factory=list)   # the problems beyond the estimates' uncertainty (MARGIN)
+
+    def as_dict(self) -> dict:
+        return {"fits": self.fits, "machine": {k: v for k, v in asdict(self.machine).items()},
+                "peak_device_bytes": max((s.device_bytes for s in self.stages), default=0),
+                "peak_host_bytes": max((s.host_bytes for s in self.stages), default=0),
+                "disk_bytes": sum(s.disk_bytes for s in self.stages), "seconds": sum(s.seconds for s in self.stages),
+                "stages": [s.figures() | {"what": s.what, "where": s.where, "flops": s.flops, "tokens": s.tokens,
+                                          "fix": s.fix} for s in self.stages],
+                "problems": self.problems, "refused": bool(self.certain), "hints": self.hints}
+
+
+MARGIN = 0.15  # the memory estimates' uncertainty: convert refuses a run only when a stage needs this much more
+
+
+def over(st: Stage, m: Machine, margin: float = 0.0) -> str | None:
+    """What of `m` the stage exceeds ('GPU memory', 'host memory') by more than `margin`, or None."""
+    if st.device_bytes and (m.gpu_bytes is None or st.device_bytes > m.gpu_bytes * (1 + margin)):
+        return "GPU memory"
+    if st.host_bytes > m.host_bytes * (1 + margin):
+        return "host memory"
+    return None
+
+
+# settings that lower a stage's memory, tried in this order (convert option, how the plan changes)
+FIXES = (
+    ("--gradient-checkpointing", lambda p: _npft(p, gradient_checkpointing=True), ("tune",)),
+    ("--batch 1", lambda p: _npft(p, batch=1, grad_accum=p.npft.grad_accum * p.npft.batch), ("tune",)),
+    ("--trace-samples 0", lambda p: _npft(p, trace_samples=0), ("trace",)),
+    ("--calib-len 256", lambda p: replace(p, calib=replace(p.calib, length=min(256, p.calib.length))),
+     ("sensitivity", "trace", "tune", "imatrix")),
+    ("--device cpu", lambda p: replace(p, device="cpu", load_dtype="float32"), None),
+)
+
+
+def _npft(p, **kw):
+    return replace(p, npft=replace(p.npft, **kw))
+
+
+def verdict(plan, machine: Machine) -> Verdict:
+    """Does every stage fit `machine`? For each that does not, the first option of FIXES that makes
+    it fit (with the options before it that it needs), or what it would need."""
+    stages = plan_stages(plan, machine)
+    problems, certain = [], []
+    disk = sum(s.disk_bytes for s in stages)
+    for st in stages:
+        short = over(st, machine)
+        if short is None:
+            continue
+        st.fix, then = _fix(plan, st, machine)
+        need = st.device_bytes if short == "GPU memory" else st.host_bytes
+        have = (machine.gpu_bytes or 0) if short == "GPU memory" else machine.host_bytes
+        problems.append(f"stage {st.name} ({st.what}) needs {human(need)} of {short}, {human(have)} "
+                        f"{'is free' if short == 'GPU memory' else 'is available'}; "
+                        + (f"{st.fix} makes it fit" + (f" (it then takes {duration(then)})" if then and then >= 1 else "")
+                           if st.fix else "no option of this version makes it fit"))
+        if over(st, machine, MARGIN):
+            certain.append(problems[-1])
+    if machine.disk_bytes is not None and disk > machine.disk_bytes:
+        problems.append(f"the run writes {human(disk)}, {human(machine.disk_bytes)} of disk is free; "
+                        "--no-peers, --guard-chunks 0 or --eval-text none write less")
+        certain.append(problems[-1])
+    return Verdict(not problems, machine, stages, problems, time_hints(plan, stages, machine), certain)
+
+
+EVAL_HINT_CHUNKS = 40
+
+
+def time_hints(plan, stages: list[Stage], machine: Machine) -> list[str]:
+    """Where the closing evaluation is the longest stage and runs every window, what --chunks saves."""
+    slowest = max(stages, key=lambda s: s.seconds, default=None)
+    if slowest is None or slowest.name != "evaluate" or plan.settings.chunks is not None:
+        return []
+    fewer = replace(plan, settings=replace(plan.settings, chunks=EVAL_HINT_CHUNKS))
+    again = next(s for s in plan_stages(fewer, machine) if s.name == "evaluate")
+    return [f"the closing evaluation runs every window of the text ({duration(slowest.seconds)}); "
+            f"--chunks {EVAL_HINT_CHUNKS} measures {EVAL_HINT_CHUNKS} of them ({duration(again.seconds)})"]
+
+
+def _fix(plan, st: Stage, machine: Machine) -> tuple[str | None, float | None]:
+    """The first option of FIXES that alone makes `st` fit, else the fewest of them together (all of
+    them, then each one dropped that is not needed), else None."""
+    usable = [(o, change) for o, change, helps in FIXES
+              if (helps is None or st.name in helps) and (plan.npft is not None or o in ("--calib-len 256", "--device cpu"))
+              and (o != "--device cpu" or plan.device == "cuda")]
+
+    def fits(chosen) -> Stage | None | bool:
+        p = plan
+        try:
+            for _, change in chosen:
+                p = change(p)
+        except (AttributeError, TypeError, UsageError):
+            return False
+        again = next((s for s in plan_stages(p, machine) if s.name == st.name), None)
+        return again if again is None or over(again, machine) is None else False
+
+    def said(chosen, again) -> tuple[str, float | None]:
+        return " ".join(o for o, _ in chosen), None if again is None else again.seconds
+
+    for u in usable:
+        again = fits([u])
+        if again is not False:
+            return said([u], again)
+    chosen = list(usable)
+    if len(chosen) < 2 or fits(chosen) is False:
+        return None, None
+    for u in list(chosen):
+        if fits([c for c in chosen if c is not u]) is not False:
+            chosen.remove(u)
+    return said(chosen, fits(chosen))
+
+
+def table(v: Verdict) -> str:
+    """The plan as a table, a total line and the verdict."""
+    rows = [("stage", "where", "GPU peak", "host peak", "disk", "work", "time"), ]
+    for s in v.stages:
+        work = f"{s.flops:.2g} FLOP" if s.flops else ""
+        if s.tokens:
+            work = (work + ", " if work else "") + f"{s.tokens:,} tok"
+        rows.append((s.name + (" !" if s.fix is not None or over(s, v.machine) else ""), s.where,
+                     human(s.device_bytes) if s.device_bytes else "-", human(s.host_bytes),
+                     human(s.disk_bytes) if s.disk_bytes else "-", work, duration(s.seconds)))
+    d = v.as_dict()
+    rows.append(("total", "", human(d["peak_device_bytes"]) if d["peak_device_bytes"] else "-", human(d["peak_host_bytes"]),
+                 human(d["disk_bytes"]), "", duration(d["seconds"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    m = v.machine
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    lines.append(f"machine ({m.label}): GPU {human(m.gpu_bytes) + ' free' if m.gpu_bytes else 'none'}, host "
+                 f"{human(m.host_bytes)} available, disk {human(m.disk_bytes) + ' free' if m.disk_bytes is not None else 'not checked'}, "
+                 f"{m.cores} CPU cores (llama.cpp and the writer)")
+    lines.append("verdict: fits" if v.fits else "verdict: does NOT fit" if v.certain else
+                 f"verdict: may not fit (within the estimates' {MARGIN:.0%} uncertainty: convert warns and runs)")
+    lines += ["  " + p for p in v.problems]
+    lines += ["hint: " + h for h in v.hints]
+    lines.append("(estimates: memory to tens of percent, time to a factor of a few)")
+    return "\n".join(lines)
+
+
+def refusal(v: Verdict) -> str:
+    """convert's one line when the plan says the run cannot fit, beyond the estimates' uncertainty."""
+    return "this run cannot fit: " + v.certain[0] + " (`npft-gguf plan` shows every stage)"
+
+
+# --- measured beside planned -----------------------------------------------------------------------
+class measure:
+    """A run step's wall time, the process's peak resident memory when it ends (getrusage: a high-water
+    mark since the process began, so an upper bound for the step) and, on CUDA, torch's peak
+    allocation during it (max_memory_allocated, reset when the step begins)."""
+
+    def __init__(self, device: str | None):
+        self.cuda = device == "cuda"
+        self.figures: dict = {}
+
+    def __enter__(self) -> dict:
+        import time
+
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+        return self.figures
+
+    def __exit__(self, *exc):
+        import resource
+        import time
+
+        self.figures["seconds"] = time.perf_counter() - self.t0
+        self.figures["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.cuda:
+            import torch
+
+            self.figures["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+        return False
+
+
+def stage_report(plan, measured: dict[str, dict]) -> list[dict]:
+    """Per run step: the plan's stages in it (their estimates) and what was measured."""
+    stages = plan.stages if plan.stages is not None else plan_stages(plan, this_machine(plan.device, plan.run_dir))
+    out = []
+    for step, got in measured.items():
+        mine = [s for s in stages if s.step == step]
+        out.append({"step": step, "stages": [s.name for s in mine],
+                    "planned": {"peak_device_bytes": max((s.device_bytes for s in mine), default=0),
+                                "peak_host_bytes": max((s.host_bytes for s in mine), default=0),
+                                "seconds": sum(s.seconds for s in mine)},
+                    "measured": got})
+    return out
+
+
+def report_markdown(rows: list[dict]) -> str:
+    """The stage table of report.md: planned beside measured."""
+    lines = ["## Stages: planned and measured", "",
+             "| step | stages | GPU peak plan / measured | host peak plan / measured (process) | time plan / measured |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        p, m = r["planned"], r["measured"]
+        gpu = (f"{human(p['peak_device_bytes'])} / {human(m['peak_device_bytes'])}" if "peak_device_bytes" in m
+               else "-")
+        lines.append(f"| {r['step']} | {', '.join(r['stages'])} | {gpu} | {human(p['peak_host_bytes'])} / "
+                     f"{human(m['peak_host_bytes'])} | {duration(p['seconds'])} / {duration(m['seconds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- a model from its config alone, for `npft-gguf plan` ---------------------------------------------
+class ConfigSource:
+    """A folder with a config.json and no weights (or a transformers config): tensor shapes from the
+    model transformers builds on the meta device. Enough to plan a run, nothing to run it with."""
+
+    kind = "config"
+
+    def __init__(self, spec: str, path: Path, config):
+        from . import arch as families
+
+        self.spec, self.path, self.config = spec, path, config
+        self.arch = families.for_config(config)
+        self._shapes = meta_shapes(config)
+
+    def shapes(self):
+        return dict(self._shapes)
+
+    def extra_tensors(self):
+        return self.arch.extra_tensors(self.config)
+
+    def tokenizer(self):
+        raise UsageError(f"{self.spec} is a config without weights or tokenizer; only `npft-gguf plan` reads one")
+
+    def load_model(self, dtype=None, device="cpu"):
+        self.tokenizer()
+
+
+def meta_shapes(config) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every parameter of the model `config` makes (tied ones once), built on
+    the meta device: no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = getattr(config, "tie_word_embeddings", False)
+    return {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=True)
+            if not (tied and n == "lm_head.weight")}
+
+
+def open_for_plan(spec: str):
+    """What `npft-gguf plan` plans from: any source convert takes, or a folder holding a config.json
+    and no weights (ConfigSource)."""
+    from .sources import open_source
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")) \
+            and not any(path.glob("pytorch_model*.bin")):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise UsageError(f"{path}/config.json cannot be read as a model config ({str(e).splitlines()[0][:200]})") from None
+        return ConfigSource(spec, path, config)
+    return open_source(spec)

@@ -1,0 +1,275 @@
+"""The plan of a convert run: each stage's memory, disk and time from the config alone (stages.py),
+`npft-gguf plan` and `convert --dry-run`, and convert refusing a run that cannot fit."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from npft_gguf import stages
+from npft_gguf.errors import UsageError
+from npft_gguf.stages import GiB, Dims, Machine, parse_size
+
+from .test_cli import assert_fails, run
+
+DEFAULT_STAGES = ["imatrix", "source", "calibration", "sensitivity", "trace", "tune", "merge", "write", "guard", "evaluate"]
+FIGURES = ("peak_device_bytes", "peak_host_bytes", "disk_bytes", "seconds")
+
+
+def real_config(name: str):
+    """The public hyperparameters of three 7-8B models, as transformers configs (no weights)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if name == "llama-2-7b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                           architectures=["LlamaForCausalLM"])
+    if name == "llama-3.1-8b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                           rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                           architectures=["LlamaForCausalLM"])
+    return Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
+
+
+PARAMS = {"llama-2-7b": 6.74e9, "llama-3.1-8b": 8.03e9, "qwen2.5-7b": 7.62e9}  # the models' published sizes
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    """A config.json folder (nothing else) per model."""
+    root = tmp_path_factory.mktemp("configs")
+    for name in PARAMS:
+        real_config(name).save_pretrained(root / name)
+    return root
+
+
+def plan_json(folder, tmp_path, *args):
+    r = run("plan", folder, "-o", tmp_path / "out.gguf", "--eval-text", "wiki-heldout", "--json", *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_plan_lists_each_stage_with_its_four_figures(configs, tmp_path, name):
+    d = plan_json(configs / name, tmp_path, "--gpu-memory", "80GiB", "--host-memory", "64GiB")
+    assert [s["name"] for s in d["stages"]] == DEFAULT_STAGES
+    for s in d["stages"]:
+        assert all(isinstance(s[k], (int, float)) and s[k] >= 0 for k in FIGURES), s
+    assert d["peak_device_bytes"] == max(s["peak_device_bytes"] for s in d["stages"])
+    assert d["peak_host_bytes"] == max(s["peak_host_bytes"] for s in d["stages"])
+    assert d["disk_bytes"] == sum(s["disk_bytes"] for s in d["stages"])
+    assert d["seconds"] == pytest.approx(sum(s["seconds"] for s in d["stages"]))
+    by = {s["name"]: s for s in d["stages"]}
+    n = PARAMS[name]
+    assert by["merge"]["peak_device_bytes"] == pytest.approx(4 * n + stages.CUDA_CONTEXT, rel=0.02)  # the fp32 model
+    assert by["source"]["peak_device_bytes"] == pytest.approx(2 * n, rel=0.02)  # bf16 on CUDA
+    assert by["write"]["disk_bytes"] == pytest.approx(n * 4.6 / 8, rel=0.1)  # about 4.5-4.7 bits per weight in q4_0
+    assert by["tune"]["seconds"] > 60 and by["sensitivity"]["seconds"] > 10
+    assert d["device"] == "cuda" and d["steps"] == ["imatrix", "source", "calibration", "tune", "write", "guard", "evaluate"]
+
+
+def test_llama2_on_a_24gb_gpu_does_not_fit_and_names_the_fixes(configs, tmp_path):
+    d = plan_json(configs / "llama-2-7b", tmp_path, "--gpu-memory", "24GiB", "--host-memory", "64GiB")
+    assert d["fits"] is False and d["refused"] is True
+    by = {s["name"]: s for s in d["stages"]}
+    assert by["trace"]["fix"] == "--trace-samples 0"
+    assert "--device cpu" in by["tune"]["fix"]
+    assert by["sensitivity"]["fix"] is None  # the Fisher accumulator alone is 24 GiB: no option lowers it today
+    assert any("stage sensitivity" in p and "no option" in p for p in d["problems"])
+    # on an 80 GB GPU the same run fits
+    assert plan_json(configs / "llama-2-7b", tmp_path, "--gpu-memory", "80GiB", "--host-memory", "64GiB")["fits"] is True
+
+
+def test_gradient_checkpointing_and_batch_lower_the_tuning_step(configs, tmp_path):
+    def tune(*args):
+        d = plan_json(configs / "llama-3.1-8b", tmp_path, "--gpu-memory", "80GiB", "--host-memory", "64GiB", *args)
+        return next(s for s in d["stages"] if s["name"] == "tune")["peak_device_bytes"]
+
+    plain = tune("--batch", "8")
+    assert tune("--batch", "8", "--gradient-checkpointing") < plain
+    assert tune("--batch", "1") < plain
+
+
+def test_plan_text_is_a_table_and_a_verdict(configs, tmp_path):
+    r = run("plan", configs / "llama-2-7b", "-o", tmp_path / "out.gguf", "--eval-text", "wiki-heldout",
+            "--gpu-memory", "24GiB", "--host-memory", "64GiB")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for name in DEFAULT_STAGES:
+        assert f"\n{name}" in out
+    assert "GPU peak" in out and "host peak" in out and "disk" in out and "time" in out
+    assert "verdict: does NOT fit" in out and "--trace-samples 0 makes it fit" in out
+    assert "GPU 24.0 GiB free, host 64.0 GiB available" in out
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_plan_of_gptq_and_rtn_have_their_own_stages(configs, tmp_path):
+    d = plan_json(configs / "qwen2.5-7b", tmp_path, "--method", "gptq", "--host-memory", "64GiB", "--gpu-memory", "80GiB")
+    assert [s["name"] for s in d["stages"]] == ["source", "calibration", "quantize", "write", "evaluate"]
+    d = plan_json(configs / "qwen2.5-7b", tmp_path, "--method", "rtn", "--eval-text", "none")
+    assert [s["name"] for s in d["stages"]] == ["write"] and d["device"] is None
+    d = plan_json(configs / "qwen2.5-7b", tmp_path, "--method", "npft", "--type", "rtn3", "--gpu-memory", "80GiB")
+    assert [s["name"] for s in d["stages"]] == ["source", "calibration", "sensitivity", "trace", "tune", "merge", "quantize",
+                                                "evaluate"]
+    assert next(s for s in d["stages"] if s["name"] == "evaluate")["where"] == "cuda"  # in torch: rtn3 has no GGUF form
+    d = plan_json(configs / "qwen2.5-7b", tmp_path, "--method", "owq", "--gpu-memory", "80GiB")
+    assert [s["name"] for s in d["stages"]] == ["source", "calibration", "quantize", "evaluate"]
+
+
+@pytest.mark.parametrize("value", ["24XB", "lots", "-3GiB", ""])
+def test_bad_sizes_are_one_error_line(configs, tmp_path, value):
+    r = run("plan", configs / "llama-2-7b", "-o", tmp_path / "out.gguf", "--gpu-memory", value)
+    assert_fails(r, 2, "--gpu-memory", "size")
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * GiB == parse_size("24G") == parse_size("24 gib")
+    assert parse_size("64GB") == 64 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1.5T") == int(1.5 * 2**40)
+    with pytest.raises(ValueError):
+        parse_size("24 GiBs")
+
+
+# --- convert: refused in its first second, --dry-run, the report's stage table ---------------------
+def test_convert_refuses_a_run_that_cannot_fit_before_loading_anything(tiny_bpe, tmp_path, monkeypatch):
+    from npft_gguf import sources
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(sources.HFDirSource, "load_model", no_loading)
+    monkeypatch.setattr(stages, "this_machine", lambda *a, **k: Machine(None, 100 * 2**20, 10 * GiB, cores=2))
+    r = run("convert", tiny_bpe, "-o", tmp_path / "out.gguf", "--recipe", "short", "--device", "cpu", "--eval-text", "none",
+            "--calib-samples", "4", "--calib-len", "32", "--ctx", "64")
+    line = assert_fails(r, 2, "cannot fit", "stage", "host memory")
+    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "out.npft-run").exists(), line
+
+
+def test_convert_dry_run_prints_the_plan_and_writes_nothing(tiny_bpe, tmp_path):
+    r = run("convert", tiny_bpe, "-o", tmp_path / "out.gguf", "--recipe", "short", "--device", "cpu",
+            "--eval-text", "none", "--ctx", "64", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["fits"] is True and [s["name"] for s in d["stages"]][:3] == ["imatrix", "source", "calibration"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_run_report_puts_measured_beside_planned(tiny_bpe, tmp_path):
+    r = run("convert", tiny_bpe, "-o", tmp_path / "out.gguf", "--method", "rtn", "--eval-text", "none", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["stages"]
+    assert [row["step"] for row in rows] == ["write"]
+    assert rows[0]["measured"]["seconds"] > 0 and rows[0]["measured"]["peak_host_bytes"] > 0
+    assert rows[0]["planned"]["peak_host_bytes"] > 0
+    assert "Stages: planned and measured" in (tmp_path / "out.npft-run" / "report.md").read_text()
+
+
+# --- the formulas' terms against the tensors the code makes, on a tiny model ------------------------
+def tiny_model_and_dims(folder):
+    from npft_gguf.npft import NPFTSettings
+    from npft_gguf.sources import open_source
+
+    source = open_source(str(folder))
+    npft = NPFTSettings(noise="rtn").for_family(source.arch)
+    return source, source.load_model(dtype=torch.float32), Dims.of(source, npft), npft
+
+
+def test_fisher_and_noise_terms_are_the_bytes_the_code_allocates(tiny_bpe):
+    """sensitivity_stage counts 4 bytes per perturbed weight for the Fisher accumulator, tune_stage 4
+    for rtn noise, merge_stage 4 per parameter: the tensors fisher_diagonal, Perturbations and
+    .float() make, to the byte."""
+    from npft_gguf.npft.noise import Perturbations
+    from npft_gguf.sensitivity import fisher_diagonal, outliers, target_linears
+
+    source, model, d, npft = tiny_model_and_dims(tiny_bpe)
+    linears = target_linears(model)
+    assert sum(m.weight.numel() for m in linears.values()) == d.linear
+    assert max(m.weight.numel() for m in linears.values()) == d.largest_linear
+    tokens = torch.randint(0, 100, (1, 8))
+    fisher = fisher_diagonal(model, tokens, linears, progress=False)
+    assert sum(f.numel() * f.element_size() for f in fisher.values()) == 4 * d.linear
+    noise = Perturbations(linears, outliers(fisher, 1.0), "rtn", "outliers", "q8_0", npft.perturbed)
+    assert sum(p.z.numel() * p.z.element_size() for p in noise.layers.values()) == 4 * d.linear
+    assert sum(p.numel() * p.element_size() for p in model.float().parameters()) == d.params * 4
+    assert d.params == sum(math.prod(s) for s in source.shapes().values())
+
+
+def test_lora_count_is_peft_s(tiny_bpe):
+    from peft import LoraConfig, get_peft_model
+
+    _, model, d, npft = tiny_model_and_dims(tiny_bpe)
+    peft_model = get_peft_model(model, LoraConfig(r=npft.rank, target_modules=list(npft.targets)))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == d.lora
+
+
+def test_plan_of_a_gguf_source(tiny_bpe, tmp_path):
+    """A GGUF file plans like the Hugging Face folder it was written from: the same shapes."""
+    gguf = tmp_path / "tiny.gguf"
+    assert run("export", tiny_bpe, "-o", gguf, "--type", "f32").returncode == 0
+    a = plan_json(gguf, tmp_path, "--device", "cpu", "--recipe", "short", "--ctx", "64")
+    b = plan_json(tiny_bpe, tmp_path, "--device", "cpu", "--recipe", "short", "--ctx", "64")
+    assert [s["name"] for s in a["stages"]] == [s["name"] for s in b["stages"]] == DEFAULT_STAGES
+    merge = lambda d: next(s for s in d["stages"] if s["name"] == "merge")  # noqa: E731
+    assert merge(a)["peak_host_bytes"] == merge(b)["peak_host_bytes"]
+
+
+# peaks measured by evals/memory_stages.py on SmolLM2-135M, CPU, 256-token samples (evals/README.md,
+# "Memory by NPFT stage", gathered probes): GiB of process RSS
+SMOLLM2_MEASURED = {"source": 1.26, "sensitivity": 2.85, "trace": 4.95, "tune (no noise)": 3.92, "tune (rtn)": 4.4}
+
+
+def test_formulas_reproduce_the_measured_smollm2_stage_peaks(smollm2):
+    """Each host-memory formula within 25 % of the stage's measured peak (same shapes and settings as
+    the script: fp32 on CPU, Fisher on 4 samples, the trace with the Fisher scores freed, batch 4 with
+    the clean term, ce)."""
+    from dataclasses import replace
+
+    from npft_gguf.npft import NPFTSettings
+
+    source = smollm2
+    npft = NPFTSettings(noise="rtn", objective="ce", batch=4, clean_weight=0.5).for_family(source.arch)
+    d = Dims.of(source, npft)
+    estimate = {
+        "source": stages.source_stage(d, 4, "cpu", 0),
+        "sensitivity": stages.sensitivity_stage(d, 4, "cpu", 4, 256, 1),
+        "trace": stages.trace_stage(d, 4, "cpu", 1, 256, 2, fisher_alive=False),
+        "tune (no noise)": stages.tune_stage(d, 4, "cpu", replace(npft, noise="none"), 8, 256),
+        "tune (rtn)": stages.tune_stage(d, 4, "cpu", npft, 8, 256),
+    }
+    for name, measured in SMOLLM2_MEASURED.items():
+        assert estimate[name].host_bytes / GiB == pytest.approx(measured, rel=0.25), name
+
+
+def test_the_guard_measures_within_the_model_s_context(tiny_bpe, tmp_path):
+    """--eval-text none leaves --ctx (512) unchecked against the model's 256 positions: the guard
+    measures 256-token windows instead of failing after the tuning and the writing."""
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.convert import ConvertSettings, plan_convert
+    from npft_gguf.npft import NPFTSettings
+
+    plan = plan_convert(str(tiny_bpe), tmp_path / "out.gguf", ConvertSettings(eval_text="none"),
+                        CalibSettings(calib="wiki", samples=4, length=32), NPFTSettings(noise="rtn"))
+    assert plan.guard is not None and plan.guard[2] == 256 and "guard" in plan.steps
+
+
+def test_within_the_estimates_uncertainty_convert_warns_and_runs(tiny_bpe, tmp_path, monkeypatch):
+    """A stage a little over what is free (under stages.MARGIN) may still fit: a warning, not a refusal."""
+    from npft_gguf.convert import ConvertSettings, check_fits, plan_convert
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.npft import NPFTSettings
+
+    plan = plan_convert(str(tiny_bpe), tmp_path / "x.gguf", ConvertSettings(method="rtn", eval_text="none"),
+                        CalibSettings(), NPFTSettings())
+    need = stages.plan_stages(plan, Machine(None, 64 * GiB, None))[0].host_bytes
+    said = []
+    check_fits(plan, Machine(None, int(need / 1.05), None), log=said.append)  # 5 % short
+    assert len(said) == 1 and said[0].startswith("warning: may not fit: stage write")
+    with pytest.raises(UsageError, match="cannot fit: stage write"):
+        check_fits(plan, Machine(None, int(need / 1.3), None))  # 30 % short
