@@ -504,11 +504,15 @@ def npft_options(f):
         click.option("--trace-samples", type=click.IntRange(min=0),
                      help="Samples for the Hutchinson trace before/after (0: skip) " + _recipe("trace_samples") + "."),
         click.option("--trace-probes", default=2, show_default=True, type=click.IntRange(min=1), help="Rademacher probes per trace sample."),
-        click.option("--trace-len", type=click.IntRange(min=8), help="Tokens per trace sample [default: --calib-len]."),
-        click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory (large models on GPU)."),
+        click.option("--trace-len", type=click.IntRange(min=8), help="Tokens per trace sample [default: --calib-len; convert "
+                     "shortens it, or sets --trace-samples 0, where the trace would not fit the GPU]."),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False,
+                     help="Trade compute for memory (large models on GPU) [default: off; convert turns it on where the "
+                          "tuning would not fit the GPU otherwise]."),
         click.option("--fisher-stages", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Passes the Fisher scores are made in, each for a run of layers: 4 bytes per targeted weight "
-                          "divided by this, for this many passes; the outliers are the same."),
+                          "divided by this, for this many passes; the outliers are the same (convert picks the fewest "
+                          "that fit the GPU unless given)."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
                      help="Where torch tunes the model (auto: CUDA when torch sees it)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and llama.cpp."),
@@ -680,8 +684,19 @@ def _convert_args(source: str, kw: dict) -> tuple:
     settings = ConvertSettings(bits=kw["bits"], type=target, method=kw["method"], eval_text=kw["eval_text"], ctx=kw["ctx"],
                                chunks=kw["chunks"], threads=kw["threads"], act_order=kw["act_order"],
                                owq_fraction=kw["owq_fraction"], tune_imatrix=kw["tune_imatrix"], keep_tuned=kw["keep_tuned"],
-                               guard_chunks=kw["guard_chunks"], peers=kw["peers"])
+                               guard_chunks=kw["guard_chunks"], peers=kw["peers"], fit_options=_left_to_plan())
     return source, output, settings, calib, npft, kw["device"], kw["run_dir"], kw["force"], kw["resume"]
+
+
+def _left_to_plan() -> tuple[str, ...]:
+    """The memory options (stages.FIT_OPTIONS) not given on the command line: the plan may set those
+    to fit the GPU, never one the user set."""
+    from click.core import ParameterSource
+
+    from .stages import FIT_OPTIONS
+
+    ctx = click.get_current_context()
+    return tuple(o for o in FIT_OPTIONS if ctx.get_parameter_source(o) in (None, ParameterSource.DEFAULT))
 
 
 @main.command()
@@ -787,19 +802,22 @@ def _print_plan(source: str, kw: dict, named: tuple | None, as_json: bool) -> No
     from .convert import plan_convert
     from .stages import named_machine, open_for_plan, table, this_machine, verdict
 
+    import torch
+
     spec, out, settings, calib, npft, device, run_dir, force, resume = _convert_args(source, kw)
     if named and named[0] is not None and device == "auto":
         device = "cuda"
-    run_plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume,
-                            source=open_for_plan(spec), costs_only=True)
-    machine = this_machine(run_plan.device, out.parent, settings.threads)
+    machine = this_machine("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu",
+                           out.parent, settings.threads)
     if named and any(v is not None for v in named):
         machine = named_machine(machine, *named)
+    run_plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume,
+                            source=open_for_plan(spec), costs_only=True, machine=machine)
     result = verdict(run_plan, machine)
     data = {"source": spec, "output": str(out), "method": settings.method, "type": run_plan.type_name,
-            "device": run_plan.device, "steps": list(run_plan.steps)} | result.as_dict()
+            "device": run_plan.device, "steps": list(run_plan.steps), "fitted_by_plan": run_plan.fitted or {}} | result.as_dict()
     head = (f"plan: {spec} -> {out} (method {run_plan.settings.method}, type {run_plan.type_name}, "
-            f"device {run_plan.device or 'none'})\n")
+            f"device {run_plan.device or 'none'})\n" + "".join(n + "\n" for n in run_plan.notes))
     _emit(data, as_json, head + table(result))
 
 

@@ -48,6 +48,9 @@ class ConvertSettings:
     keep_tuned: bool = False       # keep the tuned file even where the guard measures it farther than the peer
     guard_chunks: int = 10         # windows of held-back calibration text the guard measures on (0: no guard)
     peers: bool = True             # the closing comparison adds the same-size files llama.cpp makes (choices.PEERS)
+    fit_options: tuple[str, ...] = ("gradient_checkpointing", "fisher_stages", "trace_len", "trace_samples")
+                                   # memory options the plan may switch on to fit the GPU (stages.fit_to_gpu): those
+                                   # the user did not set (the CLI leaves out each option given)
 
     @property
     def simulated(self):
@@ -82,6 +85,7 @@ class Plan:
     torch_eval: bool = False       # evaluated in torch (simulated quantizers, OWQ): nothing GGUF is written
     eval_tokens: int = 0           # tokens of the closing evaluation's text (estimated where there is no tokenizer)
     stages: list | None = None     # stages.Stage, each with its estimated costs (set by check_fits)
+    fitted: dict | None = None     # memory options the plan switched on to fit the GPU: {NPFTSettings field: value}
 
 
 def resolve_method(method: str, type_name: str) -> str:
@@ -396,12 +400,14 @@ def run_record(spec: str, calib: CalibSettings, result) -> dict:
 
 def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSettings, npft: NPFTSettings,
                  device: str = "auto", run_dir: Path | None = None, force: bool = False, resume: bool = False,
-                 source: Source | None = None, costs_only: bool = False) -> Plan:
+                 source: Source | None = None, costs_only: bool = False, machine=None) -> Plan:
     """Resolve and check the whole run: outputs, source (headers only), type, method, the tuning
     grid, evaluation and calibration texts, device, and the steps it takes. Nothing is loaded, tuned
     or written. `costs_only` (`npft-gguf plan`): --device cuda is taken as asked, whether or not
     torch sees a GPU here, and a source without a tokenizer (stages.ConfigSource) is planned from
-    estimated token counts."""
+    estimated token counts. A tuning on CUDA gets the memory options that make it fit the GPU of
+    `machine` (default: this one's free memory), of those the user left to the plan
+    (settings.fit_options; stages.fit_to_gpu)."""
     from .atomic import check_target
     from .texts import load_text
 
@@ -457,18 +463,27 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
             guard = ("", settings.guard_chunks, min(settings.ctx, trained) if trained else settings.ctx)
     tokens = calibration_tokens(calib, source) if settings.method != "rtn" and has_tokenizer else None
     made_from = source_record(source) if tuning else None
-    if tuning and resume:
-        check_resume(run_dir, npft, tokens, made_from)
     if in_torch:
         device = "cuda" if costs_only and device == "cuda" else resolve_device(device)
     quantizer = ("owq" if settings.method == "owq" else "gptq" if settings.method in GPTQ_FAMILY
                  else "simulated" if settings.simulated else None)
     torch_eval = quantizer in ("owq", "simulated")
-    return Plan(spec, source, calib, npft if tuning else None, device if in_torch else None, tokens, run_dir,
+    plan = Plan(spec, source, calib, npft if tuning else None, device if in_torch else None, tokens, run_dir,
                 out=out, settings=settings, type_name=type_name, eval_text=eval_text, made_from=made_from, guard=guard,
                 notes=notes, steps=run_steps(settings, tuning, quantizer, torch_eval, eval_text is not None, guard is not None),
                 load_dtype=str(tuning_dtype(device)).removeprefix("torch.") if tuning else "float32", quantizer=quantizer,
                 torch_eval=torch_eval, eval_tokens=eval_tokens)
+    if tuning and plan.device == "cuda" and settings.fit_options:
+        from .stages import fit_to_gpu, this_machine
+
+        machine = machine or this_machine(plan.device, out.parent, settings.threads)
+        plan, choices = fit_to_gpu(plan, machine, settings.fit_options)
+        if choices:
+            plan = replace(plan, fitted={k: v for k, (v, _) in choices.items()},
+                           notes=tuple(line for _, line in choices.values()) + plan.notes)
+    if tuning and resume:  # with the options the plan chose, as the checkpoint recorded them
+        check_resume(run_dir, plan.npft, tokens, made_from)
+    return plan
 
 
 def run_steps(settings: ConvertSettings, tuning: bool, quantizer: str | None, torch_eval: bool, evaluate: bool,
@@ -565,8 +580,8 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
     opts = RunOptions(force, resume, progress, log, notice)
     for note in plan.notes:
         log(note)
-    state = RunState(record={**run_header(plan.spec), "convert": asdict(plan.settings) | {"type": plan.type_name}},
-                     tokens=plan.tokens)
+    state = RunState(record={**run_header(plan.spec), "convert": asdict(plan.settings) | {"type": plan.type_name},
+                             "fitted_by_plan": plan.fitted or {}}, tokens=plan.tokens)
     measured = {}
     for step in plan.steps:
         with measure(plan.device) as measured[step]:

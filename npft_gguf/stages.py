@@ -43,8 +43,10 @@ class Dims:
 
     params: int            # every parameter, tied ones once
     linear: int            # weights of the decoder linears the tuning perturbs (sensitivity.target_linears)
+    linears: int           # how many such matrices (the most passes the Fisher scores can be cut into)
     largest_linear: int    # the largest such weight
     lora: int              # LoRA parameters (rank r on each --targets linear)
+    rank: int              # r
     layers: int
     hidden: int
     ff: int
@@ -65,24 +67,25 @@ class Dims:
         lin = [math.prod(s) for n, s in decoder.items() if n.rsplit(".", 1)[-1] in perturbed]
         lora = sum(rank * (s[0] + s[1]) for n, s in decoder.items() if n.rsplit(".", 1)[-1] in targets)
         vocab, hidden = int(c.vocab_size), int(c.hidden_size)
-        return cls(params=sum(math.prod(s) for s in shapes.values()), linear=sum(lin), largest_linear=max(lin, default=0),
-                   lora=lora, layers=int(c.num_hidden_layers), hidden=hidden,
+        return cls(params=sum(math.prod(s) for s in shapes.values()), linear=sum(lin), linears=len(lin),
+                   largest_linear=max(lin, default=0),
+                   lora=lora, rank=rank, layers=int(c.num_hidden_layers), hidden=hidden,
                    ff=int(getattr(c, "intermediate_size", 4 * hidden)), heads=int(c.num_attention_heads), vocab=vocab,
                    matmul=sum(math.prod(s) for s in decoder.values()) + vocab * hidden,
                    imatrix_cols=sum(s[1] for s in decoder.values()))
 
 
 # --- activations: what a forward pass keeps for its backward ----------------------------------------
-def activation_bytes(d: Dims, tokens: int, seq: int, elem: int, checkpointing: bool = False, eager: bool = True) -> int:
-    """Saved activations of a backward pass over `tokens` tokens in sequences of `seq` (the
-    transformers decoder, as Korthikanti et al. count them: about 8h + 2.25ff elements per token and
-    layer, plus 2.5 a s for the attention scores where attention is not fused). With gradient
-    checkpointing (transformers' gradient_checkpointing_enable, training mode only) each layer keeps
-    its input and one layer at a time is recomputed."""
-    per_layer = tokens * ((8 * d.hidden + 2.25 * d.ff) * elem + (2.5 * d.heads * seq * elem if eager else 0))
+# docs/METHOD.md "Memory of the tuning": coefficients fitted on small llamas with peft's LoRA
+# (tests/npft/memory.py counts every tensor torch makes), SDPA attention
+def activation_bytes(d: Dims, tokens: int, elem: int, checkpointing: bool = False, rank: int = 0) -> int:
+    """Saved activations of a backward pass over `tokens` tokens: (14h + 5f + 29r) elements per token
+    and layer (r: the LoRA rank where adapters are attached); with gradient checkpointing
+    (npft.train.checkpoint_layers) each layer keeps its input, h, and one layer at a time is recomputed."""
+    per_layer = tokens * (14 * d.hidden + 5 * d.ff + 29 * rank) * elem
     if checkpointing:
-        return int(d.layers * tokens * d.hidden * elem + per_layer)
-    return int(d.layers * per_layer)
+        return d.layers * tokens * d.hidden * elem + per_layer
+    return d.layers * per_layer
 
 
 def logits_bytes(d: Dims, tokens: int, elem: int) -> int:
@@ -212,58 +215,75 @@ def lora_state_bytes(d: Dims) -> int:
     return d.lora * 4 * 4
 
 
-def sensitivity_stage(d: Dims, elem: int, dev: str, samples: int, seq: int, epochs: int) -> Stage:
-    """sensitivity.fisher_diagonal, once per epoch: a float32 accumulator of every perturbed weight,
-    every perturbed weight's gradient at once (torch.autograd.grad, weights' dtype) and its float32
-    square, one sample's backward in eval mode (no gradient checkpointing: it is training-only)."""
-    peak = (d.params * elem + lora_state_bytes(d) + d.linear * 4 + d.linear * elem + d.largest_linear * 8
-            + activation_bytes(d, seq, seq, elem, eager=dev != "cuda") + logits_bytes(d, seq, elem) + CUDA_CONTEXT)
+def sensitivity_stage(d: Dims, elem: int, dev: str, samples: int, seq: int, epochs: int, stages: int = 1,
+                      checkpointing: bool = False) -> Stage:
+    """sensitivity.find_outliers, once per epoch, one sample at a time in eval mode: `stages` passes
+    (--fisher-stages), each holding the float32 scores of one run of modules (4 P_t / k) and one
+    module's gradient at a time (sensitivity.fisher_diagonal), the activations (checkpointed with
+    --gradient-checkpointing) and the next-token head, about 12 s V (docs/METHOD.md, "Memory of the
+    tuning")."""
+    peak = (d.params * elem + lora_state_bytes(d) + d.linear * 4 // stages + d.largest_linear * elem
+            + activation_bytes(d, seq, elem, checkpointing) + 12 * seq * d.vocab + CUDA_CONTEXT)
     tokens = samples * seq * epochs
-    return _torch_stage("sensitivity", "Fisher scores of every perturbed weight, per epoch", dev, peak, d, elem,
-                        flops=3 * forward_flops(d, tokens, seq), tokens=tokens)
+    return _torch_stage("sensitivity", "Fisher scores of every perturbed weight, per epoch"
+                        + (f", in {stages} passes" if stages > 1 else ""), dev, peak, d, elem,
+                        flops=stages * (3 + checkpointing) * forward_flops(d, tokens, seq), tokens=tokens)
 
 
-def trace_stage(d: Dims, elem: int, dev: str, samples: int, seq: int, probes: int, fisher_alive: bool = True) -> Stage:
-    """npft.hessian.outlier_trace, before and after: eager attention; the gradient of every perturbed
-    weight kept with its graph (create_graph) and each probe's Hessian-vector product (weights' dtype);
-    the graph holds the forward's activations, the first backward's gradients of them and the double
-    backward's own: about 6x one backward's activations (fitted to the trace's peak measured on
-    SmolLM2-135M, evals/README.md "Memory by NPFT stage"). Before the tuning, train.tune still holds the Fisher accumulator
-    (float32) while it runs (`fisher_alive`)."""
-    peak = (d.params * elem + lora_state_bytes(d) + d.linear * 4 * fisher_alive + 2 * d.linear * elem
-            + 6 * activation_bytes(d, seq, seq, elem) + logits_bytes(d, seq, elem) + CUDA_CONTEXT)
+def trace_stage(d: Dims, elem: int, dev: str, samples: int, seq: int, probes: int) -> Stage:
+    """npft.hessian.outlier_trace, before and after, one sample of `seq` tokens (--trace-len) at a
+    time: eager attention and a double backward, s L (24h + 14f + 5 n_h s) d + 28 s V; the
+    derivatives are taken along an offset at the outliers, so no term in the perturbed weights, and
+    checkpointing does not lower it (docs/METHOD.md, "Memory of the tuning")."""
+    peak = (d.params * elem + lora_state_bytes(d)
+            + seq * d.layers * (24 * d.hidden + 14 * d.ff + 5 * d.heads * seq) * elem + 28 * seq * d.vocab + CUDA_CONTEXT)
     tokens = 2 * samples * seq
-    return _torch_stage("trace", "Hutchinson trace at the outliers, before and after", dev, peak, d, elem,
-                        flops=(3 + 6 * probes) * forward_flops(d, tokens, seq), tokens=tokens)
+    return _torch_stage("trace", f"Hutchinson trace at the outliers, before and after ({seq} tokens a sample)", dev,
+                        peak, d, elem, flops=(3 + 6 * probes) * forward_flops(d, tokens, seq), tokens=tokens)
+
+
+KL_CHUNKS = 2 * 64 * 2**20  # npft.objective: the KL's two chunks of float32 logits
+
+
+def noise_bytes(d: Dims, elem: int, npft) -> int:
+    """npft.noise.Perturbations: rtn noise formed in each layer's forward in the weight's dtype, every
+    layer's z saved for the backward (with checkpointing, one layer's, recomputed with it); dense grid
+    noise (--noise-scope all) holds every z; outlier noise a few numbers per outlier."""
+    if npft.noise == "none":
+        return 0
+    if npft.noise == "rtn":
+        return d.linear * elem // (d.layers if npft.gradient_checkpointing else 1)
+    if npft.noise_scope == "all":
+        return d.linear * elem
+    return int(d.linear * npft.outlier_pct / 100 * 24)
 
 
 def tune_stage(d: Dims, elem: int, dev: str, npft, samples: int, seq: int) -> Stage:
-    """npft.train._train_epoch with npft.noise.Perturbations: rtn noise keeps a dense float32 z of every
-    perturbed weight (grid noise on every weight: z and its step, both float32; outlier noise: a few
-    floats per outlier); per micro-batch one backward at a time (noisy, then clean), the KL teacher's
-    hidden states; a resample makes the merged weight, its float32 copy and the quantizer's temporaries
-    for one linear at a time (grids/twins.py: each candidate scale over every block at once), about
-    eight float32 copies of the largest."""
-    noise = {"rtn": 4 * d.linear, "none": 0}.get(npft.noise, 8 * d.linear if npft.noise_scope == "all"
-                                                   else int(d.linear * npft.outlier_pct / 100 * 24))
+    """npft.train._train_epoch: per micro-batch of b sequences one backward at a time (noisy, then
+    clean) under the noise (noise_bytes); the head: kl keeps b s h (4 + d) and two chunks of float32
+    logits (npft.objective), ce b s V 4; rtn noise forms one matrix's error at a time, about
+    8 P_1 + 64 MiB (docs/METHOD.md, "Memory of the tuning")."""
     tokens_step = npft.batch * seq
-    teacher = tokens_step * d.hidden * elem if "kl" in npft.objective else 0
-    peak = (d.params * elem + lora_state_bytes(d) + noise + 8 * d.largest_linear * 4
-            + activation_bytes(d, tokens_step, seq, elem, npft.gradient_checkpointing, eager=dev != "cuda")
-            + logits_bytes(d, tokens_step, elem) + teacher + CUDA_CONTEXT)
+    head = ((tokens_step * d.hidden * (4 + elem) + KL_CHUNKS if "kl" in npft.objective else 0)
+            + (tokens_step * d.vocab * 4 if "ce" in npft.objective else 0))
+    transient = 8 * d.largest_linear + 64 * 2**20 if npft.noise == "rtn" else 0
+    peak = (d.params * elem + lora_state_bytes(d) + noise_bytes(d, elem, npft) + transient
+            + activation_bytes(d, tokens_step, elem, npft.gradient_checkpointing, d.rank) + head + CUDA_CONTEXT)
     per_epoch = min(samples, (npft.max_steps_per_epoch or 10**12) * npft.grad_accum * npft.batch)
     tokens = npft.epochs * per_epoch * seq
-    passes = 3 * (1 + (npft.clean_weight > 0)) + ("kl" in npft.objective) + (npft.gradient_checkpointing * 1)
+    backwards = 1 + (npft.clean_weight > 0)
+    passes = (3 + npft.gradient_checkpointing) * backwards + ("kl" in npft.objective)
     return _torch_stage("tune", f"LoRA under {npft.noise} noise, {npft.epochs} epochs", dev, peak, d, elem,
                         flops=passes * forward_flops(d, tokens, seq), tokens=tokens,
                         disk=lora_state_bytes(d) * 3 // 4 + 2**20)  # checkpoint: adapter and AdamW moments
 
 
-def merge_stage(d: Dims, dev: str) -> Stage:
-    """peft merge_and_unload, then convert's `result.model.float()`: the merged model in float32 on the
-    tuning device, held through the writing."""
-    peak = d.params * 4 + CUDA_CONTEXT
-    return _torch_stage("merge", "merge the adapters; the model in fp32", dev, peak, d, 4)
+def merge_stage(d: Dims, elem: int, dev: str) -> Stage:
+    """peft merge_and_unload in place (one matrix's float32 delta at a time); the writer then reads
+    the merged model tensor by tensor in its own dtype (convert.step_tune; docs/METHOD.md, "Memory
+    of the tuning")."""
+    peak = d.params * elem + 4 * d.largest_linear + CUDA_CONTEXT
+    return _torch_stage("merge", "merge the adapters in place", dev, peak, d, elem)
 
 
 def quantize_stage(d: Dims, dev: str, method: str, tokens: int, seq: int) -> Stage:
@@ -315,6 +335,85 @@ def file_bytes(source, type_name: str) -> int:
     return sum(t.nbytes for t in plan(source, ExportSettings(type=type_name)))
 
 
+def tuning_stages(plan, d: Dims | None = None) -> list[Stage]:
+    """The stages of the `tune` step (sensitivity, trace, tune, merge) of a tuning plan."""
+    npft, calib, dev = plan.npft, plan.calib, plan.device or "cpu"
+    d = d or Dims.of(plan.source, npft)
+    elem = 2 if plan.load_dtype == "bfloat16" else 4
+    seq, samples = calib.length, calib.samples
+    stages = [sensitivity_stage(d, elem, dev, min(samples, npft.fisher_samples or samples), seq, npft.epochs,
+                                npft.fisher_stages, npft.gradient_checkpointing)]
+    if npft.trace_samples:
+        stages.append(trace_stage(d, elem, dev, min(samples, npft.trace_samples), trace_len(plan), npft.trace_probes))
+    return stages + [tune_stage(d, elem, dev, npft, samples, seq), merge_stage(d, elem, dev)]
+
+
+def trace_len(plan) -> int:
+    """Tokens of a trace sample: --trace-len, at most the calibration length (npft.train.tune)."""
+    return min(plan.calib.length, plan.npft.trace_len or plan.calib.length)
+
+
+# --- options the plan switches on to fit the GPU, where the user left them to it ----------------------
+FIT_OPTIONS = ("gradient_checkpointing", "fisher_stages", "trace_len", "trace_samples")  # NPFTSettings fields
+TRACE_LENS = (256, 128)  # --trace-len tried, in this order, before --trace-samples 0
+
+
+def fit_to_gpu(plan, machine: Machine, free: tuple[str, ...] = FIT_OPTIONS):
+    """(plan, choices): the tuning plan with the memory options of `free` (FIT_OPTIONS the user did not
+    set) switched on where a stage of the tune step would not fit `machine`'s GPU otherwise:
+    --gradient-checkpointing for the tuning step, the fewest --fisher-stages for the Fisher scores
+    (checkpointing too, where they cannot fit without), a shorter --trace-len, or --trace-samples 0,
+    for the trace (neither where the user gave either). Choices: {option: (value, the line that says why)}. Nothing else changes; an option
+    the user gave is left as it is (the verdict then says whether the run fits)."""
+    if plan.npft is None or plan.device != "cuda" or machine.gpu_bytes is None:
+        return plan, {}
+    d = Dims.of(plan.source, plan.npft)
+    budget = machine.gpu_bytes
+
+    def peak(p, name) -> int:
+        return next((s.device_bytes for s in tuning_stages(p, d) if s.name == name), 0)
+
+    choices = {}
+    if "gradient_checkpointing" in free and not plan.npft.gradient_checkpointing and peak(plan, "tune") > budget:
+        on = _npft(plan, gradient_checkpointing=True)
+        if peak(on, "tune") < peak(plan, "tune"):
+            choices["gradient_checkpointing"] = (True, f"plan: --gradient-checkpointing on (tune: {_gib(peak(plan, 'tune'))} "
+                                                       f"without, {_gib(peak(on, 'tune'))} with)")
+            plan = on
+    if "fisher_stages" in free and peak(plan, "sensitivity") > budget:
+        before, found = peak(plan, "sensitivity"), None
+        tries = [plan] + ([_npft(plan, gradient_checkpointing=True)] if "gradient_checkpointing" in free
+                          and not plan.npft.gradient_checkpointing else [])
+        for base in tries:
+            found = next((k for k in range(plan.npft.fisher_stages, max(1, d.linears) + 1)
+                          if peak(_npft(base, fisher_stages=k), "sensitivity") <= budget), None)
+            if found is not None:
+                if base is not plan:
+                    choices["gradient_checkpointing"] = (True, f"plan: --gradient-checkpointing on (sensitivity: "
+                                                               f"{_gib(before)} without, needed beside --fisher-stages)")
+                plan = _npft(base, fisher_stages=found)
+                choices["fisher_stages"] = (found, f"plan: --fisher-stages {found} (sensitivity: {_gib(before)} in one pass, "
+                                                   f"{_gib(peak(plan, 'sensitivity'))} in {found})")
+                break
+    if plan.npft.trace_samples and peak(plan, "trace") > budget:
+        before, length = peak(plan, "trace"), trace_len(plan)
+        shorter = [n for n in TRACE_LENS if n < length] if "trace_len" in free else []
+        n = next((n for n in shorter if peak(_npft(plan, trace_len=n), "trace") <= budget), None)
+        if n is not None:
+            plan = _npft(plan, trace_len=n)
+            choices["trace_len"] = (n, f"plan: --trace-len {n} (trace: {_gib(before)} at {length} tokens a sample, "
+                                       f"{_gib(peak(plan, 'trace'))} at {n})")
+        elif "trace_samples" in free and "trace_len" in free:  # a trace length the user gave asks for the trace
+            plan = _npft(plan, trace_samples=0)
+            choices["trace_samples"] = (0, f"plan: --trace-samples 0 (trace: {_gib(before)} at {length} tokens a sample; "
+                                           "the Hessian trace is not measured)")
+    return plan, choices
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.0f} GiB" if n >= 10 * GiB else f"{n / GiB:.1f} GiB"
+
+
 def plan_stages(plan, machine: Machine) -> list[Stage]:
     """The run's stages in order, each with its costs on `machine` (plan: convert.Plan)."""
     from .choices import PEERS
@@ -335,11 +434,7 @@ def plan_stages(plan, machine: Machine) -> list[Stage]:
     if "calibration" in steps:
         stages.append(calibration_stage(tokens, calib.calib == "self", d, seq))
     if "tune" in steps:
-        stages += [sensitivity_stage(d, elem, dev, min(samples, npft.fisher_samples or samples), seq, npft.epochs)]
-        if npft.trace_samples:
-            stages.append(trace_stage(d, elem, dev, min(samples, npft.trace_samples), npft.trace_len or seq,
-                                      npft.trace_probes))
-        stages += [tune_stage(d, elem, dev, npft, samples, seq), merge_stage(d, dev)]
+        stages += tuning_stages(plan, d)
     if "quantize" in steps:
         stages.append(quantize_stage(d, dev, plan.quantizer, tokens, seq))
     out_size = 0 if s.simulated else file_bytes(source, plan.type_name)
@@ -355,7 +450,7 @@ def plan_stages(plan, machine: Machine) -> list[Stage]:
         n_tok = plan.eval_tokens if s.chunks is None else min(plan.eval_tokens, s.chunks * s.ctx)
         if plan.torch_eval:
             st = replace(_torch_stage("evaluate", "perplexity and KLD in torch beside the float model", dev,
-                                      2 * d.params * 4 + activation_bytes(d, s.ctx, s.ctx, 4) // d.layers
+                                      2 * d.params * 4 + activation_bytes(d, s.ctx, 4) // d.layers
                                       + logits_bytes(d, s.ctx, 4) + CUDA_CONTEXT, d, 4,
                                       flops=2 * forward_flops(d, n_tok, s.ctx), tokens=2 * n_tok))
             stages.append(st)
@@ -408,6 +503,9 @@ def over(st: Stage, m: Machine, margin: float = 0.0) -> str | None:
 FIXES = (
     ("--gradient-checkpointing", lambda p: _npft(p, gradient_checkpointing=True), ("tune",)),
     ("--batch 1", lambda p: _npft(p, batch=1, grad_accum=p.npft.grad_accum * p.npft.batch), ("tune",)),
+    ("--fisher-stages 4", lambda p: _npft(p, fisher_stages=max(4, p.npft.fisher_stages)), ("sensitivity",)),
+    ("--fisher-stages 16", lambda p: _npft(p, fisher_stages=max(16, p.npft.fisher_stages)), ("sensitivity",)),
+    ("--trace-len 256", lambda p: _npft(p, trace_len=min(256, trace_len(p))), ("trace",)),
     ("--trace-samples 0", lambda p: _npft(p, trace_samples=0), ("trace",)),
     ("--calib-len 256", lambda p: replace(p, calib=replace(p.calib, length=min(256, p.calib.length))),
      ("sensitivity", "trace", "tune", "imatrix")),
