@@ -1,7 +1,7 @@
 """Torch twins of llama.cpp's scale searches (npft_gguf/grids/twins.py): how often they write what
 llama.cpp writes, and what they cost a tuning step.
 
-Agreement: every decoder linear of SmolLM2-135M, with the importance matrix of the float model on
+Agreement: the decoder linears of four of SmolLM2-135M's layers (first, last, two between), with the importance matrix of the float model on
 the `wiki` calibration text (`npft-gguf imatrix smollm2-135m --calib wiki --chunks 32`) and without
 one: the share of 32-weight blocks whose bytes (codes and fp16 scale, and min) the twin makes
 exactly as llama.cpp's own quantizer (ggml_quantize_chunk in the libggml that llama-cpp-python
@@ -11,7 +11,8 @@ Step time: NPFT's short recipe (kl objective, rtn noise, Q4_0) on SmolLM2-135M f
 steps with each noise: plain RTN's error, the twins of the imatrix Q4_0 mix's rules (the default
 now), and the bit-exact numpy port on the CPU (what `--tune-imatrix` ran before the twins). Seconds
 per step after the first, median, and the ratio to plain RTN's; each noise twice, interleaved, so
-a busy machine shows as a spread rather than a bias.
+a busy machine shows as a spread rather than a bias. Each part is saved as it is measured, so an
+interrupted run continues where it stopped.
 
     .venv/bin/python evals/twins.py [--steps 5]
     .venv/bin/python evals/twins.py --render
@@ -49,7 +50,9 @@ def agreement(source, imatrix) -> list[dict]:
     from npft_gguf.grids.twins import TWINNED, TwinRules
     from npft_gguf.llamacpp import ggml_quantize
 
-    linears = [n for n, s in source.shapes().items() if len(s) == 2 and n.startswith("model.layers.")]
+    layers = source.config.num_hidden_layers
+    picked = sorted({0, layers // 3, 2 * layers // 3, layers - 1})  # first, last and two between: a quarter hour on 2 cores
+    linears = [n for n, s in source.shapes().items() if len(s) == 2 and any(n.startswith(f"model.layers.{i}.") for i in picked)]
     rows = []
     for name in TWINNED:
         grid = get_grid(name)
@@ -69,8 +72,9 @@ def agreement(source, imatrix) -> list[dict]:
                 d_theirs = dequantize(theirs, grid.ggml).reshape(w.shape)
                 err_twin += float((wt * (d_ours - w) ** 2).sum())
                 err_ggml += float((wt * (d_theirs - w) ** 2).sum())
-            rows.append({"type": name, "imatrix": with_im, "matrices": len(linears), "blocks": total, "identical": same,
-                         "identical_pct": 100.0 * same / total, "error_ratio": err_twin / err_ggml})
+            rows.append({"type": name, "imatrix": with_im, "layers": picked, "matrices": len(linears), "blocks": total,
+                         "identical": same, "identical_pct": 100.0 * same / total,
+                         "error_ratio": err_twin / err_ggml if err_ggml else None})  # None: llama.cpp's file is lossless
             print(f"{name} imatrix={with_im}: {100.0 * same / total:.3f} % of {total} blocks identical", flush=True)
     return rows
 
@@ -85,7 +89,7 @@ def step_times(source, imatrix_path: Path, noise: str, steps: int) -> list[float
 
     tokens = load_calibration(CalibSettings(calib="wiki", samples=64, length=256), source.tokenizer(), progress=False)
     settings = NPFTSettings(noise="rtn", objective="kl", grid="q4_0", imatrix=None if noise == "rtn" else str(imatrix_path),
-                            epochs=1, max_steps_per_epoch=steps, lr=5e-4, batch=4, fisher_samples=16, trace_samples=0)
+                            epochs=1, max_steps_per_epoch=steps, lr=5e-4, batch=4, fisher_samples=2, trace_samples=0)
     stamps = []
     saved = twins.TWINNED
     if noise == "numpy":
@@ -120,13 +124,21 @@ def main():
         npft("imatrix", "smollm2-135m", "--calib", "wiki", "--ctx", 512, "--chunks", 32, "-o", im_path)
     cmd = f"npft-gguf imatrix smollm2-135m --calib wiki --ctx 512 --chunks 32 -o {im_path.relative_to(ROOT)}"
     source = open_source("smollm2-135m")
-    rec = {"date": dt.date.today().isoformat(), "machine": machine(), "imatrix": cmd,
-           "agreement": agreement(source, load_imatrix(im_path)), "steps": {}}
-    for rep in range(2):
+    partial = OUT / "twins.partial.json"  # each part saved as it is measured: a rerun measures only what is missing
+    rec = json.loads(partial.read_text()) if partial.exists() else {}
+    rec.update({"date": dt.date.today().isoformat(), "machine": machine(), "imatrix": cmd})
+    if "agreement" not in rec:
+        rec["agreement"] = agreement(source, load_imatrix(im_path))
+        partial.write_text(json.dumps(rec, indent=1))
+    rec.setdefault("steps", {})
+    rec.setdefault("rounds_done", 0)
+    while rec["rounds_done"] < 2:
         for label, noise in NOISES.items():
             t = step_times(source, im_path, noise, a.steps)
             rec["steps"].setdefault(label, []).extend(t)
-            print(f"{label} (round {rep + 1}): {', '.join(f'{x:.2f}' for x in t)} s per step", flush=True)
+            print(f"{label} (round {rec['rounds_done'] + 1}): {', '.join(f'{x:.2f}' for x in t)} s per step", flush=True)
+        rec["rounds_done"] += 1
+        partial.write_text(json.dumps(rec, indent=1))
     JSON.write_text(json.dumps(rec, indent=1))
     write(rec)
 
@@ -136,14 +148,16 @@ def write(rec: dict):
         "# Torch twins of llama.cpp's scale searches", "",
         f"Built by `.venv/bin/python evals/twins.py` on {rec['date']} ({rec['machine']}). The imatrix: `{rec['imatrix']}`.", "",
         "## Agreement with llama.cpp's bytes", "",
-        f"Every decoder linear of SmolLM2-135M ({rec['agreement'][0]['matrices']} matrices). Identical: the block's bytes (codes, fp16 scale, min) "
-        "equal ggml_quantize_chunk's. Error ratio: the twin's imatrix-weighted squared error over the whole model "
-        "divided by llama.cpp's (1 = the same; without an imatrix, unweighted).", "",
+        f"The decoder linears of SmolLM2-135M's layers {', '.join(map(str, rec['agreement'][0]['layers']))} "
+        f"({rec['agreement'][0]['matrices']} matrices). Identical: the block's bytes (codes, fp16 scale, min) "
+        "equal ggml_quantize_chunk's. Error ratio: the twin's imatrix-weighted squared error over those matrices "
+        "divided by llama.cpp's (1 = the same; without an imatrix, unweighted; '-': llama.cpp's file is lossless, as "
+        "Q4_1 is for this model, whose only public weights are Q4_1).", "",
         "| type | imatrix | blocks | identical % | error ratio |", "|---|---|---|---|---|",
     ]
     for r in rec["agreement"]:
         lines.append(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {r['blocks']} | {r['identical_pct']:.3f} | "
-                     f"{r['error_ratio']:.6f} |")
+                     + ("- |" if r["error_ratio"] is None else f"{r['error_ratio']:.6f} |"))
     base = statistics.median(rec["steps"]["plain RTN"])
     lines += ["", "## Tuning step time", "",
               "NPFT short recipe (kl objective, rtn noise, batch 4 x 256 tokens) on SmolLM2-135M, Q4_0; seconds between "
