@@ -216,7 +216,7 @@ def test_two_finetunes_into_one_folder_the_second_fails(tiny_bpe, calib, tmp_pat
     line instead of both writing a model there and reporting success."""
     out = tmp_path / "tuned"
     args = ["finetune", tiny_bpe, "-o", out, "--calib", calib, *TUNE, "--epochs", "1"]
-    first = start(args, "commit:checkpoint.pt", tmp_path / "logs")  # tuning, nothing in place yet
+    first = start(args, "commit:checkpoint.safetensors", tmp_path / "logs")  # tuning, nothing in place yet
     assert_fails(cli(*args), 2, str(out), "already being written by another run", f"PID {first.pid}")
     rc, lines = stop(first, signal.SIGUSR1)  # let it go on
     assert rc == 0, lines
