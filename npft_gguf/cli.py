@@ -739,6 +739,9 @@ def convert(source, dry_run, as_json, **kw):
     try:
         record = run_convert(*args, log=lambda m: click.echo(m, err=True), notice=_notice(kw))
     except InterruptedAfterWriting as e:
+        if e.unchecked:
+            _interrupted(f"{e.out} holds the tuned file, written but not yet checked by the guard against llama.cpp's "
+                         "own file, and no report was written (`npft-gguf compare` measures both)")
         _interrupted(f"{e.out} was written; its closing evaluation was not finished, and no report was written "
                      f"(`npft-gguf compare` measures the file)")
     except KeyboardInterrupt:

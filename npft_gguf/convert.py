@@ -544,11 +544,12 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
 
 
 class InterruptedAfterWriting(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM in the closing evaluation: the output is complete, its report is not written."""
+    """Ctrl-C or SIGTERM after the output was written (in the guard or the closing evaluation): the
+    output is complete, its report is not written; `unchecked`: the guard had not decided yet."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, unchecked: bool = False):
         super().__init__(str(out))
-        self.out = out
+        self.out, self.unchecked = out, unchecked
 
 
 @dataclass
@@ -670,7 +671,10 @@ def step_write(plan: Plan, state: RunState, opts: RunOptions) -> None:
 
 
 def step_guard(plan: Plan, state: RunState, opts: RunOptions) -> None:
-    guard = state.record["guard"] = guard_output(plan, state.imatrix, opts.progress, opts.log)
+    try:
+        guard = state.record["guard"] = guard_output(plan, state.imatrix, opts.progress, opts.log)
+    except KeyboardInterrupt:
+        raise InterruptedAfterWriting(plan.out, unchecked=True) from None
     state.extra = (Path(guard["tuned_file"]),) if guard["written"] == "peer" else ()
 
 

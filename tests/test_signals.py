@@ -187,6 +187,19 @@ TUNE = ["--recipe", "short", "--calib-samples", "4", "--calib-len", "32", "--fis
         "--trace-samples", "0", "--outlier-pct", "1", "--threads", "1"]
 
 
+def test_a_convert_interrupted_in_its_guard_says_the_output_is_unchecked(tiny_bpe, calib, tmp_path):
+    """The guard measures after the output is written: interrupted there, the output is the tuned
+    file that no check has passed, and the message says so (not 'resume from the checkpoints')."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["convert", tiny_bpe, "-o", out / "t.gguf", "--calib", calib, *TUNE, "--eval-text", "none", "--ctx", "64"]
+    rc, lines = stop(start(args, "perplexity:chunk#2", tmp_path / "logs"), signal.SIGTERM)
+    assert rc == 143, lines
+    line = error_line(lines[-1])
+    assert f"{out / 't.gguf'} holds the tuned file" in line and "not yet checked by the guard" in line, line
+    assert (out / "t.gguf").is_file() and temps(out) == []
+
+
 @pytest.mark.slow
 def test_finetune_killed_at_any_point_resumes_and_leaves_nothing(tiny_bpe, calib, tmp_path):
     out, logs = tmp_path / "tuned", tmp_path / "logs"
