@@ -14,9 +14,16 @@ interrupted run continues; `--resume` is passed to convert when its run director
    the same F32 reference: compare-<text>.json.
 3. EDGE.json gets this model's entry (the others' stay) and EDGE.md is rendered from it alone.
 
+`--variant NAME` (the ablation, issue 28 #4): the same steps on the same texts with the extra convert
+options of VARIANTS on top of the defaults, into evals/out/edge/<model>/<variant>/, stored under the
+model's entry as variants[NAME] (the run without --variant stays the entry's main record, variant
+"default", and is measured first). EDGE.md shows, per model, the mean KLD of the file each tuning
+made (the tuned file, even where the guard wrote llama.cpp's file) per text and variant.
+
     .venv/bin/python evals/edge.py --model smollm2-135m                # --chunks 20
     .venv/bin/python evals/edge.py --model qwen2.5-coder-0.5b          # --chunks 10
     .venv/bin/python evals/edge.py --model qwen2.5-coder-1.5b          # --chunks 10
+    .venv/bin/python evals/edge.py --model smollm2-135m --variant long # one ablation run (VARIANTS)
     .venv/bin/python evals/edge.py --render                            # EDGE.md from EDGE.json
 """
 
@@ -50,6 +57,15 @@ LABELS = {"default": "default (convert's output)", "tuned": "tuned (set aside by
 REFERENCE = ("float-f32", "float-f16")
 TEXT_ORDER = ("WikiText-2", "wiki-heldout", *domains.DOMAINS)
 PEER = "imatrix-q4_0"
+# --variant: extra convert options on top of the defaults, and why each is in the ablation (issue 28 #4). Not a
+# variant: the guard's own choice (--keep-tuned), since the tuned file it sets aside is measured anyway.
+VARIANTS = {
+    "default": ("", "every default: the entry's main record"),
+    "plain-noise": ("--no-tune-imatrix", "tuned against plain RTN's error instead of the exact rule (the earlier default)"),
+    "long": ("--epochs 4", "twice the short recipe's tuning (2 epochs)"),
+    "rank64": ("--rank 64 --alpha 128", "four times the LoRA rank (16), alpha scaled with it"),
+    "attn-only": ("--targets q_proj,k_proj,v_proj,o_proj", "LoRA on the attention projections only, not the MLP's"),
+}
 
 
 def main():
@@ -58,6 +74,8 @@ def main():
     ap.add_argument("--chunks", type=int, help="windows of each text (default: 20 for smollm2-135m, 10 for the Qwen models)")
     ap.add_argument("--texts", help="only these further texts, comma-separated (WikiText-2, shakespeare, pydoc, french, code; "
                                     "default: all)")
+    ap.add_argument("--variant", choices=VARIANTS, default="default",
+                    help="an ablation run: " + "; ".join(f"{k}: `{o}`" for k, (o, _) in VARIANTS.items() if o))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--render", action="store_true", help="only rebuild EDGE.md from EDGE.json")
     # for checking the script on a tiny model: none of these belongs in the committed tables
@@ -73,8 +91,21 @@ def main():
         return
     if not a.model:
         ap.error("--model is needed (or --render)")
+    if a.variant != "default":
+        main_ = store["models"].get(a.model)
+        if main_ is None:
+            sys.exit(f"{a.json} has no {a.model} yet: measure the default first (without --variant)")
+        chunks = a.chunks or (20 if a.model == "smollm2-135m" else 10)
+        if (main_["ctx"], main_["chunks"]) != (a.ctx, chunks):
+            sys.exit(f"the default run of {a.model} has ctx {main_['ctx']}, {main_['chunks']} chunks: a variant needs the same")
     entry = measure(a)
-    store["models"][a.model] = entry
+    # read again: another model's or variant's run may have written it meanwhile
+    store = json.loads(a.json.read_text()) if a.json.exists() else {"models": {}}
+    old = store["models"].get(a.model) or {}
+    if a.variant == "default":
+        store["models"][a.model] = entry | ({"variants": old["variants"]} if old.get("variants") else {})
+    else:
+        store["models"][a.model] = old | {"variants": {**old.get("variants", {}), a.variant: entry}}
     store["models"] = {k: store["models"][k] for k in sorted(store["models"], key=rank)}
     a.json.write_text(json.dumps(store, indent=1) + "\n")
     write(store, a.json.with_suffix(".md"))
@@ -88,6 +119,9 @@ def rank(model: str) -> tuple:
 def measure(a) -> dict:
     """Run what is missing for one model and return its entry for EDGE.json."""
     out = (a.out or OUT / a.model).resolve()
+    options, reason = VARIANTS[a.variant]
+    if a.variant != "default":
+        out = out / a.variant
     out.mkdir(parents=True, exist_ok=True)
     chunks = a.chunks or (20 if a.model == "smollm2-135m" else 10)
     sha = None
@@ -104,6 +138,8 @@ def measure(a) -> dict:
     if "WikiText-2" not in wanted and not a.texts:
         print("note: $NPFT_GGUF_WIKITEXT2 is not set, so WikiText-2 is not measured", file=sys.stderr)
     settings = {"model": a.model, "source": source, "chunks": chunks, "ctx": a.ctx, "npft": a.npft}
+    if a.variant != "default":  # (the default run's settings.json stays as it was)
+        settings |= {"variant": a.variant, "options": options}
     kept = out / "settings.json"
     if kept.exists() and json.loads(kept.read_text()) != settings:
         sys.exit(f"{out} holds a run with other settings ({kept.read_text().strip()}); use the same options, "
@@ -120,8 +156,8 @@ def measure(a) -> dict:
         if output.exists():  # written, but its record was not: the tuning is reused, the rest rerun
             again.append("--force")
         _, stdout = npft("convert", source, "--bits", 4, "--recipe", "short", "--calib", "wiki", "--eval-text", "wiki-heldout",
-                         "--chunks", chunks, *ctx, *shlex.split(a.npft), *th, "-o", output, "--json", *again,
-                         log=log, label="convert with every default")
+                         "--chunks", chunks, *ctx, *shlex.split(options), *shlex.split(a.npft), *th, "-o", output, "--json",
+                         *again, log=log, label="convert with every default" + (f", variant {a.variant}" if options else ""))
         rec_path.write_text(json.dumps(json_record(stdout), indent=1) + "\n")
     record = json.loads(rec_path.read_text())
     closing = record["comparison"]
@@ -142,7 +178,7 @@ def measure(a) -> dict:
                 results[name]["sha256"] = domains.sha256(Path(arg))
     results = {k: results[k] for k in sorted(results, key=lambda t: TEXT_ORDER.index(t) if t in TEXT_ORDER else 99)}
     title = f"a test source in place of {a.model}" if a.source else MODELS.get(a.model, a.model)
-    return {"title": title, "source": shown([source]), "source_sha256": sha,
+    return {"title": title, "variant": a.variant, "options": options, "reason": reason, "source": shown([source]), "source_sha256": sha,
             "machine": machine(), "built": dt.datetime.now().isoformat(timespec="seconds"), "ctx": a.ctx, "chunks": chunks,
             "extra_options": a.npft, "type": record.get("type") or "q4_0", "guard": relative_guard(record.get("guard"), out),
             "texts": results, "commands": list(log)}
@@ -264,8 +300,81 @@ def section(m: str, e: dict) -> list[str]:
     doms = {t: r["sha256"] for t, r in e["texts"].items() if r.get("sha256")}
     if doms:
         lines += ["", "Domain texts (sha256): " + "; ".join(f"{t} `{h[:16]}`" for t, h in doms.items()) + "."]
+    if e.get("variants"):
+        lines += ["", *ablation(e)]
     lines += ["", "| command | seconds |", "|---|---|"]
     lines += [f"| `{c['command']}` | {c['seconds']} |" for c in e["commands"]]
+    for v, r in (e.get("variants") or {}).items():
+        lines += [f"| `{c['command']}` | {c['seconds']} |" for c in r["commands"]]
+    return lines
+
+
+def tuned_kld(r: dict, text: str) -> float | None:
+    """Mean KLD of the file the tuning made on one text: convert's output, or where the guard wrote llama.cpp's
+    file instead, the row of the tuned file it set aside (the guard record's tuned_file)."""
+    rows = (r["texts"].get(text) or {}).get("rows", {})
+    g = r.get("guard")
+    if g and g.get("written") == "peer":
+        row = next((x for x in rows.values() if x["file"] == g.get("tuned_file")), None)
+    else:
+        row = rows.get("default")
+    return row["kld_mean"] if row else None
+
+
+def ablation(e: dict) -> list[str]:
+    """The variants measured so far (default first): mean KLD of the file each tuning made, per text, with
+    llama.cpp's imatrix Q4_0 of each run for reference; per variant, its mean over texts and the texts where it is
+    below the default."""
+    runs = {"default": e, **{v: e["variants"][v] for v in VARIANTS if v in e["variants"]},
+            **{v: r for v, r in e["variants"].items() if v not in VARIANTS}}
+    texts_ = [t for t in TEXT_ORDER if any(t in r["texts"] for r in runs.values())]
+    texts_ += sorted({t for r in runs.values() for t in r["texts"]} - set(texts_))
+
+    def peer(r, t):
+        row = (r["texts"].get(t) or {}).get("rows", {}).get(PEER)
+        return row["kld_mean"] if row else None
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    def cell(x):
+        return "" if x is None else f"{x:.4f}"
+
+    lines = ["### Ablation: the file the tuning made, per variant (mean KLD against the float model)", "",
+             "Each variant is convert with every default plus its options, the same steps on the same texts and chunks "
+             "(`--variant NAME`). A cell is the mean KLD of the tuned file, also where the guard wrote llama.cpp's file "
+             "instead; the last columns: its mean over the texts of the row, and llama.cpp's imatrix Q4_0 of the same run "
+             "(the untuned model: a reference), mean over the same texts.", "",
+             "| variant | options | " + " | ".join(texts_) + " | mean | llama.cpp Q4_0 + imatrix, mean |",
+             "|---|---|" + "---|" * (len(texts_) + 2)]
+    for v, r in runs.items():
+        kl = [tuned_kld(r, t) for t in texts_]
+        ref = mean(peer(r, t) for t, x in zip(texts_, kl) if x is not None)
+        opts = f"`{r['options']}`" if r.get("options") else "(none)"
+        lines.append(f"| {v} | {opts} | " + " | ".join(cell(x) for x in kl) + f" | {cell(mean(kl))} | {cell(ref)} |")
+    lines.append("| llama.cpp Q4_0 + imatrix (default run) | | " + " | ".join(cell(peer(e, t)) for t in texts_)
+                 + f" | {cell(mean(peer(e, t) for t in texts_))} | |")
+    base = {t: tuned_kld(e, t) for t in texts_}
+    lines.append("")
+    for v, r in runs.items():
+        kl = {t: tuned_kld(r, t) for t in texts_ if tuned_kld(r, t) is not None}
+        g = r.get("guard")
+        guard = ("no guard ran" if g is None else "the guard wrote llama.cpp's file" if g.get("written") == "peer"
+                 else "the guard kept the tuned file")
+        m = mean(kl.values())
+        head = (f"- **{v}**" + (f" (`{r['options']}`: {r['reason']})" if r.get("options") else " (every default)")
+                + f": mean {cell(m) or 'n/a'} over {len(kl)} texts; {guard}")
+        if v == "default":
+            lines.append(head + ".")
+            continue
+        shared = [t for t in kl if base.get(t) is not None]
+        below = [t for t in shared if kl[t] < base[t]]
+        same = mean(kl[t] for t in shared), mean(base[t] for t in shared)
+        lines.append(head + f"; below the default on {len(below)} of {len(shared)} texts" + (f" ({', '.join(below)})" if below else "")
+                     + (f"; on those {len(shared)} texts, mean {cell(same[0])} against the default's {cell(same[1])}" if shared else "")
+                     + (f"; settings differ from the default's (ctx {r['ctx']}, {r['chunks']} chunks)"
+                        if (r["ctx"], r["chunks"]) != (e["ctx"], e["chunks"]) else "") + ".")
     return lines
 
 
