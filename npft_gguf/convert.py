@@ -228,19 +228,35 @@ def calibration_tokens(calib: CalibSettings, source: Source):
     return load_calibration(calib, source.tokenizer(), progress=False)
 
 
+def trained_context(source: Source) -> int:
+    """The model's training context from its config (0 where it does not say)."""
+    return int(getattr(source.config, "max_position_embeddings", 0) or 0)
+
+
+def guard_context(ctx: int, source: Source) -> int:
+    """The guard's window: --ctx, within the model's training context (--ctx is checked against it
+    only when there is an evaluation text)."""
+    trained = trained_context(source)
+    return min(ctx, trained) if trained else ctx
+
+
 def check_context(ctx: int, source: Source) -> None:
     from .validate.perplexity import check_ctx
 
-    check_ctx(ctx, int(getattr(source.config, "max_position_embeddings", 0) or 0))
+    check_ctx(ctx, trained_context(source))
+
+
+def count_tokens(text: str, source: Source) -> int:
+    """Tokens of `text` by the source's tokenizer (llama.cpp's count differs by a few at most)."""
+    return len(source.tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def check_eval_text(text: str, ctx: int, source: Source) -> int:
-    """The closing evaluation's text must fill two windows; counted with the source's tokenizer
-    (llama.cpp's count differs by a few tokens at most), before the run rather than after it.
-    Returns the count."""
+    """The closing evaluation's text must fill two windows; counted with the source's tokenizer,
+    before the run rather than after it. Returns the count."""
     from .validate.perplexity import check_length
 
-    n = len(source.tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"])
+    n = count_tokens(text, source)
     check_length(n, ctx)
     return n
 
@@ -459,8 +475,7 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
         if has_tokenizer:
             guard, calib, notes = plan_guard(calib, settings, source)
         else:  # planned as if the held-back text filled --guard-chunks windows
-            trained = int(getattr(source.config, "max_position_embeddings", 0) or 0)
-            guard = ("", settings.guard_chunks, min(settings.ctx, trained) if trained else settings.ctx)
+            guard = ("", settings.guard_chunks, guard_context(settings.ctx, source))
     tokens = calibration_tokens(calib, source) if settings.method != "rtn" and has_tokenizer else None
     made_from = source_record(source) if tuning else None
     if in_torch:
@@ -519,15 +534,14 @@ def plan_guard(calib: CalibSettings, settings: ConvertSettings, source: Source):
     calibration, the imatrix and the tuning, for the guard (validate/guard.py) to measure the tuned
     file against its peer on; no guard where there is no text to hold back, or too little of it."""
     from .calib import holdout_text
-    from .validate.guard import HOLDOUT, windows_in
+    from .validate.guard import HOLDOUT
 
     if calib.calib == "self":
         return None, calib, ("guard: off (--calib self has no text to hold back); the tuned file is written unchecked",)
     held = replace(calib, holdout=HOLDOUT)
     text = holdout_text(held)
-    trained = int(getattr(source.config, "max_position_embeddings", 0) or 0)
-    ctx = min(settings.ctx, trained) if trained else settings.ctx  # --ctx is checked only with an evaluation text
-    n = windows_in(text, ctx, source.tokenizer())
+    ctx = guard_context(settings.ctx, source)
+    n = count_tokens(text, source) // ctx
     if n < 1:
         return None, calib, (f"guard: off (the last {HOLDOUT:.0%} of the calibration text holds less than one "
                              f"{ctx}-token window); the tuned file is written unchecked",)

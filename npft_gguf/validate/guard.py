@@ -40,13 +40,6 @@ class Verdict:
         return asdict(self) | {"tuned_closer": self.tuned_closer}
 
 
-def windows_in(text: str, ctx: int, tokenizer) -> int:
-    """How many evaluation windows of `ctx` tokens the text holds (counted with the source's
-    tokenizer; llama.cpp's count differs by a few tokens at most)."""
-    n = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    return n // ctx
-
-
 def judge(tuned: Path, peer: Path, peer_label: str, ref: Path, text: str, ctx: int, chunks: int,
           threads: int | None = None, progress: bool = True) -> Verdict:
     """Both files against the float reference `ref` on `text`, the same tokens for each."""
