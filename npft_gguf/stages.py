@@ -306,14 +306,20 @@ def write_stage(d: Dims, size: int, from_model: bool, dev: str, cores: int) -> S
 
 
 def llamacpp_stage(name: str, what: str, files: list[int], new_files: int, tokens: int, d: Dims, m: Machine,
-                   ctx: int) -> Stage:
-    """validate.compare / guard: llama.cpp (CPU) runs each file over `tokens` in windows of `ctx`, one
-    file at a time; the comparison files it writes first go through writer.export."""
-    host = PROCESS_BASE + max(files, default=0) + ctx * d.vocab * 4 * 2 + d.layers * ctx * d.hidden * 2 * 2
+                   ctx: int, gpu_layers: int = 0) -> Stage:
+    """validate.compare / guard: llama.cpp runs each file over `tokens` in windows of `ctx`, one file
+    at a time, on the CPU or with `gpu_layers` offloaded (-1: all): the offloaded share of the largest
+    file, its KV cache and a window's logits on the device; the comparison files it writes first go
+    through writer.export, on the CPU."""
+    share = 1.0 if gpu_layers < 0 else min(1.0, gpu_layers / d.layers)
+    kv, logits = d.layers * ctx * d.hidden * 2 * 2, ctx * d.vocab * 4
+    host = PROCESS_BASE + int(max(files, default=0) * (1 - share)) + logits * 2 + (kv if share < 1 else 0)
+    device = int(max(files, default=0) * share) + kv + logits + CUDA_CONTEXT if share else 0
     flops = sum(2.0 * tokens * d.matmul for _ in files)
     writing = new_files * d.params / (QUANTIZE_WEIGHTS_PER_S * max(1, m.cores) / 2)
-    return Stage(name, what, name, "llama.cpp", host_bytes=host, flops=flops, tokens=tokens * len(files),
-                 seconds=flops / m.cpu_flops + writing)
+    seconds = flops * share / (m.gpu_flops * GPU_EFFICIENCY) + flops * (1 - share) / m.cpu_flops
+    return Stage(name, what, name, "llama.cpp" + (" (gpu)" if share else ""), device_bytes=device, host_bytes=host,
+                 flops=flops, tokens=tokens * len(files), seconds=seconds + writing)
 
 
 def _torch_stage(name, what, dev, peak, d: Dims, elem, flops=0.0, tokens=0, disk=0) -> Stage:
@@ -444,7 +450,8 @@ def plan_stages(plan, machine: Machine) -> list[Stage]:
     if "guard" in steps:
         text, chunks, guard_ctx = plan.guard
         stages.append(llamacpp_stage("guard", f"tuned file beside its peer, {chunks} held-back windows",
-                                     [ref_size, out_size, out_size], 2, chunks * guard_ctx, d, machine, guard_ctx))
+                                     [ref_size, out_size, out_size], 2, chunks * guard_ctx, d, machine, guard_ctx,
+                                     s.eval_gpu_layers or 0))
         stages[-1].disk_bytes = ref_size + out_size * 2  # the reference, the peer and the kept tuned file
     if "evaluate" in steps:
         n_tok = plan.eval_tokens if s.chunks is None else min(plan.eval_tokens, s.chunks * s.ctx)
@@ -458,14 +465,31 @@ def plan_stages(plan, machine: Machine) -> list[Stage]:
             peers = [int(file_bytes(source, t)) for t in PEERS.get(plan.type_name, ())] if s.peers else []
             files = [ref_size, out_size] + ([out_size] * (1 + ("imatrix" in s.method)) if s.method != "rtn" else []) + peers
             new = len(files) - 1 - ("guard" in steps) * 2  # the guard's reference and peer are reused
-            stages.append(llamacpp_stage("evaluate", f"perplexity and KLD of {len(files) - 1} files beside the float model",
-                                         files, new, n_tok, d, machine, s.ctx))
+            stages.append(llamacpp_stage("evaluate", f"perplexity and KLD of {len(files) - 1} files beside the float model, "
+                                         f"{n_tok // s.ctx} windows each", files, new, n_tok, d, machine, s.ctx,
+                                         s.eval_gpu_layers or 0))
             stages[-1].disk_bytes = sum(files[2:]) + (0 if "guard" in steps else ref_size)
+            stages[-1].what += reference_passes(stages[-1], ref_size, len(files) - 1, n_tok, d, machine, s)
     for st in stages:
         if not st.seconds:
             rate = machine.gpu_flops * GPU_EFFICIENCY if st.where == "cuda" else machine.cpu_flops
             st.seconds = st.flops / rate
     return stages
+
+
+def reference_passes(st: Stage, ref_size: int, others: int, tokens: int, d: Dims, m: Machine, s) -> str:
+    """validate.reference: the reference is decoded once and its logits replayed for the other files,
+    up to the record's budget; past it, decoded again for each of the `others` (added to `st`). Says which."""
+    from .validate.reference import BUDGET_BYTES, logits_bytes
+
+    record = logits_bytes(tokens // s.ctx, s.ctx, d.vocab)
+    if record <= BUDGET_BYTES:
+        return f"; the reference decoded once, its logits ({human(record)}) replayed from the temporary directory"
+    again = llamacpp_stage("evaluate", "", [ref_size], 0, int(tokens * others * (1 - BUDGET_BYTES / record)),
+                           d, m, s.ctx, s.eval_gpu_layers or 0)
+    st.flops, st.tokens, st.seconds = st.flops + again.flops, st.tokens + again.tokens, st.seconds + again.seconds
+    return (f"; the reference's logits ({human(record)}) pass the record's budget of {human(BUDGET_BYTES)}: the "
+            "windows past it are decoded again for each file")
 
 
 @dataclass
@@ -509,6 +533,7 @@ FIXES = (
     ("--trace-samples 0", lambda p: _npft(p, trace_samples=0), ("trace",)),
     ("--calib-len 256", lambda p: replace(p, calib=replace(p.calib, length=min(256, p.calib.length))),
      ("sensitivity", "trace", "tune", "imatrix")),
+    ("--eval-gpu-layers 0", lambda p: replace(p, settings=replace(p.settings, eval_gpu_layers=0)), ("guard", "evaluate")),
     ("--device cpu", lambda p: replace(p, device="cpu", load_dtype="float32"), None),
 )
 
@@ -543,25 +568,33 @@ def verdict(plan, machine: Machine) -> Verdict:
     return Verdict(not problems, machine, stages, problems, time_hints(plan, stages, machine), certain)
 
 
-EVAL_HINT_CHUNKS = 40
-
-
 def time_hints(plan, stages: list[Stage], machine: Machine) -> list[str]:
-    """Where the closing evaluation is the longest stage and runs every window, what --chunks saves."""
+    """Where the closing evaluation (in llama.cpp) is the longest stage: what a quarter of its
+    windows (--eval-chunks) would take, and, where it runs on the CPU of a GPU run, --eval-gpu-layers."""
     slowest = max(stages, key=lambda s: s.seconds, default=None)
-    if slowest is None or slowest.name != "evaluate" or plan.settings.chunks is not None:
+    if slowest is None or slowest.name != "evaluate" or plan.torch_eval:
         return []
-    fewer = replace(plan, settings=replace(plan.settings, chunks=EVAL_HINT_CHUNKS))
-    again = next(s for s in plan_stages(fewer, machine) if s.name == "evaluate")
-    return [f"the closing evaluation runs every window of the text ({duration(slowest.seconds)}); "
-            f"--chunks {EVAL_HINT_CHUNKS} measures {EVAL_HINT_CHUNKS} of them ({duration(again.seconds)})"]
+    s = plan.settings
+    windows = plan.eval_tokens // s.ctx if s.chunks is None else min(s.chunks, plan.eval_tokens // s.ctx)
+    hints = []
+    fewer = windows // 4
+    if fewer >= 1:
+        quicker = replace(plan, settings=replace(s, chunks=fewer))
+        again = next(st for st in plan_stages(quicker, machine) if st.name == "evaluate")
+        hints.append(f"the closing evaluation is the longest stage ({windows} windows, {duration(slowest.seconds)}); "
+                     f"--eval-chunks {fewer} measures {fewer} of them ({duration(again.seconds)})")
+    if not s.eval_gpu_layers and plan.device == "cuda":
+        hints.append("it runs in llama.cpp on the CPU: --eval-gpu-layers -1, with a GPU build of llama-cpp-python "
+                     "(README, GPU), runs it on the GPU")
+    return hints
 
 
 def _fix(plan, st: Stage, machine: Machine) -> tuple[str | None, float | None]:
     """The first option of FIXES that alone makes `st` fit, else the fewest of them together (all of
     them, then each one dropped that is not needed), else None."""
     usable = [(o, change) for o, change, helps in FIXES
-              if (helps is None or st.name in helps) and (plan.npft is not None or o in ("--calib-len 256", "--device cpu"))
+              if (helps is None or st.name in helps)
+              and (plan.npft is not None or o in ("--calib-len 256", "--eval-gpu-layers 0", "--device cpu"))
               and (o != "--device cpu" or plan.device == "cuda")]
 
     def fits(chosen) -> Stage | None | bool:
@@ -626,34 +659,66 @@ def refusal(v: Verdict) -> str:
 
 # --- measured beside planned -----------------------------------------------------------------------
 class measure:
-    """A run step's wall time, the process's peak resident memory when it ends (getrusage: a high-water
-    mark since the process began, so an upper bound for the step) and, on CUDA, torch's peak
-    allocation during it (max_memory_allocated, reset when the step begins)."""
+    """A run step's wall time, its peak resident host memory and, on CUDA, torch's peak allocation
+    during it (max_memory_allocated, reset when the step begins). The host peak is sampled
+    (RSS every SAMPLE_S on a watcher thread, and at both ends), so each step shows its own peak, not
+    the process's high-water mark since it began (getrusage's, kept beside it as
+    `peak_host_bytes_process`); a spike shorter than the interval can be missed. On CUDA the
+    device's memory in use is sampled too (`peak_device_used_bytes`: torch's cache, llama.cpp's
+    buffers when the evaluation is offloaded, and any other process's), since torch's own count
+    does not see llama.cpp."""
+
+    SAMPLE_S = 0.05
 
     def __init__(self, device: str | None):
         self.cuda = device == "cuda"
         self.figures: dict = {}
 
     def __enter__(self) -> dict:
+        import threading
         import time
+
+        import psutil
 
         if self.cuda:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
+        self._proc, self._done = psutil.Process(), threading.Event()
+        self._peak = self._proc.memory_info().rss
+        self._used = self._device_used()
+        self._watcher = threading.Thread(target=self._watch, name="measure-rss", daemon=True)
+        self._watcher.start()
         self.t0 = time.perf_counter()
         return self.figures
+
+    def _device_used(self) -> int:
+        if not self.cuda:
+            return 0
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _watch(self):
+        while not self._done.wait(self.SAMPLE_S):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._used = max(self._used, self._device_used())
 
     def __exit__(self, *exc):
         import resource
         import time
 
         self.figures["seconds"] = time.perf_counter() - self.t0
-        self.figures["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self._done.set()
+        self._watcher.join()
+        self.figures["peak_host_bytes"] = max(self._peak, self._proc.memory_info().rss)
+        self.figures["peak_host_bytes_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if self.cuda:
             import torch
 
             self.figures["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+            self.figures["peak_device_used_bytes"] = max(self._used, self._device_used())
         return False
 
 
@@ -672,14 +737,16 @@ def stage_report(plan, measured: dict[str, dict]) -> list[dict]:
 
 
 def report_markdown(rows: list[dict]) -> str:
-    """The stage table of report.md: planned beside measured."""
+    """The stage table of report.md: planned beside measured (the GPU: torch's peak allocation, and
+    in brackets the device's memory in use, llama.cpp's buffers included)."""
     lines = ["## Stages: planned and measured", "",
-             "| step | stages | GPU peak plan / measured | host peak plan / measured (process) | time plan / measured |",
+             "| step | stages | GPU peak plan / measured (device in use) | host peak plan / measured | time plan / measured |",
              "|---|---|---|---|---|"]
     for r in rows:
         p, m = r["planned"], r["measured"]
-        gpu = (f"{human(p['peak_device_bytes'])} / {human(m['peak_device_bytes'])}" if "peak_device_bytes" in m
-               else "-")
+        gpu = (f"{human(p['peak_device_bytes'])} / {human(m['peak_device_bytes'])}"
+               + (f" ({human(m['peak_device_used_bytes'])})" if "peak_device_used_bytes" in m else "")
+               if "peak_device_bytes" in m else "-")
         lines.append(f"| {r['step']} | {', '.join(r['stages'])} | {gpu} | {human(p['peak_host_bytes'])} / "
                      f"{human(m['peak_host_bytes'])} | {duration(p['seconds'])} / {duration(m['seconds'])} |")
     return "\n".join(lines) + "\n"

@@ -172,6 +172,62 @@ def test_plan_of_gptq_and_rtn_have_their_own_stages(configs, tmp_path):
     assert [s["name"] for s in d["stages"]] == ["source", "calibration", "quantize", "evaluate"]
 
 
+def by_name(d: dict, name: str) -> dict:
+    return next(s for s in d["stages"] if s["name"] == name)
+
+
+GPU24 = ("--gpu-memory", "24GiB", "--host-memory", "64GiB", "--cpu-cores", "16")
+
+
+def test_the_closing_evaluation_is_bounded_and_on_the_gpu_by_default(configs, tmp_path):
+    """Issue 29 #3: the default evaluation runs EVAL_CHUNKS windows of each of its six files (the float
+    model, RTN, the imatrix peer, the output, IQ4_NL and Q4_K_M), offloaded to the GPU of a CUDA run;
+    the plan states its tokens and time from that bound. The whole text on the CPU made it most of the run."""
+    from npft_gguf.choices import EVAL_CHUNKS
+
+    d = plan_json(configs / "llama-2-7b", tmp_path, *GPU24)
+    ev, guard = by_name(d, "evaluate"), by_name(d, "guard")
+    assert ev["tokens"] == 6 * EVAL_CHUNKS * 512 and f"{EVAL_CHUNKS} windows each" in ev["what"]
+    assert ev["where"] == guard["where"] == "llama.cpp (gpu)"
+    assert 13 * GiB < ev["peak_device_bytes"] < 16 * GiB  # the F16 reference (13.5 GB) on the device, not the host
+    assert ev["peak_host_bytes"] < 2 * GiB and ev["peak_device_bytes"] <= d["peak_device_bytes"]
+    assert ev["seconds"] < 0.15 * d["seconds"] and d["hints"] == []
+    on_cpu = plan_json(configs / "llama-2-7b", tmp_path, *GPU24, "--eval-gpu-layers", "0")
+    cpu_ev = by_name(on_cpu, "evaluate")
+    assert cpu_ev["where"] == "llama.cpp" and cpu_ev["peak_device_bytes"] == 0 and cpu_ev["tokens"] == ev["tokens"]
+    assert cpu_ev["seconds"] > 10 * ev["seconds"] and cpu_ev["peak_host_bytes"] > 13 * GiB
+    assert any("--eval-gpu-layers -1" in h for h in on_cpu["hints"])
+    whole = plan_json(configs / "llama-2-7b", tmp_path, *GPU24, "--eval-gpu-layers", "0", "--eval-chunks", "all")
+    all_ev = by_name(whole, "evaluate")
+    assert all_ev["tokens"] > 4 * ev["tokens"] and all_ev["seconds"] > 0.5 * whole["seconds"]  # the run, before
+    assert any(h.startswith("the closing evaluation is the longest stage") and "--eval-chunks" in h for h in whole["hints"])
+    assert "the reference decoded once" in ev["what"] and "decoded again" not in ev["what"]
+
+
+def test_the_plan_names_eval_gpu_layers_0_where_the_offloaded_evaluation_does_not_fit(configs, tmp_path):
+    d = plan_json(configs / "llama-2-7b", tmp_path, "--method", "rtn", "--gpu-memory", "8GiB", "--host-memory", "64GiB")
+    ev = by_name(d, "evaluate")
+    assert d["fits"] is False and ev["fix"] == "--eval-gpu-layers 0"
+    assert any("stage evaluate" in p and "--eval-gpu-layers 0 makes it fit" for p in d["problems"])
+
+
+def test_a_reference_past_the_record_s_budget_is_planned_as_decoded_again(configs, tmp_path, monkeypatch):
+    """Qwen2.5-7B's 152k vocabulary: the whole text's reference logits pass the record's 16 GiB, so
+    the plan counts the reference again, for each file, on the windows past it; the default bound fits."""
+    from npft_gguf.validate import reference
+
+    whole = ("--eval-chunks", "all", "--no-peers")
+    ev = by_name(plan_json(configs / "qwen2.5-7b", tmp_path, *GPU24, *whole), "evaluate")
+    assert "decoded again for each file" in ev["what"]
+    monkeypatch.setattr(reference, "BUDGET_BYTES", 2**50)
+    roomy = by_name(plan_json(configs / "qwen2.5-7b", tmp_path, *GPU24, *whole), "evaluate")
+    assert "the reference decoded once" in roomy["what"]
+    assert ev["tokens"] > roomy["tokens"] and ev["seconds"] > roomy["seconds"]
+    monkeypatch.undo()
+    bounded = by_name(plan_json(configs / "qwen2.5-7b", tmp_path, *GPU24, "--no-peers"), "evaluate")
+    assert "the reference decoded once" in bounded["what"]
+
+
 @pytest.mark.parametrize("value", ["24XB", "lots", "-3GiB", ""])
 def test_bad_sizes_are_one_error_line(configs, tmp_path, value):
     r = run("plan", configs / "llama-2-7b", "-o", tmp_path / "out.gguf", "--gpu-memory", value)
@@ -217,6 +273,26 @@ def test_the_run_report_puts_measured_beside_planned(tiny_bpe, tmp_path):
     assert rows[0]["measured"]["seconds"] > 0 and rows[0]["measured"]["peak_host_bytes"] > 0
     assert rows[0]["planned"]["peak_host_bytes"] > 0
     assert "Stages: planned and measured" in (tmp_path / "out.npft-run" / "report.md").read_text()
+
+
+def test_each_step_measures_its_own_host_peak():
+    """The process's high-water mark (getrusage) never falls, so every step after the largest showed
+    its peak; each step now samples its own."""
+    import time
+
+    import numpy as np
+
+    from npft_gguf.stages import measure
+
+    with measure("cpu") as big:
+        x = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+        time.sleep(4 * measure.SAMPLE_S)
+        del x
+    with measure("cpu") as small:
+        time.sleep(4 * measure.SAMPLE_S)
+    assert big["peak_host_bytes"] - small["peak_host_bytes"] > 250 * 2**20
+    assert small["peak_host_bytes_process"] - small["peak_host_bytes"] > 250 * 2**20  # the old figure: still high
+    assert small["seconds"] >= 4 * measure.SAMPLE_S and "peak_device_bytes" not in small
 
 
 # --- the formulas' terms against the tensors the code makes, on a tiny model ------------------------
