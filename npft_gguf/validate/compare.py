@@ -11,7 +11,7 @@ from ..inspect import inspect
 from .bench import BenchSettings, bench
 from .models import LlamaCppBackend
 from .perplexity import EvalSettings, evaluate
-from .reference import recorded
+from .reference import logits_bytes, recorded
 
 COLUMNS = ["file", "type mix", "size MB", "bits/weight", "PPL", "delta-PPL %", "mean KLD", "same top-1 %", "pp t/s", "tg t/s"]
 
@@ -23,13 +23,25 @@ def machine_label() -> str:
 
 def compare(files: list[Path], ref: Path, text: str, text_name: str, settings: EvalSettings,
             bench_settings: BenchSettings | None, threads: int | None = None, progress: bool = True,
-            n_gpu_layers: int = 0, flash_attn: bool = False) -> dict:
+            n_gpu_layers: int = 0, flash_attn: bool = False, log=None) -> dict:
+    """Every file against `ref` on the same windows of `text`. The reference is decoded once per
+    window: its logits are recorded on the first pass and replayed for every file (reference.py),
+    up to the record's disk budget; where they will not all fit, `log` hears so before the first
+    pass, and the windows past the budget are decoded again for each file."""
     def backend(f):
         return LlamaCppBackend(f, settings.ctx, threads, n_gpu_layers, flash_attn)
 
-    # the reference runs once: its logits are recorded on this first pass and replayed for every file
     with recorded(backend(ref)) as ref_backend:
-        return _compare(files, ref, ref_backend, text, text_name, settings, bench_settings, backend, progress)
+        others = [f for f in files if Path(f) != Path(ref)]
+        n = len(ref_backend.tokenize(text)) // settings.ctx
+        need = logits_bytes(min(n, settings.chunks or n), settings.ctx, ref_backend.n_vocab)
+        short = ref_backend.shortfall(need) if others else None
+        if short and log is not None:
+            log(f"note: {short}; the reference runs again for each of the {len(others)} files on the windows past that")
+        report = _compare(files, ref, ref_backend, text, text_name, settings, bench_settings, backend, progress)
+        report["reference"] = {"logits_bytes": need, "recorded_bytes": ref_backend.recorded, "decodes": ref_backend.computed,
+                               "replayed": ref_backend.replayed, "shortfall": short}
+        return report
 
 
 def _compare(files, ref, ref_backend, text, text_name, settings, bench_settings, backend, progress) -> dict:

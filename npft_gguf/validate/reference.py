@@ -8,7 +8,8 @@ directory goes when the comparison ends, Ctrl-C and SIGTERM included (signals.py
 atomic.py's temporaries (`.npft-gguf-ref.npft-PID.ref` in the system's temporary directory,
 locked while it lives), so what a SIGKILL leaves, the next comparison removes. Recording
 stops, and the reference simply runs again, when it would pass its disk budget or leave the disk
-nearly full: a long text on a 150k-token vocabulary is gigabytes per pass.
+nearly full: a long text on a 150k-token vocabulary is gigabytes per pass. `compare` says so
+before the first pass, where it knows the record will not hold every window.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from ..atomic import temporary
 from .models import Backend
 
+GiB = 1 << 30
 BUDGET_BYTES = 16 << 30  # recorded logits per comparison, at most
 FREE_BYTES = 2 << 30  # left free on the temporary directory's disk, at least
 RECORD_NAME = "npft-gguf-ref"  # the record is the temporary `.npft-gguf-ref.npft-PID.ref` (atomic.temporary)
@@ -39,6 +41,7 @@ class RecordedBackend(Backend):
         self.inner, self.directory, self.budget, self.free = inner, Path(directory), budget, free
         self.recorded = 0  # bytes
         self.replayed = 0  # calls answered from the record
+        self.computed = 0  # calls `inner` answered (its decodes)
         self._tokens: dict[str, list[int]] = {}
         self._fingerprint: dict[int, tuple] = {}
 
@@ -60,6 +63,7 @@ class RecordedBackend(Backend):
             self.replayed += 1
             return np.load(path)
         x = self.inner.logits(tokens, first)
+        self.computed += 1
         if self._room_for(x.nbytes):
             part = path.with_suffix(".part")
             with open(part, "wb") as f:
@@ -72,9 +76,26 @@ class RecordedBackend(Backend):
         return (self.recorded + nbytes <= self.budget
                 and shutil.disk_usage(self.directory).free - nbytes >= self.free)
 
+    def shortfall(self, nbytes: int) -> str | None:
+        """Why `nbytes` more of logits cannot all be recorded (None: they can), said before a pass."""
+        free = shutil.disk_usage(self.directory).free - self.free
+        room = min(self.budget - self.recorded, free)
+        if nbytes <= room:
+            return None
+        limit = (f"the record's budget of {self.budget / GiB:.1f} GiB" if self.budget - self.recorded <= free else
+                 f"the {max(free, 0) / GiB:.1f} GiB free on {self.directory.parent} (keeping {self.free / GiB:.0f} GiB free)")
+        return f"the reference's logits need {nbytes / GiB:.1f} GiB, past {limit}"
+
+
+def logits_bytes(n_windows: int, ctx: int, n_vocab: int) -> int:
+    """What recording the reference on `n_windows` windows of `ctx` takes: float32 logits of the
+    scored half of each (perplexity.evaluate asks for positions ctx/2 .. ctx-1)."""
+    return n_windows * (ctx - ctx // 2) * n_vocab * 4
+
 
 @contextmanager
-def recorded(inner: Backend, budget: int = BUDGET_BYTES, free: int = FREE_BYTES):
-    """A RecordedBackend over `inner` whose record lives as long as the block."""
+def recorded(inner: Backend, budget: int | None = None, free: int | None = None):
+    """A RecordedBackend over `inner` whose record lives as long as the block (budget and free
+    space: BUDGET_BYTES and FREE_BYTES as they are when it starts)."""
     with temporary(Path(tempfile.gettempdir()) / RECORD_NAME, "ref", directory=True) as d:
-        yield RecordedBackend(inner, d, budget, free)
+        yield RecordedBackend(inner, d, BUDGET_BYTES if budget is None else budget, FREE_BYTES if free is None else free)

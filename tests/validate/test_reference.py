@@ -89,6 +89,56 @@ def test_compare_matches_file_by_file_evaluation(files, direct, wiki_text):
         assert by[f"{t}.gguf"]["kld"] == direct[t].kld and by[f"{t}.gguf"]["ppl"] == direct[t].ppl
 
 
+class CountingByFile(LlamaCppBackend):
+    """llama.cpp's decodes, counted per file."""
+
+    decodes: dict = {}
+
+    def logits(self, tokens, first=0):
+        CountingByFile.decodes[self.label] = CountingByFile.decodes.get(self.label, 0) + 1
+        return super().logits(tokens, first)
+
+
+def test_compare_decodes_the_reference_once_per_window_for_every_file(files, direct, wiki_text, monkeypatch):
+    """Three files against one reference: the reference is decoded once per window, not once per file."""
+    import npft_gguf.validate.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "LlamaCppBackend", CountingByFile)
+    CountingByFile.decodes = {}
+    heard = []
+    others = [files / "q4_0.gguf", files / "q8_0.gguf", files / "f32.gguf"]  # the reference itself is one row
+    rep = compare([*others, files / "q4_0.gguf"], files / "f32.gguf", wiki_text[:N_CHARS], "wiki", EvalSettings(CTX),
+                  None, progress=False, log=heard.append)
+    n = rep["chunks"]
+    assert n > 1 and CountingByFile.decodes == {str(files / "f32.gguf"): n, str(files / "q4_0.gguf"): 2 * n,
+                                                 str(files / "q8_0.gguf"): n}
+    assert rep["reference"]["decodes"] == n and rep["reference"]["replayed"] == 3 * n and heard == []
+    assert rep["reference"]["shortfall"] is None and rep["reference"]["recorded_bytes"] == rep["reference"]["logits_bytes"]
+    by = {Path(r["file"]).name: r for r in rep["rows"]}
+    assert by["q4_0.gguf"]["kld"] == direct["q4_0"].kld  # replayed, the same to the bit
+
+
+def test_compare_says_when_the_reference_s_logits_pass_the_budget(files, direct, wiki_text, monkeypatch):
+    """Where the record cannot hold every window, compare says so before its first pass and decodes
+    the reference again, for each file, on the windows past the budget: the same numbers."""
+    import npft_gguf.validate.compare as compare_module
+    from npft_gguf.validate import reference
+
+    monkeypatch.setattr(compare_module, "LlamaCppBackend", CountingByFile)
+    one_window = CTX // 2 * LlamaCppBackend(files / "f32.gguf", CTX).n_vocab * 4
+    monkeypatch.setattr(reference, "BUDGET_BYTES", 3 * one_window)
+    CountingByFile.decodes = {}
+    heard = []
+    rep = compare([files / "q4_0.gguf", files / "q8_0.gguf"], files / "f32.gguf", wiki_text[:N_CHARS], "wiki",
+                  EvalSettings(CTX), None, progress=False, log=heard.append)
+    n = rep["chunks"]
+    assert len(heard) == 1 and "past the record's budget" in heard[0] and "runs again for each of the 2 files" in heard[0]
+    assert rep["reference"]["recorded_bytes"] == 3 * one_window and rep["reference"]["shortfall"]
+    assert CountingByFile.decodes[str(files / "f32.gguf")] == n + 2 * (n - 3)
+    by = {Path(r["file"]).name: r for r in rep["rows"]}
+    assert by["q4_0.gguf"]["kld"] == direct["q4_0"].kld and by["q8_0.gguf"]["kld"] == direct["q8_0"].kld
+
+
 HOLD_A_RECORD = """
 import sys, time
 from npft_gguf.validate.models import Backend
