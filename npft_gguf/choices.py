@@ -9,3 +9,7 @@ METHODS = ("auto", "npft", "rtn", "gptq", "npft+gptq", "owq", "imatrix", "npft+i
 # shows them beside the output, each with its size): same-size types, and the K mix of the width
 PEERS = {"q4_0": ("iq4_nl", "q4_k_m"), "q4_1": ("iq4_nl", "q4_k_m"), "iq4_nl": ("q4_0", "q4_k_m"),
          "q5_0": ("q5_k_m",), "q5_1": ("q5_k_m",)}
+# convert's default bound on its closing evaluation, in windows of --ctx for each file compared: 100 x 512
+# tokens is about a sixth of WikiText-2's test text (the whole of it, for five or six files, was the longest
+# stage of every real run: hours of llama.cpp on a CPU); --eval-chunks all for the whole text
+EVAL_CHUNKS = 100

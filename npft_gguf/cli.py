@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .choices import BITS, METHODS
+from .choices import BITS, EVAL_CHUNKS, METHODS
 from .errors import NpftError, UsageError
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
@@ -112,6 +112,30 @@ class Finite(click.FloatRange):
 
 
 GPU_LAYERS = click.IntRange(min=-1)  # llama.cpp: -1 offloads every layer
+
+
+class AutoGpuLayers(click.IntRange):
+    """GPU_LAYERS, or `auto` (None): every layer where llama.cpp has a GPU backend, else none."""
+
+    name = "integer|auto"
+
+    def __init__(self):
+        super().__init__(min=-1)
+
+    def convert(self, value, param, ctx):
+        return None if value is None or str(value).lower() == "auto" else super().convert(value, param, ctx)
+
+
+class Chunks(click.IntRange):
+    """A number of windows (1 or more), or `all` (None)."""
+
+    name = "integer|all"
+
+    def __init__(self):
+        super().__init__(min=1)
+
+    def convert(self, value, param, ctx):
+        return None if value is None or str(value).lower() == "all" else super().convert(value, param, ctx)
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -661,7 +685,14 @@ def convert_options(f):
         click.option("--eval-text", default="wikitext2", show_default=True,
                      help="Text for the closing evaluation (wiki-heldout, wikitext2, c4, FILE) or 'none'."),
         click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Evaluation context."),
-        click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows."),
+        click.option("--eval-chunks", "--chunks", "chunks", default=str(EVAL_CHUNKS), show_default=True, type=Chunks(),
+                     help="Windows of --ctx tokens the closing evaluation runs each file on ('all': the whole text). "
+                          f"{EVAL_CHUNKS} windows are {EVAL_CHUNKS * 512:,} tokens at ctx 512, about a sixth of WikiText-2's "
+                          "test text: the whole text, for the five or six files compared, made the evaluation the longest "
+                          "stage of a real run (hours on a CPU); `npft-gguf plan` shows its tokens and time."),
+        click.option("--eval-gpu-layers", type=AutoGpuLayers(), default="auto", show_default=True,
+                     help="Layers llama.cpp offloads to the GPU in the guard and the closing evaluation (-1: all; 0: "
+                          "none). auto: all where llama-cpp-python has a GPU backend and --device is CUDA, else none."),
         click.option("--run-dir", type=click.Path(path_type=Path), help="Checkpoints and comparison files [default: <output stem>.npft-run]."),
         click.option("--force", is_flag=True, help="Overwrite OUTPUT, and start over instead of resuming."),
     ]
@@ -682,7 +713,8 @@ def _convert_args(source: str, kw: dict) -> tuple:
         output = Path(f"{stem}-{'npft' if method == 'auto' else method}-{target or width}.gguf")
     calib, npft = _tuning_settings(kw, target or "q4_0")  # the plan sets the grid to the type written, --bits or --type
     settings = ConvertSettings(bits=kw["bits"], type=target, method=kw["method"], eval_text=kw["eval_text"], ctx=kw["ctx"],
-                               chunks=kw["chunks"], threads=kw["threads"], act_order=kw["act_order"],
+                               chunks=kw["chunks"], threads=kw["threads"], eval_gpu_layers=kw["eval_gpu_layers"],
+                               act_order=kw["act_order"],
                                owq_fraction=kw["owq_fraction"], tune_imatrix=kw["tune_imatrix"], keep_tuned=kw["keep_tuned"],
                                guard_chunks=kw["guard_chunks"], peers=kw["peers"], fit_options=_left_to_plan())
     return source, output, settings, calib, npft, kw["device"], kw["run_dir"], kw["force"], kw["resume"]
@@ -832,8 +864,9 @@ def _print_plan(source: str, kw: dict, named: tuple | None, as_json: bool) -> No
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=8), help="Context (window) length.")
 @click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N windows.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores of this process).")
-@click.option("--n-gpu-layers", default=0, show_default=True, type=GPU_LAYERS,
-              help="Layers to offload to the GPU (-1: all; needs a GPU build of llama-cpp-python).")
+@click.option("--n-gpu-layers", default="auto", show_default=True, type=AutoGpuLayers(),
+              help="Layers to offload to the GPU (-1: all; 0: none; auto: all where llama-cpp-python has a GPU "
+                   "backend, else none).")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True, help="llama.cpp flash attention.")
 @click.option("--pp", default=512, show_default=True, type=click.IntRange(min=0), help="Prompt length for the pp t/s column (0: skip).")
 @click.option("--tg", default=128, show_default=True, type=click.IntRange(min=0), help="Tokens generated for the tg t/s column (0: skip).")
@@ -880,11 +913,15 @@ def compare(files, ref, text, ctx, chunks, threads, n_gpu_layers, flash_attn, pp
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib, which is not installed; pip install matplotlib or drop --plot") from None
+    if n_gpu_layers is None:
+        from .llamacpp import gpu_offload_supported
+
+        n_gpu_layers = -1 if gpu_offload_supported() else 0
     require_gpu_offload(n_gpu_layers)
     bench_settings = None if no_bench else BenchSettings(pp=pp, tg=tg, reps=reps, threads=threads, n_gpu_layers=n_gpu_layers)
     text_name, body = load_text(text)
     report = run_compare(list(files), ref, body, text_name, EvalSettings(ctx=ctx, chunks=chunks), bench_settings, threads,
-                         n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+                         n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, log=lambda m: click.echo(m, err=True))
     write(report, output, plot_path, force=force)
     click.echo(markdown(report))
     click.echo(f"wrote {output} and {output.with_suffix('.json')}" + (f" and {plot_path}" if plot_path else ""))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .calib import CalibSettings, load_calibration
-from .choices import BITS, METHODS
+from .choices import BITS, EVAL_CHUNKS, METHODS
 from .errors import UsageError
 from .fingerprint import source_record
 from .npft import NPFTSettings, tune
@@ -39,8 +39,10 @@ class ConvertSettings:
     method: str = "auto"           # resolved by the plan (resolve_method)
     eval_text: str = "wikitext2"  # or "none"
     ctx: int = 512
-    chunks: int | None = None
+    chunks: int | None = EVAL_CHUNKS  # windows of the closing evaluation for each file (None: every one)
     threads: int | None = None
+    eval_gpu_layers: int | None = None  # llama.cpp layers the guard and the evaluation offload (-1: all; None: the plan
+                                        # decides, eval_offload)
     act_order: bool = True         # GPTQ/OWQ (see methods/gptq.py)
     owq_fraction: float = 0.01     # OWQ: weak columns kept in fp16, per linear
     tune_imatrix: bool | None = None  # npft+imatrix: rtn noise = the importance-weighted quantizer's error (None: on
@@ -86,6 +88,39 @@ class Plan:
     eval_tokens: int = 0           # tokens of the closing evaluation's text (estimated where there is no tokenizer)
     stages: list | None = None     # stages.Stage, each with its estimated costs (set by check_fits)
     fitted: dict | None = None     # memory options the plan switched on to fit the GPU: {NPFTSettings field: value}
+
+
+def eval_offload(settings: ConvertSettings, device: str | None, costs_only: bool) -> tuple[int, tuple[str, ...]]:
+    """(layers, notes): what llama.cpp offloads to the GPU in the guard and the closing evaluation.
+    --eval-gpu-layers as given (a GPU build checked, unless only planning); by default every layer
+    where llama.cpp has a GPU backend and the run's device is CUDA, else none. A plan made for a
+    GPU (`plan --device cuda`) on a machine whose llama.cpp has none assumes a GPU build, and says so."""
+    from .llamacpp import gpu_offload_supported
+    from .validate.models import require_gpu_offload
+
+    if settings.eval_gpu_layers is not None:
+        if not costs_only:
+            require_gpu_offload(settings.eval_gpu_layers, "--eval-gpu-layers")
+        return settings.eval_gpu_layers, ()
+    if costs_only and device == "cuda":
+        if gpu_offload_supported():
+            return -1, ()
+        return -1, ("plan: the evaluation is planned on the GPU, as a GPU build of llama-cpp-python runs it; this one has "
+                    "none (--eval-gpu-layers 0 plans it on the CPU)",)
+    if device in ("cpu", None) or not gpu_offload_supported():
+        return 0, ()
+    return (-1 if resolve_device(device) == "cuda" else 0), ()
+
+
+def free_gpu_for_llamacpp() -> None:
+    """What torch's allocator still caches goes back to the device, for llama.cpp's offloaded layers."""
+    import gc
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def resolve_method(method: str, type_name: str) -> str:
@@ -478,11 +513,17 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
             guard = ("", settings.guard_chunks, guard_context(settings.ctx, source))
     tokens = calibration_tokens(calib, source) if settings.method != "rtn" and has_tokenizer else None
     made_from = source_record(source) if tuning else None
+    device_asked = device
     if in_torch:
         device = "cuda" if costs_only and device == "cuda" else resolve_device(device)
     quantizer = ("owq" if settings.method == "owq" else "gptq" if settings.method in GPTQ_FAMILY
                  else "simulated" if settings.simulated else None)
     torch_eval = quantizer in ("owq", "simulated")
+    notes_offload = ()
+    if (eval_text is not None and not torch_eval) or guard is not None:
+        layers, notes_offload = eval_offload(settings, device if in_torch else device_asked, costs_only)
+        settings = replace(settings, eval_gpu_layers=layers)
+    notes = notes + notes_offload
     plan = Plan(spec, source, calib, npft if tuning else None, device if in_torch else None, tokens, run_dir,
                 out=out, settings=settings, type_name=type_name, eval_text=eval_text, made_from=made_from, guard=guard,
                 notes=notes, steps=run_steps(settings, tuning, quantizer, torch_eval, eval_text is not None, guard is not None),
@@ -685,6 +726,8 @@ def step_write(plan: Plan, state: RunState, opts: RunOptions) -> None:
 
 
 def step_guard(plan: Plan, state: RunState, opts: RunOptions) -> None:
+    if plan.settings.eval_gpu_layers:
+        free_gpu_for_llamacpp()
     try:
         guard = state.record["guard"] = guard_output(plan, state.imatrix, opts.progress, opts.log)
     except KeyboardInterrupt:
@@ -699,6 +742,8 @@ def step_evaluate(plan: Plan, state: RunState, opts: RunOptions) -> None:
         state.record["comparison"] = evaluate_in_torch(plan.source, state.model, f"{settings.method} {plan.type_name}",
                                                        settings, plan.eval_text, opts.progress)
         return
+    if settings.eval_gpu_layers:
+        free_gpu_for_llamacpp()
     try:
         state.record["comparison"] = evaluate_beside_baselines(
             plan.source, plan.out, plan.type_name, settings, plan.run_dir, plan.eval_text, opts.progress, opts.log,
@@ -764,7 +809,7 @@ def guard_output(plan: Plan, imatrix: Path | None, progress: bool, log) -> dict:
     ref = reference_file(plan.source, run_dir, log, progress)
     peer, label = peer_file(plan.source, run_dir, plan.type_name, log, progress, str(imatrix) if imatrix else None)
     log(f"guard: {out.name} beside {peer.name} on the held-back end of the calibration text ({chunks} x {ctx} tokens)")
-    verdict = judge(out, peer, label, ref, text, ctx, chunks, settings.threads, progress)
+    verdict = judge(out, peer, label, ref, text, ctx, chunks, settings.threads, progress, settings.eval_gpu_layers or 0)
     record = verdict.as_dict() | {"peer_file": str(peer), "written": "tuned"}
     if verdict.tuned_closer:
         log(f"guard: the tuned file is closer to the float model; {verdict.sentence()}")
@@ -909,6 +954,6 @@ def evaluate_beside_baselines(source: Source, out: Path, type_name: str, setting
     if settings.peers:
         files += same_size_peers(source, run_dir, type_name, log, progress, imatrix)
     report = compare(files, ref, body, text_name, EvalSettings(ctx=settings.ctx, chunks=settings.chunks), None,
-                     settings.threads, progress=progress)
+                     settings.threads, progress=progress, n_gpu_layers=settings.eval_gpu_layers or 0, log=log)
     report["markdown"] = markdown(report)
     return report

@@ -511,6 +511,9 @@ def test_compare_writes_its_files_only_with_force_over_old_ones(tiny_gguf, text_
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["eval_settings"]["flash_attn"] is True
+    from npft_gguf.llamacpp import gpu_offload_supported
+
+    assert rows[0]["eval_settings"]["n_gpu_layers"] == (-1 if gpu_offload_supported() else 0)  # --n-gpu-layers auto
     assert "| file |" in report.read_text()
 
 

@@ -11,6 +11,7 @@ import pytest
 from gguf import GGUFReader
 
 from npft_gguf.fingerprint import source_record
+from npft_gguf.llamacpp import gpu_offload_supported
 from npft_gguf.npft.train import CHECKPOINT, PICKLED_CHECKPOINT, checkpoint_record
 from npft_gguf.sources import open_source
 from tests.conftest import calib_text, make_tiny_llama
@@ -61,6 +62,19 @@ def test_convert_writes_tuned_gguf_and_compares(tiny_bpe, texts, tmp_path):
     assert '"noise": "rtn"' in bytes(meta["general.npft.settings"].parts[-1]).decode()
     report = (run / "report.md").read_text()
     assert report.count("Hessian trace") == 1 and "Guard: the tuned file" in report
+    # every step measured beside the plan's stages in it (issue 29 #1): wall time and its own host peak
+    import torch
+
+    cuda = torch.cuda.is_available()  # --device auto
+    steps = {row["step"]: row for row in rec["stages"]}
+    assert list(steps) == ["imatrix", "source", "calibration", "tune", "write", "guard", "evaluate"]
+    assert steps["tune"]["stages"] == ["sensitivity", "trace", "tune", "merge"]
+    for row in steps.values():
+        assert row["measured"]["seconds"] > 0 and 0 < row["measured"]["peak_host_bytes"] <= row["measured"]["peak_host_bytes_process"]
+        assert row["planned"]["peak_host_bytes"] > 0 and ("peak_device_bytes" in row["measured"]) == cuda
+    assert steps["evaluate"]["planned"]["seconds"] > 0 and "Stages: planned and measured" in report
+    assert rec["convert"]["chunks"] == 4 and rec["comparison"]["chunks"] == 4
+    assert rec["convert"]["eval_gpu_layers"] == (-1 if cuda and gpu_offload_supported() else 0)  # --eval-gpu-layers auto
     assert checkpoint_record(run)["source"] == source_record(open_source(str(tiny_bpe)))  # what a --resume must match
     # a second run without --force or --resume refuses to touch either
     again = cli("convert", tiny_bpe, "-o", out, "--calib", texts / "calib.txt", *TINY, "--eval-text", "none")
@@ -235,6 +249,9 @@ def test_convert_checks_every_input_before_any_work(tiny_bpe, texts, wiki_test_r
     ]
     if not torch.cuda.is_available():
         cases.append(([*calib, "--ctx", "64", "--device", "cuda"], ["--device cuda", "no CUDA"]))
+    if not gpu_offload_supported():
+        cases.append((["--method", "rtn", "--type", "q8_0", "--eval-text", texts / "eval.txt", "--ctx", "64",
+                       "--eval-gpu-layers", "-1"], ["--eval-gpu-layers", "no GPU backend"]))
     for args, words in cases:
         assert_fails(run("convert", tiny_bpe, "-o", out, *args), 2, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "short.txt"]

@@ -41,13 +41,15 @@ class Verdict:
 
 
 def judge(tuned: Path, peer: Path, peer_label: str, ref: Path, text: str, ctx: int, chunks: int,
-          threads: int | None = None, progress: bool = True) -> Verdict:
-    """Both files against the float reference `ref` on `text`, the same tokens for each."""
+          threads: int | None = None, progress: bool = True, n_gpu_layers: int = 0) -> Verdict:
+    """Both files against the float reference `ref` on `text`, the same tokens for each (with
+    `n_gpu_layers` offloaded where llama.cpp has a GPU)."""
     from .compare import compare
     from .perplexity import EvalSettings
 
     name = "the held-back end of the calibration text"
-    report = compare([peer, tuned], ref, text, name, EvalSettings(ctx=ctx, chunks=chunks), None, threads, progress=progress)
+    report = compare([peer, tuned], ref, text, name, EvalSettings(ctx=ctx, chunks=chunks), None, threads, progress=progress,
+                     n_gpu_layers=n_gpu_layers)
     kld = {Path(r["file"]): r["kld_mean"] for r in report["rows"]}
     return Verdict(tuned_kld=kld[Path(tuned)], peer_kld=kld[Path(peer)], peer=peer_label, text=name, ctx=ctx,
                    chunks=report["chunks"])

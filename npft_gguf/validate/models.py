@@ -106,11 +106,11 @@ def check_gguf(path: Path) -> Path:
     return path
 
 
-def require_gpu_offload(n_gpu_layers: int) -> None:
+def require_gpu_offload(n_gpu_layers: int, option: str = "--n-gpu-layers") -> None:
     """Asking llama.cpp for GPU layers on a build without a GPU backend is refused, not ignored."""
     if n_gpu_layers and not llamacpp.gpu_offload_supported():
-        raise UsageError("--n-gpu-layers asks for GPU offload, but this llama-cpp-python build has no GPU backend; "
-                         "reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (see README) or drop --n-gpu-layers")
+        raise UsageError(f"{option} asks for GPU offload, but this llama-cpp-python build has no GPU backend; "
+                         f"reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" (see README) or give {option} 0")
 
 
 def default_threads() -> int:
