@@ -569,10 +569,11 @@ def verdict(plan, machine: Machine) -> Verdict:
 
 
 def time_hints(plan, stages: list[Stage], machine: Machine) -> list[str]:
-    """Where the closing evaluation (in llama.cpp) is the longest stage: what a quarter of its
+    """Where the closing evaluation (in llama.cpp) takes most of the run: what a quarter of its
     windows (--eval-chunks) would take, and, where it runs on the CPU of a GPU run, --eval-gpu-layers."""
     slowest = max(stages, key=lambda s: s.seconds, default=None)
-    if slowest is None or slowest.name != "evaluate" or plan.torch_eval:
+    if (slowest is None or slowest.name != "evaluate" or plan.torch_eval
+            or slowest.seconds <= sum(s.seconds for s in stages) / 2):
         return []
     s = plan.settings
     windows = plan.eval_tokens // s.ctx if s.chunks is None else min(s.chunks, plan.eval_tokens // s.ctx)
@@ -581,7 +582,7 @@ def time_hints(plan, stages: list[Stage], machine: Machine) -> list[str]:
     if fewer >= 1:
         quicker = replace(plan, settings=replace(s, chunks=fewer))
         again = next(st for st in plan_stages(quicker, machine) if st.name == "evaluate")
-        hints.append(f"the closing evaluation is the longest stage ({windows} windows, {duration(slowest.seconds)}); "
+        hints.append(f"the closing evaluation takes most of the run ({windows} windows, {duration(slowest.seconds)}); "
                      f"--eval-chunks {fewer} measures {fewer} of them ({duration(again.seconds)})")
     if not s.eval_gpu_layers and plan.device == "cuda":
         hints.append("it runs in llama.cpp on the CPU: --eval-gpu-layers -1, with a GPU build of llama-cpp-python "
@@ -713,7 +714,8 @@ class measure:
         self._done.set()
         self._watcher.join()
         self.figures["peak_host_bytes"] = max(self._peak, self._proc.memory_info().rss)
-        self.figures["peak_host_bytes_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.figures["peak_host_bytes_process"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                                      self.figures["peak_host_bytes"])  # the kernel's mark lags a little
         if self.cuda:
             import torch
 
