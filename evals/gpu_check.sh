@@ -58,7 +58,8 @@ if [ -x "$PY" ]; then
     else
       command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
       say "llama-cpp-python has no GPU backend here: building it with $flags (once; cached)"
-      make setup LLAMA_CMAKE="$flags"
+      make setup LLAMA_CMAKE="$flags" \
+        || { say "building llama-cpp-python with CUDA failed: it needs the CUDA toolkit (nvcc) and cmake"; exit 1; }
       "$PY" -c 'import sys; from npft_gguf.llamacpp import gpu_offload_supported as g; sys.exit(0 if g() else 1)' \
         || { say "llama-cpp-python still has no GPU backend after the build (no CUDA device visible?)"; exit 1; }
     fi
