@@ -1,0 +1,129 @@
+"""Several processes, one per device: who this process is, and the few collectives the pipeline needs.
+
+A launcher (`torchrun --nproc-per-node N`, `accelerate launch`) starts N copies of the command and
+tells each its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
+`setup` reads that and has accelerate (PartialState) open the process group: gloo on CPU, nccl on
+CUDA. Without a launcher nothing is opened and every helper here is the identity of one process,
+so a plain run behaves exactly as before.
+
+What the stages share across processes is only ever a sum (Fisher's squared gradients, the
+imatrix's squared activations and token counts, a loss for the log): `all_reduce_sum`. Which
+samples a process takes is `share`. Gradients of the tuning are averaged by DDP (npft/train.py),
+not here.
+"""
+
+from __future__ import annotations
+
+import os
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """True when a launcher started this process as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def setup():
+    """Open the process group when launched as one of several processes (once; later calls are
+    free); returns accelerate's PartialState, or None for a single process."""
+    if not launched():
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
+    if cpu:  # accelerate leaves the CPU group to the first collective; open it now, with every rank present
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=state.process_index, world_size=state.num_processes)
+    return state
+
+
+def active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files, prints progress and the report (rank 0, or the only one)."""
+    return rank() == 0
+
+
+def device():
+    """The device this process tunes on: its local GPU under a launcher where CUDA is present,
+    else None (the caller's choice stands)."""
+    import torch
+
+    if active() and torch.cuda.is_available():
+        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(d)
+        return d
+    return None
+
+
+def share(n: int, part: int | None = None, parts: int | None = None) -> slice:
+    """This process's contiguous share of n items: the first n % parts processes take one more."""
+    part, parts = rank() if part is None else part, world() if parts is None else parts
+    base, extra = divmod(n, parts)
+    start = part * base + min(part, extra)
+    return slice(start, start + base + (part < extra))
+
+
+def all_reduce_sum(tensors):
+    """Sum each tensor (in place) over the processes; one process: unchanged. Returns them."""
+    if not active():
+        return tensors
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return tensors
+
+
+def sum_float(x: float) -> float:
+    """A Python number summed over the processes (float64)."""
+    if not active():
+        return x
+    import torch
+
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
+    all_reduce_sum([t])
+    return float(t.item())
+
+
+def barrier():
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _comm_device():
+    """Where a collective's tensor must live: the local GPU for nccl, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def teardown():
+    if active():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

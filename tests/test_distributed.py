@@ -1,0 +1,165 @@
+"""Two processes give what one gives: the tuning, the Fisher sums and outliers, the importance matrix.
+
+Two CPU processes with the gloo backend (torch.multiprocessing spawn, the launcher's environment
+set by hand), on tiny random models of two families (llama with the CE objective and the paper's
+noise, qwen2 with CE+KL and rtn noise). The tuning runs under DDP on CPU (npft/train.py says why
+not FSDP2), every weight whole on each process. LoRA dropout is 0 (each process draws its own
+dropout masks), so the global batch and the seed fix every step: the merged weights must agree
+with the one-process run's within float rounding (the gradient is summed in another order). A run
+stopped by two processes after its first epoch is resumed by one and must agree with it too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from npft_gguf import distributed
+from npft_gguf.npft import NPFTSettings, tune
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch has no gloo backend")
+
+FAMILIES = {
+    "llama": dict(objective="ce", noise="paper"),
+    "qwen2": dict(objective="ce+kl", noise="rtn"),
+}
+BASE = dict(epochs=2, lr=2e-3, batch=4, grad_accum=1, outlier_pct=1.0, trace_samples=2, trace_probes=1, rank=4, alpha=8,
+            dropout=0.0, seed=3)
+
+
+def _settings(family: str) -> NPFTSettings:
+    return NPFTSettings(**BASE, **FAMILIES[family])
+
+
+def _tokens(vocab: int) -> torch.Tensor:
+    """11 samples: the last global batch of an epoch (3 of 4) splits 2 + 1, so the processes' losses
+    are weighted unequally there."""
+    return torch.randint(0, vocab, (11, 24), generator=torch.Generator().manual_seed(7))
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).float()
+
+
+def _statistics(path, tokens):
+    """Fisher sums of the untuned model's linears and its importance matrix over `tokens`."""
+    from npft_gguf.imatrix import collect
+    from npft_gguf.sensitivity import fisher_diagonal, target_linears
+
+    model = _load(path)
+    fisher = fisher_diagonal(model, tokens, target_linears(model), progress=False)
+    im = collect(model, _arch(path), tokens, ["test"], batch=2, progress=False)
+    return fisher, {n: (torch.from_numpy(e.sums), torch.from_numpy(e.counts)) for n, e in im.entries.items()}
+
+
+def _arch(path):
+    from npft_gguf.sources import open_source
+
+    return open_source(str(path)).arch
+
+
+def _merged(path, tokens, settings, run_dir, **kw):
+    r = tune(_load(path), tokens, settings, run_dir, progress=False, **kw)
+    return {k: v.detach().clone() for k, v in r.model.state_dict().items()}, r
+
+
+def _stop_in_second_epoch(row):
+    if row["epoch"] == 2:
+        raise KeyboardInterrupt
+
+
+def _worker(rank: int, world: int, port: int, path: str, family: str, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    distributed.setup()
+    assert distributed.active() and distributed.world() == world and distributed.rank() == rank
+    tokens = _tokens(_load(path).config.vocab_size)
+    settings = _settings(family)
+    merged, r = _merged(path, tokens, settings, f"{out}/run")
+    fisher, im = _statistics(path, tokens)
+    try:
+        tune(_load(path), tokens, settings, f"{out}/cut", progress=False, on_step=_stop_in_second_epoch)
+    except KeyboardInterrupt:
+        pass
+    if distributed.is_main():
+        torch.save({"merged": merged, "history": r.history, "trace": r.trace_before, "fisher": fisher, "imatrix": im},
+                   f"{out}/two.pt")
+    distributed.teardown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_dir(request, tiny_bpe, tmp_path_factory):
+    if request.param == "llama":
+        return request.param, tiny_bpe
+    from tests.arch.conftest import make_tiny
+
+    return request.param, make_tiny(request.param, tmp_path_factory.mktemp(f"dist-{request.param}"))
+
+
+def test_two_processes_tune_and_score_as_one(family_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    from npft_gguf.npft.train import checkpoint_record
+    from npft_gguf.sensitivity import outliers
+
+    family, path = family_dir
+    mp.spawn(_worker, args=(2, _free_port(), str(path), family, str(tmp_path)), nprocs=2, join=True)
+    two = torch.load(tmp_path / "two.pt")
+    assert not distributed.active()  # this process was never part of the group
+
+    tokens = _tokens(_load(path).config.vocab_size)
+    settings = _settings(family)
+    merged, r = _merged(path, tokens, settings, tmp_path / "one")
+    assert merged.keys() == two["merged"].keys()
+    changed = [k for k in merged if not torch.equal(merged[k], _load(path).state_dict()[k])]
+    assert changed  # the tuning moved weights, so agreeing says something
+    for k in merged:
+        torch.testing.assert_close(two["merged"][k], merged[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert [round(h["loss_noisy"], 4) for h in two["history"]] == [round(h["loss_noisy"], 4) for h in r.history]
+    assert two["trace"]["estimates"] == pytest.approx(r.trace_before["estimates"], rel=1e-4)
+
+    fisher, im = _statistics(path, tokens)
+    for k in fisher:
+        torch.testing.assert_close(two["fisher"][k], fisher[k], rtol=1e-4, atol=1e-12, msg=k)
+    for name, o in outliers(fisher, settings.outlier_pct).items():
+        o2 = outliers(two["fisher"], settings.outlier_pct)[name]
+        assert set(zip(o.rows.tolist(), o.cols.tolist())) == set(zip(o2.rows.tolist(), o2.cols.tolist())), name
+    assert im.keys() == two["imatrix"].keys()
+    for name, (sums, counts) in im.items():
+        assert (two["imatrix"][name][1] == counts).all() and counts[0] == tokens.numel()
+        torch.testing.assert_close(two["imatrix"][name][0], sums, rtol=1e-5, atol=0, msg=name)
+
+    # stopped by two processes in the second epoch, resumed by one: the same weights
+    assert checkpoint_record(tmp_path / "cut")["epoch_done"] == 1
+    resumed, rr = _merged(path, tokens, settings, tmp_path / "cut", resume=True)
+    assert rr.resumed_at_epoch == 1
+    for k in merged:
+        torch.testing.assert_close(resumed[k], merged[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_share_splits_every_item_once():
+    for n in range(0, 9):
+        for parts in (1, 2, 3):
+            got = [i for p in range(parts) for i in range(n)[distributed.share(n, p, parts)]]
+            assert got == list(range(n))
+
+
+def test_one_process_without_a_launcher_opens_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.setup() is None and not distributed.active()
+    assert (distributed.rank(), distributed.world(), distributed.is_main()) == (0, 1, True)
+    t = torch.ones(3)
+    assert distributed.all_reduce_sum([t])[0] is t and t.tolist() == [1, 1, 1]
