@@ -35,8 +35,12 @@ class Cli(click.Group):
     debug = False
 
     def main(self, *args, **kwargs):
+        from . import distributed
         from .signals import sigterm_as_interrupt
 
+        if distributed.launched():  # torchrun / accelerate launch: one of several processes (distributed.py)
+            distributed.setup()
+            distributed.quiet_other_ranks()
         with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl-C does, then exits 143 (see signals.py)
             self._main(*args, **kwargs)
 
@@ -217,6 +221,7 @@ def imatrix(source, output, calib, ctx, chunks, batch, device, threads, force, a
       npft-gguf imatrix ./model --calib notes.txt --chunks 100 -o model.imatrix.gguf
       npft-gguf export smollm2-135m -o smol-q4_0-im.gguf --type q4_0 --imatrix smol.imatrix.gguf
     """
+    from . import distributed
     from .atomic import check_target
     from .calib import calibration_text
     from .convert import check_context, resolve_device
@@ -235,7 +240,7 @@ def imatrix(source, output, calib, ctx, chunks, batch, device, threads, force, a
 
         torch.set_num_threads(threads)
     im = compute_imatrix(src, ImatrixSettings(calib=calib, ctx=ctx, chunks=chunks, batch=batch), device=dev, text=text)
-    write_imatrix(output, im, force=force)
+    distributed.on_main(write_imatrix, output, im, force=force)  # every process holds the summed matrix
     info = {"output": str(output), **im.summary()}
     _emit(info, as_json, f"wrote {output}: {info['entries']} entries, {info['chunk_count']} chunks x {info['chunk_size']} "
                          f"tokens ({info['tokens']} tokens) of {calib}")

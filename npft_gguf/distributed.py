@@ -33,6 +33,8 @@ def setup():
     from accelerate import PartialState
 
     cpu = not torch.cuda.is_available()
+    if not cpu:  # "cuda" means this process's own GPU from here on
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     state = PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
     if cpu:  # accelerate leaves the CPU group to the first collective; open it now, with every rank present
         import torch.distributed as dist
@@ -65,16 +67,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def device():
-    """The device this process tunes on: its local GPU under a launcher where CUDA is present,
-    else None (the caller's choice stands)."""
-    import torch
+def on_main(fn, *args, **kwargs):
+    """`fn(...)` on rank 0 alone (a file written), the others waiting until it is done, so that
+    whatever reads the file next finds it; returns fn's result on rank 0, None elsewhere."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
 
-    if active() and torch.cuda.is_available():
-        d = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(d)
-        return d
-    return None
+
+def quiet_other_ranks():
+    """Ranks other than 0 print nothing: their stdout and stderr go to /dev/null (rank 0 prints the
+    progress, the result and any error; a rank that fails alone breaks the collectives, and rank 0
+    says so)."""
+    import sys
+
+    if not is_main():
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 def share(n: int, part: int | None = None, parts: int | None = None) -> slice:

@@ -481,6 +481,7 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
     <run dir>/imatrix.gguf. Returns the path and what the run record says about it."""
     import gc
 
+    from . import distributed
     from .calib import load_calibration
     from .convert import tuning_dtype
 
@@ -495,7 +496,8 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
     del model
     gc.collect()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    path = write_imatrix(plan.run_dir / "imatrix.gguf", im, force=True)
+    path = plan.run_dir / "imatrix.gguf"
+    distributed.on_main(write_imatrix, path, im, force=True)  # every process holds the summed matrix
     info = {"file": str(path), "computed_on": "the float (untuned) model", "tokens": f"{tokens.shape[0]} x {tokens.shape[1]}",
             "calibration": plan.calib.calib, "entries": len(im),
             "weights": "NPFT-tuned and merged" if plan.npft is not None else "untuned",
