@@ -76,6 +76,12 @@ class Cli(click.Group):
         except Exception as e:  # noqa: BLE001 - the last resort: still one line, and a way to the traceback
             if self.debug:
                 raise
+            from . import distributed
+
+            if distributed.peer_lost(e):
+                _fail(f"another of the {distributed.world()} processes of this run stopped ({type(e).__name__}); what was "
+                      "written is kept: a tuning resumes from its last epoch checkpoint with --resume, with any number "
+                      "of processes", 1)
             from .atomic import disk_full, no_space
 
             if disk_full(e):  # outside an atomic output (those say which file: atomic.py)

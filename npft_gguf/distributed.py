@@ -130,6 +130,18 @@ def _comm_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the run went away (stopped
+    by a signal, or failed on its own)."""
+    if not active():
+        return False
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted"))
+
+
 def teardown():
     if active():
         import torch.distributed as dist

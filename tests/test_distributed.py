@@ -163,3 +163,73 @@ def test_one_process_without_a_launcher_opens_no_group(monkeypatch):
     assert (distributed.rank(), distributed.world(), distributed.is_main()) == (0, 1, True)
     t = torch.ones(3)
     assert distributed.all_reduce_sum([t])[0] is t and t.tolist() == [1, 1, 1]
+
+
+def _torchrun(*args, cwd, timeout=300):
+    """`torchrun --nproc-per-node 2 -m npft_gguf ARGS` on this checkout, as a user would start it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "npft_gguf", *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_torchrun_imatrix_is_written_once_and_sums_as_one(tiny_bpe, tmp_path):
+    from npft_gguf.imatrix import read_imatrix
+    from tests.conftest import calib_text
+    from tests.test_cli import run
+
+    (tmp_path / "calib.txt").write_text(calib_text(20_000))
+    args = [tiny_bpe, "--calib", tmp_path / "calib.txt", "--ctx", "64", "--chunks", "6", "--device", "cpu"]
+    p = _torchrun("imatrix", *args, "-o", tmp_path / "two.gguf", cwd=tmp_path)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert out.count("wrote ") == 1  # rank 0 alone prints
+    one = run("imatrix", *args, "-o", tmp_path / "one.gguf")
+    assert one.returncode == 0, one.stderr
+    a, b = read_imatrix(tmp_path / "one.gguf"), read_imatrix(tmp_path / "two.gguf")
+    assert a.entries.keys() == b.entries.keys() and a.chunk_count == b.chunk_count == 6
+    for name, e in a.entries.items():
+        assert (b.entries[name].counts == e.counts).all()
+        torch.testing.assert_close(torch.from_numpy(b.entries[name].sums), torch.from_numpy(e.sums), rtol=1e-5, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "one.gguf", "two.gguf"]  # no temporaries left
+
+
+def test_sigterm_to_one_process_stops_all_and_the_run_resumes(tiny_bpe, tmp_path):
+    import signal
+    import time
+
+    from npft_gguf.npft.train import CHECKPOINT, checkpoint_record
+    from tests.conftest import calib_text
+    from tests.test_cli import run
+
+    (tmp_path / "calib.txt").write_text(calib_text(20_000))
+    args = [tiny_bpe, "-o", tmp_path / "out", "--recipe", "short", "--calib", tmp_path / "calib.txt", "--calib-samples", "8",
+            "--calib-len", "32", "--fisher-samples", "2", "--trace-samples", "0", "--outlier-pct", "1", "--dropout", "0",
+            "--batch", "2", "--epochs", "4", "--device", "cpu"]
+    p = _torchrun("finetune", *args, cwd=tmp_path)
+    ckpt = tmp_path / "out" / "npft-run" / CHECKPOINT
+    deadline = time.time() + 120
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), p.communicate()[1]
+    import psutil
+
+    workers = psutil.Process(p.pid).children()
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert "error: another of the 2 processes of this run stopped" in err and "--resume" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not [f for f in (tmp_path / "out").rglob("*") if ".part" in f.name or f.name.endswith(".lock")]
+    done = checkpoint_record(ckpt.parent)["epoch_done"]
+    assert 1 <= done < 4
+    r = run("finetune", *args, "--resume")  # one process takes it up
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {tmp_path / 'out' / 'npft-run'} after epoch {done} of 4" in r.stderr
