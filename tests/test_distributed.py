@@ -4,9 +4,10 @@ Two CPU processes with the gloo backend (torch.multiprocessing spawn, the launch
 set by hand), on tiny random models of two families (llama with the CE objective and the paper's
 noise, qwen2 with CE+KL and rtn noise). The tuning runs under DDP on CPU (npft/train.py says why
 not FSDP2), every weight whole on each process. LoRA dropout is 0 (each process draws its own
-dropout masks), so the global batch and the seed fix every step: the merged weights must agree
-with the one-process run's within float rounding (the gradient is summed in another order). A run
-stopped by two processes after its first epoch is resumed by one and must agree with it too.
+dropout masks), so the global batch and the seed fix every step: the merged weights of a
+two-process run stopped in its second epoch and resumed by two processes must agree with an
+uninterrupted one-process run's within float rounding (the gradient is summed in another order).
+A resume by another process count: test_sigterm_to_one_process_stops_all_and_the_run_resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ FAMILIES = {
     "llama": dict(objective="ce", noise="paper"),
     "qwen2": dict(objective="ce+kl", noise="rtn"),
 }
-BASE = dict(epochs=2, lr=2e-3, batch=4, grad_accum=1, outlier_pct=1.0, trace_samples=2, trace_probes=1, rank=4, alpha=8,
+BASE = dict(epochs=2, lr=2e-3, batch=4, grad_accum=1, outlier_pct=1.0, trace_samples=1, trace_probes=1, rank=4, alpha=8,
             dropout=0.0, seed=3)
 
 
@@ -82,12 +83,13 @@ def _worker(rank: int, world: int, port: int, path: str, family: str, out: str):
     assert distributed.active() and distributed.world() == world and distributed.rank() == rank
     tokens = _tokens(_load(path).config.vocab_size)
     settings = _settings(family)
-    merged, r = _merged(path, tokens, settings, f"{out}/run")
-    fisher, im = _statistics(path, tokens)
-    try:
-        tune(_load(path), tokens, settings, f"{out}/cut", progress=False, on_step=_stop_in_second_epoch)
+    try:  # stopped in the second epoch, then resumed: the uninterrupted run's weights are asked of this
+        tune(_load(path), tokens, settings, f"{out}/run", progress=False, on_step=_stop_in_second_epoch)
     except KeyboardInterrupt:
         pass
+    merged, r = _merged(path, tokens, settings, f"{out}/run", resume=True)
+    assert r.resumed_at_epoch == 1
+    fisher, im = _statistics(path, tokens)
     if distributed.is_main():
         torch.save({"merged": merged, "history": r.history, "trace": r.trace_before, "fisher": fisher, "imatrix": im},
                    f"{out}/two.pt")
@@ -112,7 +114,6 @@ def family_dir(request, tiny_bpe, tmp_path_factory):
 def test_two_processes_tune_and_score_as_one(family_dir, tmp_path):
     import torch.multiprocessing as mp
 
-    from npft_gguf.npft.train import checkpoint_record
     from npft_gguf.sensitivity import outliers
 
     family, path = family_dir
@@ -142,12 +143,6 @@ def test_two_processes_tune_and_score_as_one(family_dir, tmp_path):
         assert (two["imatrix"][name][1] == counts).all() and counts[0] == tokens.numel()
         torch.testing.assert_close(two["imatrix"][name][0], sums, rtol=1e-5, atol=0, msg=name)
 
-    # stopped by two processes in the second epoch, resumed by one: the same weights
-    assert checkpoint_record(tmp_path / "cut")["epoch_done"] == 1
-    resumed, rr = _merged(path, tokens, settings, tmp_path / "cut", resume=True)
-    assert rr.resumed_at_epoch == 1
-    for k in merged:
-        torch.testing.assert_close(resumed[k], merged[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_share_splits_every_item_once():
