@@ -785,9 +785,12 @@ class Size(click.ParamType):
 @click.option("--disk", type=Size(), help="Plan for this much free disk instead of what is free where the run writes.")
 @click.option("--cpu-cores", type=click.IntRange(min=1),
               help="Time the CPU stages (writing, llama.cpp's evaluation) for this many cores instead of this machine's.")
+@click.option("--processes", type=click.IntRange(min=1),
+              help="Plan for this many processes, one per GPU (`torchrun --nproc-per-node N`); --gpu-memory is then "
+                   "each GPU's. Default: the launcher's WORLD_SIZE, else 1.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the plan as JSON: fits, peak_device_bytes, peak_host_bytes, disk_bytes, seconds, stages.")
-def plan(source, gpu_memory, host_memory, disk, cpu_cores, as_json, **kw):
+def plan(source, gpu_memory, host_memory, disk, cpu_cores, processes, as_json, **kw):
     """Print what each stage of `convert SOURCE [options]` will cost, and whether it fits.
 
     \b
@@ -807,8 +810,9 @@ def plan(source, gpu_memory, host_memory, disk, cpu_cores, as_json, **kw):
       npft-gguf plan meta-llama/Llama-2-7b-hf --gpu-memory 24GiB --host-memory 64GiB
       npft-gguf plan ./Llama-3.1-8B --gradient-checkpointing --json
       npft-gguf plan ./config-only-folder --method gptq --gpu-memory 80GiB
+      npft-gguf plan ./Llama-3.1-70B --processes 8 --gpu-memory 80GiB --host-memory 1TiB
     """
-    _print_plan(source, kw, (gpu_memory, host_memory, disk, cpu_cores), as_json)
+    _print_plan(source, kw, (gpu_memory, host_memory, disk, cpu_cores, processes), as_json)
 
 
 def _print_plan(source: str, kw: dict, named: tuple | None, as_json: bool) -> None:
