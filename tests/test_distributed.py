@@ -75,24 +75,25 @@ def _stop_in_second_epoch(row):
         raise KeyboardInterrupt
 
 
-def _worker(rank: int, world: int, port: int, path: str, family: str, out: str):
+def _worker(rank: int, world: int, port: int, jobs: list, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     distributed.setup()
     assert distributed.active() and distributed.world() == world and distributed.rank() == rank
-    tokens = _tokens(_load(path).config.vocab_size)
-    settings = _settings(family)
-    try:  # stopped in the second epoch, then resumed: the uninterrupted run's weights are asked of this
-        tune(_load(path), tokens, settings, f"{out}/run", progress=False, on_step=_stop_in_second_epoch)
-    except KeyboardInterrupt:
-        pass
-    merged, r = _merged(path, tokens, settings, f"{out}/run", resume=True)
-    assert r.resumed_at_epoch == 1
-    fisher, im = _statistics(path, tokens)
-    if distributed.is_main():
-        torch.save({"merged": merged, "history": r.history, "trace": r.trace_before, "fisher": fisher, "imatrix": im},
-                   f"{out}/two.pt")
+    for family, path in jobs:
+        tokens = _tokens(_load(path).config.vocab_size)
+        settings = _settings(family)
+        try:  # stopped in the second epoch, then resumed: the uninterrupted run's weights are asked of this
+            tune(_load(path), tokens, settings, f"{out}/{family}", progress=False, on_step=_stop_in_second_epoch)
+        except KeyboardInterrupt:
+            pass
+        merged, r = _merged(path, tokens, settings, f"{out}/{family}", resume=True)
+        assert r.resumed_at_epoch == 1
+        fisher, im = _statistics(path, tokens)
+        if distributed.is_main():
+            torch.save({"merged": merged, "history": r.history, "trace": r.trace_before, "fisher": fisher, "imatrix": im},
+                       f"{out}/{family}.pt")
     distributed.teardown()
 
 
@@ -102,24 +103,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family_dir(request, tiny_bpe, tmp_path_factory):
-    if request.param == "llama":
-        return request.param, tiny_bpe
-    from tests.arch.conftest import make_tiny
-
-    return request.param, make_tiny(request.param, tmp_path_factory.mktemp(f"dist-{request.param}"))
-
-
-def test_two_processes_tune_and_score_as_one(family_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(tiny_bpe, tmp_path_factory):
+    """{family: (model folder, what the two processes saved)}: one spawn of two processes for both families."""
     import torch.multiprocessing as mp
 
+    from tests.arch.conftest import make_tiny
+
+    dirs = {"llama": tiny_bpe, "qwen2": make_tiny("qwen2", tmp_path_factory.mktemp("dist-qwen2"))}
+    out = tmp_path_factory.mktemp("two-processes")
+    mp.spawn(_worker, args=(2, _free_port(), [(f, str(dirs[f])) for f in FAMILIES], str(out)), nprocs=2, join=True)
+    assert not distributed.active()  # this process was never part of the group
+    return {f: (dirs[f], torch.load(out / f"{f}.pt")) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_two_processes_tune_and_score_as_one(two_processes, family, tmp_path):
     from npft_gguf.sensitivity import outliers
 
-    family, path = family_dir
-    mp.spawn(_worker, args=(2, _free_port(), str(path), family, str(tmp_path)), nprocs=2, join=True)
-    two = torch.load(tmp_path / "two.pt")
-    assert not distributed.active()  # this process was never part of the group
+    path, two = two_processes[family]
 
     tokens = _tokens(_load(path).config.vocab_size)
     settings = _settings(family)

@@ -21,9 +21,14 @@ gradients, so each step equals the one-process step up to float rounding. Fisher
 summed over the processes' samples (sensitivity.py); the Hutchinson trace (a double backward) is
 computed by every process on the same samples, without communication, so it equals the one-process
 estimate; rank 0 alone writes the checkpoint, which holds nothing of the process count, so a run
-resumes with any number of processes. DDP, not FSDP2: FSDP2's `fully_shard` runs on CPU with gloo
-in torch 2.13, but it shards the frozen weights the Fisher pass takes gradients of and the trace
-differentiates twice, which it does not support; DDP keeps every weight whole on every process.
+resumes with any number of processes. DDP on CPU and CUDA alike, not FSDP2: `fully_shard` does run
+on CPU with gloo in torch 2.13 (checked on a two-layer model), but this pipeline is not wired for
+sharded weights yet: the Fisher pass takes per-sample gradients of the frozen weights (FSDP2 would
+reduce-scatter them, averaging gradients where squares must be summed), the trace differentiates
+twice (FSDP does not support that), the noise reads weights outside the forward, the checkpoint
+and the merge would have to gather DTensors, and the source loads the whole model onto one device
+before anything could be sharded. DDP keeps every weight whole on every process: N GPUs tune N
+times faster, not an N times larger model (stages.py plans it so).
 """
 
 from __future__ import annotations
