@@ -25,6 +25,7 @@ SOURCE_HELP = ("SOURCE is a hub id (meta-llama/Llama-2-7b, meta-llama/Llama-2-7b
 
 
 DEBUG_ENV = "NPFT_GGUF_DEBUG"
+SEVERAL_PROCESSES = ("convert", "finetune", "imatrix", "plan")  # what a launcher may start on N processes (distributed.py)
 
 
 class Cli(click.Group):
@@ -43,6 +44,15 @@ class Cli(click.Group):
             distributed.quiet_other_ranks()
         with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl-C does, then exits 143 (see signals.py)
             self._main(*args, **kwargs)
+
+    def resolve_command(self, ctx, args):
+        from . import distributed
+
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if distributed.active() and name not in SEVERAL_PROCESSES:
+            raise UsageError(f"{name} runs in one process: start it without torchrun / accelerate launch (of the commands, "
+                             f"{', '.join(SEVERAL_PROCESSES)} run on several)")
+        return name, cmd, rest
 
     def invoke(self, ctx):
         try:

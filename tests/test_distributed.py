@@ -230,3 +230,11 @@ def test_sigterm_to_one_process_stops_all_and_the_run_resumes(tiny_bpe, tmp_path
     r = run("finetune", *args, "--resume")  # one process takes it up
     assert r.returncode == 0, r.stderr
     assert f"resuming {tmp_path / 'out' / 'npft-run'} after epoch {done} of 4" in r.stderr
+
+
+def test_a_command_that_runs_in_one_process_refuses_a_launcher(tmp_path):
+    p = _torchrun("archs", cwd=tmp_path)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and not out
+    assert "error: archs runs in one process: start it without torchrun" in err
+    assert err.count("error: archs") == 1  # rank 0's line alone
