@@ -2,7 +2,7 @@
 
 Two CPU processes with the gloo backend (torch.multiprocessing spawn, the launcher's environment
 set by hand), on tiny random models of two families (llama with the CE objective and the paper's
-noise, qwen2 with CE+KL and rtn noise). The tuning runs under DDP on CPU (npft/train.py says why
+noise, qwen2 with CE+KL, rtn noise and gradient checkpointing, as the plan switches on for large models). The tuning runs under DDP on CPU (npft/train.py says why
 not FSDP2), every weight whole on each process. LoRA dropout is 0 (each process draws its own
 dropout masks), so the global batch and the seed fix every step: the merged weights of a
 two-process run stopped in its second epoch and resumed by two processes must agree with an
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 FAMILIES = {
     "llama": dict(objective="ce", noise="paper"),
-    "qwen2": dict(objective="ce+kl", noise="rtn"),
+    "qwen2": dict(objective="ce+kl", noise="rtn", gradient_checkpointing=True),
 }
 BASE = dict(epochs=2, lr=2e-3, batch=4, grad_accum=1, outlier_pct=1.0, trace_samples=1, trace_probes=1, rank=4, alpha=8,
             dropout=0.0, seed=3)
@@ -238,3 +238,24 @@ def test_a_command_that_runs_in_one_process_refuses_a_launcher(tmp_path):
     assert p.returncode != 0 and not out
     assert "error: archs runs in one process: start it without torchrun" in err
     assert err.count("error: archs") == 1  # rank 0's line alone
+
+
+def test_a_process_left_without_samples_still_syncs_at_weight_zero(monkeypatch):
+    """A global batch smaller than the process count: the process without a share runs one sample
+    at weight 0 (its gradient adds nothing, but it takes part in DDP's all-reduce); the others'
+    weights make DDP's average the batch's mean."""
+    from npft_gguf.npft.train import _my_part
+
+    idx = torch.tensor([5, 9, 2])
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    parts = {}
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        parts[r] = _my_part(idx)
+    assert parts[0][0].tolist() == [5, 9] and parts[1][0].tolist() == [2]
+    assert parts[0][1] == pytest.approx(2 * 2 / 3) and parts[1][1] == pytest.approx(2 * 1 / 3)  # sum of weights / 2 = 1
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    mine, weight = _my_part(torch.tensor([4]))
+    assert mine.tolist() == [4] and weight == 0.0
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    assert _my_part(torch.tensor([4]))[1] == 2.0
