@@ -554,6 +554,9 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
             progress: bool = True, log=print, notice: str | None = None) -> dict:
     """Write OUT.gguf by `settings.method` and evaluate it beside plain RTN and the float model."""
     plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume)
+    if distributed.active() and "tune" not in plan.steps:  # only the tuning is shared out over processes
+        raise UsageError(f"--method {plan.settings.method} does no tuning, which is all that runs on several processes: "
+                         "start it without torchrun / accelerate launch")
     check_fits(plan, log=log)
     return run_convert(plan, force, resume, progress, log, notice)
 

@@ -259,3 +259,16 @@ def test_a_process_left_without_samples_still_syncs_at_weight_zero(monkeypatch):
     assert mine.tolist() == [4] and weight == 0.0
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     assert _my_part(torch.tensor([4]))[1] == 2.0
+
+
+def test_a_convert_without_tuning_refuses_several_processes(tiny_bpe, tmp_path, monkeypatch):
+    """--method rtn (or gptq) has no step the processes share: each would write the same file."""
+    from npft_gguf.calib import CalibSettings
+    from npft_gguf.convert import ConvertSettings, convert
+    from npft_gguf.errors import UsageError
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with pytest.raises(UsageError, match="--method rtn does no tuning.*without torchrun"):
+        convert(str(tiny_bpe), tmp_path / "o.gguf", ConvertSettings(method="rtn", type="q4_0", eval_text="none"),
+                CalibSettings(), None, device="cpu")
+    assert not list(tmp_path.iterdir())
