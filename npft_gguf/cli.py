@@ -25,6 +25,7 @@ SOURCE_HELP = ("SOURCE is a hub id (meta-llama/Llama-2-7b, meta-llama/Llama-2-7b
 
 
 DEBUG_ENV = "NPFT_GGUF_DEBUG"
+SEVERAL_PROCESSES = ("convert", "finetune", "imatrix", "plan")  # what a launcher may start on N processes (distributed.py)
 
 
 class Cli(click.Group):
@@ -35,10 +36,23 @@ class Cli(click.Group):
     debug = False
 
     def main(self, *args, **kwargs):
+        from . import distributed
         from .signals import sigterm_as_interrupt
 
+        if distributed.launched():  # torchrun / accelerate launch: one of several processes (distributed.py)
+            distributed.setup()
+            distributed.quiet_other_ranks()
         with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl-C does, then exits 143 (see signals.py)
             self._main(*args, **kwargs)
+
+    def resolve_command(self, ctx, args):
+        from . import distributed
+
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if distributed.active() and name not in SEVERAL_PROCESSES:
+            raise UsageError(f"{name} runs in one process: start it without torchrun / accelerate launch (of the commands, "
+                             f"{', '.join(SEVERAL_PROCESSES)} run on several)")
+        return name, cmd, rest
 
     def invoke(self, ctx):
         try:
@@ -72,6 +86,12 @@ class Cli(click.Group):
         except Exception as e:  # noqa: BLE001 - the last resort: still one line, and a way to the traceback
             if self.debug:
                 raise
+            from . import distributed
+
+            if distributed.peer_lost(e):
+                _fail(f"another of the {distributed.world()} processes of this run stopped ({type(e).__name__}); what was "
+                      "written is kept: a tuning resumes from its last epoch checkpoint with --resume, with any number "
+                      "of processes", 1)
             from .atomic import disk_full, no_space
 
             if disk_full(e):  # outside an atomic output (those say which file: atomic.py)
@@ -241,6 +261,7 @@ def imatrix(source, output, calib, ctx, chunks, batch, device, threads, force, a
       npft-gguf imatrix ./model --calib notes.txt --chunks 100 -o model.imatrix.gguf
       npft-gguf export smollm2-135m -o smol-q4_0-im.gguf --type q4_0 --imatrix smol.imatrix.gguf
     """
+    from . import distributed
     from .atomic import check_target
     from .calib import calibration_text
     from .convert import check_context, resolve_device
@@ -259,7 +280,7 @@ def imatrix(source, output, calib, ctx, chunks, batch, device, threads, force, a
 
         torch.set_num_threads(threads)
     im = compute_imatrix(src, ImatrixSettings(calib=calib, ctx=ctx, chunks=chunks, batch=batch), device=dev, text=text)
-    write_imatrix(output, im, force=force)
+    distributed.on_main(write_imatrix, output, im, force=force)  # every process holds the summed matrix
     info = {"output": str(output), **im.summary()}
     _emit(info, as_json, f"wrote {output}: {info['entries']} entries, {info['chunk_count']} chunks x {info['chunk_size']} "
                          f"tokens ({info['tokens']} tokens) of {calib}")
@@ -806,9 +827,12 @@ class Size(click.ParamType):
 @click.option("--disk", type=Size(), help="Plan for this much free disk instead of what is free where the run writes.")
 @click.option("--cpu-cores", type=click.IntRange(min=1),
               help="Time the CPU stages (writing, llama.cpp's evaluation) for this many cores instead of this machine's.")
+@click.option("--processes", type=click.IntRange(min=1),
+              help="Plan for this many processes, one per GPU (`torchrun --nproc-per-node N`); --gpu-memory is then "
+                   "each GPU's. Default: the launcher's WORLD_SIZE, else 1.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the plan as JSON: fits, peak_device_bytes, peak_host_bytes, disk_bytes, seconds, stages.")
-def plan(source, gpu_memory, host_memory, disk, cpu_cores, as_json, **kw):
+def plan(source, gpu_memory, host_memory, disk, cpu_cores, processes, as_json, **kw):
     """Print what each stage of `convert SOURCE [options]` will cost, and whether it fits.
 
     \b
@@ -828,8 +852,9 @@ def plan(source, gpu_memory, host_memory, disk, cpu_cores, as_json, **kw):
       npft-gguf plan meta-llama/Llama-2-7b-hf --gpu-memory 24GiB --host-memory 64GiB
       npft-gguf plan ./Llama-3.1-8B --gradient-checkpointing --json
       npft-gguf plan ./config-only-folder --method gptq --gpu-memory 80GiB
+      npft-gguf plan ./Llama-3.1-70B --processes 8 --gpu-memory 80GiB --host-memory 1TiB
     """
-    _print_plan(source, kw, (gpu_memory, host_memory, disk, cpu_cores), as_json)
+    _print_plan(source, kw, (gpu_memory, host_memory, disk, cpu_cores, processes), as_json)
 
 
 def _print_plan(source: str, kw: dict, named: tuple | None, as_json: bool) -> None:

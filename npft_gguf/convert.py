@@ -18,11 +18,11 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import __version__
+from . import __version__, distributed
 from .calib import CalibSettings, load_calibration
 from .choices import BITS, EVAL_CHUNKS, METHODS
 from .errors import UsageError
@@ -361,7 +361,7 @@ def output_folder(out_dir: Path, run_dir: Path):
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with folder_lock(out_dir):
+        with folder_lock(out_dir) if distributed.is_main() else nullcontext():  # rank 0 writes here
             new_run_dir = not run_dir.exists()  # looked at under the lock: another run's is not ours to remove
             try:
                 yield
@@ -412,7 +412,8 @@ def finetune(spec: str, out_dir: Path, calib: CalibSettings, npft: NPFTSettings,
         check_finetune_output(out_dir, names, force)  # again, now that no other run can write here
         result, _ = tuned_model(plan, force, resume, progress, log, notice)
         report = run_record(spec, calib, result)
-        save_checkpoint(result.model, tokenizer, out_dir, report, replaces=tuple(finetune_files(out_dir, names)))
+        distributed.on_main(save_checkpoint, result.model, tokenizer, out_dir, report,
+                            replaces=tuple(finetune_files(out_dir, names)))
     return {"output": str(out_dir), **report}
 
 
@@ -594,6 +595,9 @@ def convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSetting
             progress: bool = True, log=print, notice: str | None = None) -> dict:
     """Write OUT.gguf by `settings.method` and evaluate it beside plain RTN and the float model."""
     plan = plan_convert(spec, out, settings, calib, npft, device, run_dir, force, resume)
+    if distributed.active() and "tune" not in plan.steps:  # only the tuning is shared out over processes
+        raise UsageError(f"--method {plan.settings.method} does no tuning, which is all that runs on several processes: "
+                         "start it without torchrun / accelerate launch")
     check_fits(plan, log=log)
     return run_convert(plan, force, resume, progress, log, notice)
 
@@ -642,6 +646,8 @@ def run_convert(plan: Plan, force: bool = False, resume: bool = False, progress:
     for step in plan.steps:
         with measure(plan.device) as measured[step]:
             STEPS[step](plan, state, opts)
+        if step == "tune" and not distributed.is_main():  # several processes: what follows the tuning is rank 0's
+            return state.record
     state.record["stages"] = stage_report(plan, measured)
     write_run_report(state.record, plan)
     return state.record

@@ -274,9 +274,11 @@ class Collector:
 
 def collect(model, arch, windows, datasets: list[str], batch: int = 1, progress: bool = True) -> Imatrix:
     """The importance matrix of `model` over `windows` (LongTensor (n, ctx), or a list of equal-length
-    token lists), every token counted; chunk size = the window length."""
+    token lists), every token counted; chunk size = the window length. Several processes: each runs
+    its share of the windows, and the sums and counts are added over them (distributed.py)."""
     import torch
 
+    from . import distributed
     from .progress import bar
 
     windows = torch.as_tensor(windows, dtype=torch.long)
@@ -289,13 +291,19 @@ def collect(model, arch, windows, datasets: list[str], batch: int = 1, progress:
     if not col.sums:
         col.remove()
         raise UsageError("the model has no decoder linears to collect an importance matrix for")
+    mine = windows[distributed.share(len(windows))]
     try:
         with torch.no_grad():
-            for i in bar(range(0, len(windows), batch), desc="imatrix", unit="batch", disable=not progress):
-                model(input_ids=windows[i:i + batch].to(device), use_cache=False, logits_to_keep=1)  # no logits needed
+            for i in bar(range(0, len(mine), batch), desc="imatrix", unit="batch", disable=not progress):
+                model(input_ids=mine[i:i + batch].to(device), use_cache=False, logits_to_keep=1)  # no logits needed
     finally:
         col.remove()
         model.train(was_training)
+    if distributed.active():
+        names = sorted(col.sums)
+        counts = torch.tensor([col.counts[n] for n in names], dtype=torch.float64, device=col.sums[names[0]].device)
+        distributed.all_reduce_sum([col.sums[n] for n in names] + [counts])
+        col.counts = {n: int(c) for n, c in zip(names, counts.tolist())}
     return col.result(datasets, int(windows.shape[0]), int(windows.shape[1]))
 
 
@@ -473,6 +481,7 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
     <run dir>/imatrix.gguf. Returns the path and what the run record says about it."""
     import gc
 
+    from . import distributed
     from .calib import load_calibration
     from .convert import tuning_dtype
 
@@ -487,7 +496,8 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
     del model
     gc.collect()
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    path = write_imatrix(plan.run_dir / "imatrix.gguf", im, force=True)
+    path = plan.run_dir / "imatrix.gguf"
+    distributed.on_main(write_imatrix, path, im, force=True)  # every process holds the summed matrix
     info = {"file": str(path), "computed_on": "the float (untuned) model", "tokens": f"{tokens.shape[0]} x {tokens.shape[1]}",
             "calibration": plan.calib.calib, "entries": len(im),
             "weights": "NPFT-tuned and merged" if plan.npft is not None else "untuned",

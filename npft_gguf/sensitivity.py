@@ -2,7 +2,9 @@
 
 The score of weight w is F_w = sum over calibration samples of (dL_sample/dw)^2, per sample (not
 the square of the batch mean), the diagonal of the empirical Fisher and NPFT's (and SqueezeLLM's)
-Hessian proxy. Outliers are the top p% of each module's weights by that score. When a LoRA
+Hessian proxy. Under several processes each squares the gradients of its share of the samples
+and the sums are added across processes (distributed.py): a data-parallel average of gradients
+would square the mean, not sum the squares. Outliers are the top p% of each module's weights by that score. When a LoRA
 adapter is active the gradients are those of the merged weights W + BA, which is what "outliers
 re-identified on the merged model" needs, without merging.
 """
@@ -42,7 +44,11 @@ def fisher_diagonal(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Lin
     """Sum over samples of squared per-sample gradients, float32, on the weights' device. Each
     weight's gradient is squared into its sum as soon as the backward pass makes it, and dropped:
     one module's gradient exists at a time, not all of them (and no other parameter's gradient is
-    made: a LoRA adapter's stays as it was)."""
+    made: a LoRA adapter's stays as it was). Several processes: each takes its share of the samples,
+    and the sums are added over them; every process ends with the same scores."""
+    from . import distributed
+
+    tokens = tokens[distributed.share(len(tokens))]
     device = next(model.parameters()).device
     fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in linears.items()}
     weights = [m.weight for m in linears.values()]
@@ -63,6 +69,7 @@ def fisher_diagonal(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Lin
         for w, (requires_grad, grad) in zip(weights, saved):
             w.requires_grad_(requires_grad)
             w.grad = grad
+    distributed.all_reduce_sum(list(fisher.values()))
     return fisher
 
 

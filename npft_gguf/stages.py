@@ -10,6 +10,13 @@ models: when that code changes (bounded-memory Fisher scores, chunked noise, ...
 changes here and nowhere else. The figures are estimates: memory to within tens of percent
 (allocator slack, fragmentation and the CUDA context are not modelled beyond a fixed reserve),
 seconds to within a factor of a few (nominal throughputs, below).
+
+Several processes (`torchrun --nproc-per-node N`, Machine.processes; distributed.py): the tuning
+runs under DDP, so every process holds the whole model on its own GPU and a stage's device figure
+is per GPU, the same as one process's (plus DDP's copy of the adapters' gradients); the host holds
+N processes. The imatrix, the Fisher scores and the tuning split their samples over the processes
+(their time divided by N); the trace is computed by each process alike, and what follows the
+tuning is rank 0's alone (both: one process's time).
 """
 
 from __future__ import annotations
@@ -128,6 +135,7 @@ class Machine:
     gpu_flops: float = GPU_FLOPS_DEFAULT
     cores: int = 1
     label: str = "this machine"
+    processes: int = 1  # one per GPU under a launcher; gpu_bytes is then each GPU's
 
     @property
     def cpu_flops(self) -> float:
@@ -136,7 +144,8 @@ class Machine:
 
 def this_machine(device: str | None, where: Path, threads: int | None = None) -> Machine:
     """Free device memory (torch.cuda.mem_get_info, when the run uses CUDA), available host RAM
-    (psutil) and free disk where the run writes."""
+    (psutil), free disk where the run writes, and the processes a launcher started (WORLD_SIZE)."""
+    from .distributed import launched
     import psutil
 
     gpu, flops, label = None, GPU_FLOPS_DEFAULT, "this machine"
@@ -149,13 +158,16 @@ def this_machine(device: str | None, where: Path, threads: int | None = None) ->
         label = f"this machine ({name})"
     existing = next(p for p in (where, *where.parents) if p.exists())
     cores = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return Machine(gpu, psutil.virtual_memory().available, shutil.disk_usage(existing).free, flops, cores, label)
+    processes = int(os.environ["WORLD_SIZE"]) if launched() else 1
+    return Machine(gpu, psutil.virtual_memory().available, shutil.disk_usage(existing).free, flops, cores, label, processes)
 
 
-def named_machine(base: Machine, gpu: int | None, host: int | None, disk: int | None, cores: int | None = None) -> Machine:
-    """`base` with the figures the user named (--gpu-memory, --host-memory, --disk, --cpu-cores)."""
+def named_machine(base: Machine, gpu: int | None, host: int | None, disk: int | None, cores: int | None = None,
+                  processes: int | None = None) -> Machine:
+    """`base` with the figures the user named (--gpu-memory, --host-memory, --disk, --cpu-cores, --processes)."""
     return replace(base, gpu_bytes=gpu if gpu is not None else base.gpu_bytes, host_bytes=host or base.host_bytes,
                    disk_bytes=disk if disk is not None else base.disk_bytes, cores=cores or base.cores,
+                   processes=processes or base.processes,
                    label="as named" + ("" if None not in (gpu, host, disk, cores) else " (the rest: this machine)"))
 
 
@@ -474,7 +486,29 @@ def plan_stages(plan, machine: Machine) -> list[Stage]:
         if not st.seconds:
             rate = machine.gpu_flops * GPU_EFFICIENCY if st.where == "cuda" else machine.cpu_flops
             st.seconds = st.flops / rate
-    return stages
+    return per_process(stages, d, machine.processes) if machine.processes > 1 else stages
+
+
+SPLIT = ("imatrix", "sensitivity", "tune")   # stages whose samples are shared out over the processes
+EVERY = ("imatrix", "source", "calibration", "sensitivity", "trace", "tune", "merge")  # run by every process
+
+
+def per_process(stages: list[Stage], d: Dims, n: int) -> list[Stage]:
+    """The stages on `n` processes (npft.train, distributed.py): the samples of SPLIT shared out (time
+    / n; the FLOPs and tokens stay the run's), each process's device peak its own, with DDP's bucket
+    of the adapters' gradients in the tuning; the host holding n processes for the stages of EVERY."""
+    out = []
+    for st in stages:
+        st = replace(st)
+        if st.name in SPLIT:
+            st.seconds /= n
+        if st.name == "tune":
+            st.device_bytes += d.lora * 4 if st.device_bytes else 0
+            st.host_bytes += 0 if st.device_bytes else d.lora * 4
+        if st.name in EVERY:
+            st.host_bytes *= n
+        out.append(st)
+    return out
 
 
 def reference_passes(st: Stage, ref_size: int, others: int, tokens: int, d: Dims, m: Machine, s) -> str:
@@ -642,7 +676,8 @@ def table(v: Verdict) -> str:
     m = v.machine
     lines.insert(1, "-" * len(lines[0]))
     lines.append("")
-    lines.append(f"machine ({m.label}): GPU {human(m.gpu_bytes) + ' free' if m.gpu_bytes else 'none'}, host "
+    each = f"{m.processes} processes, each " if m.processes > 1 else ""
+    lines.append(f"machine ({m.label}): {each}GPU {human(m.gpu_bytes) + ' free' if m.gpu_bytes else 'none'}, host "
                  f"{human(m.host_bytes)} available, disk {human(m.disk_bytes) + ' free' if m.disk_bytes is not None else 'not checked'}, "
                  f"{m.cores} CPU cores (llama.cpp and the writer)")
     lines.append("verdict: fits" if v.fits else "verdict: does NOT fit" if v.certain else

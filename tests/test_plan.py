@@ -42,6 +42,18 @@ def real_config(name: str):
 PARAMS = {"llama-2-7b": 6.74e9, "llama-3.1-8b": 8.03e9, "qwen2.5-7b": 7.62e9}  # the models' published sizes
 
 
+def llama_70b_config():
+    """Llama-3.1-70B's public hyperparameters (70.6e9 parameters)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192},
+                       architectures=["LlamaForCausalLM"])
+
+
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory):
     """A config.json folder (nothing else) per model."""
@@ -416,3 +428,36 @@ def test_within_the_estimates_uncertainty_convert_warns_and_runs(tiny_bpe, tmp_p
     assert len(said) == 1 and said[0].startswith("warning: may not fit: stage write")
     with pytest.raises(UsageError, match="cannot fit: stage write"):
         check_fits(plan, Machine(None, int(need / 1.3), None))  # 30 % short
+
+
+def test_the_plan_knows_the_process_count_and_a_70b_model_on_8_gpus(tmp_path):
+    """8 processes, one 80 GB GPU each: the tuning runs under DDP (npft/train.py), so each GPU holds
+    the whole bf16 model, 70B's 131 GiB: the torch stages do not fit, whatever the process count,
+    and the verdict says so; what the processes do change is the time of the stages whose samples
+    they share out, and the host memory of the stages every process runs."""
+    llama_70b_config().save_pretrained(tmp_path / "llama-3.1-70b")
+    machine = ("--gpu-memory", "80GiB", "--host-memory", "2TiB", "--disk", "2TiB", "--cpu-cores", "64")
+    one = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine)
+    eight = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8")
+    assert eight["machine"]["processes"] == 8 and one["machine"]["processes"] == 1
+    by1, by8 = ({s["name"]: s for s in d["stages"]} for d in (one, eight))
+    assert by1.keys() == by8.keys()
+    for name in ("imatrix", "sensitivity", "tune"):  # samples shared out
+        assert by8[name]["seconds"] == pytest.approx(by1[name]["seconds"] / 8)
+    for name in ("trace", "merge", "write", "guard", "evaluate"):
+        if name in by1:
+            assert by8[name]["seconds"] == pytest.approx(by1[name]["seconds"])
+    assert by8["source"]["peak_host_bytes"] == 8 * by1["source"]["peak_host_bytes"]  # every process loads the model
+    assert by8["write"]["peak_host_bytes"] == by1["write"]["peak_host_bytes"]          # rank 0 alone writes
+    for name in ("source", "tune", "merge"):  # per GPU: the whole model in bf16
+        assert by8[name]["peak_device_bytes"] >= 2 * 70.5e9
+        assert by8[name]["peak_device_bytes"] >= by1[name]["peak_device_bytes"]
+    assert not eight["fits"] and eight["refused"]
+    assert any(p.startswith("stage tune ") and "80.0 GiB is free" in p for p in eight["problems"])
+
+
+def test_a_launched_run_plans_for_its_process_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert stages.this_machine("cpu", tmp_path).processes == 4
+    monkeypatch.delenv("WORLD_SIZE")
+    assert stages.this_machine("cpu", tmp_path).processes == 1

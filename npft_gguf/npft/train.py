@@ -13,6 +13,22 @@
 Every random draw of an epoch (data order, noise, dropout) comes from generators seeded by
 (seed, epoch), so a run resumed from an epoch checkpoint gives the same weights as one that was
 never interrupted.
+
+Several processes (distributed.py; `torchrun --nproc-per-node N`): every process holds the whole
+model and draws the same order and noise; each takes its share of every global micro-batch
+(`--batch` stays the global batch), its loss weighted by its share, and DDP averages the LoRA
+gradients, so each step equals the one-process step up to float rounding. Fisher scores are
+summed over the processes' samples (sensitivity.py); the Hutchinson trace (a double backward) is
+computed by every process on the same samples, without communication, so it equals the one-process
+estimate; rank 0 alone writes the checkpoint, which holds nothing of the process count, so a run
+resumes with any number of processes. DDP on CPU and CUDA alike, not FSDP2: `fully_shard` does run
+on CPU with gloo in torch 2.13 (checked on a two-layer model), but this pipeline is not wired for
+sharded weights yet: the Fisher pass takes per-sample gradients of the frozen weights (FSDP2 would
+reduce-scatter them, averaging gradients where squares must be summed), the trace differentiates
+twice (FSDP does not support that), the noise reads weights outside the forward, the checkpoint
+and the merge would have to gather DTensors, and the source loads the whole model onto one device
+before anything could be sharded. DDP keeps every weight whole on every process: N GPUs tune N
+times faster, not an N times larger model (stages.py plans it so).
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..atomic import atomic_output
 from ..errors import NpftError, UsageError
 from ..grids import GRIDS
@@ -126,6 +143,8 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     from transformers import get_linear_schedule_with_warmup
 
     t0 = time.time()
+    if not distributed.is_main():  # rank 0 alone shows progress and logs
+        progress, log = False, (lambda *a, **k: None)
     settings = settings.for_family(of_model(model))  # the family's LoRA targets and perturbed set where none were given
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +168,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
 
         quantizers = tuning_quantizers(settings.imatrix, settings.grid, linears, of_model(model), model.config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    losses = _data_parallel(peft_model, device)  # None: one process
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, steps_per_epoch * settings.epochs)
     objective = get_objective(settings.objective)
@@ -194,16 +214,19 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
                               merged_weights(peft_model), quantizers)
         try:
-            _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step)
+            _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step,
+                         losses)
         finally:
             noise.remove()
         _check_weights(((n, w()) for n, w in merged_weights(peft_model).items()), settings, f"in epoch {epoch + 1}")
-        save_checkpoint(ckpt_path, *pack_checkpoint(get_peft_model_state_dict(peft_model), opt.state_dict(), first_outliers, {
-            "epoch_done": epoch + 1, "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
-            "source": source, "history": result.history, "fisher_summary": result.fisher_summary,
-            "outliers_per_epoch": result.outliers_per_epoch, "trace_before": result.trace_before,
-            "seconds": elapsed_before + time.time() - t0,
-        }))
+        if distributed.is_main():  # every process holds the same adapter and optimizer state
+            save_checkpoint(ckpt_path, *pack_checkpoint(get_peft_model_state_dict(peft_model), opt.state_dict(), first_outliers, {
+                "epoch_done": epoch + 1, "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
+                "source": source, "history": result.history, "fisher_summary": result.fisher_summary,
+                "outliers_per_epoch": result.outliers_per_epoch, "trace_before": result.trace_before,
+                "seconds": elapsed_before + time.time() - t0,
+            }))
+        distributed.barrier()  # no process runs ahead of a checkpoint a resume would start from
 
     if settings.trace_samples and first_outliers is not None:
         result.trace_after = outlier_trace(peft_model, trace_tokens, linears, first_outliers, settings.trace_probes,
@@ -262,8 +285,49 @@ def unpack_checkpoint(record: dict, path: Path, device) -> tuple[dict, dict, dic
     return adapter, {"state": state, "param_groups": opt["param_groups"]}, first
 
 
+class _Loss(torch.nn.Module):
+    """The objective on a micro-batch as one module's forward, so DDP sees every forward the loss
+    makes (the KL objective calls the decoder and reads the head directly, past the model's own
+    forward) and syncs the gradients of its backward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, objective_name: str, x, teacher, weight: float):
+        return weight * objective_loss(get_objective(objective_name), self.model, x, teacher)
+
+
+def _data_parallel(peft_model, device):
+    """DDP over the loss of `peft_model` where several processes run, else None. Only the LoRA
+    factors need grad, so only they are synced; buffers are the same everywhere (not broadcast)."""
+    if distributed.world() == 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    import inspect
+
+    ids = [device] if torch.device(device).type == "cuda" else None
+    # torch 2.13 renamed broadcast_buffers (and warns on the old name)
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return DistributedDataParallel(_Loss(peft_model), device_ids=ids, **{quiet: False})
+
+
+def _my_part(idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This process's share of a global micro-batch's sample indices, and the weight of its mean loss
+    that makes DDP's average the global batch's mean: a share / the batch, times the process count.
+    A process left without samples (a last batch smaller than the process count) runs one sample
+    at weight 0, so that it still takes part in the gradient sync."""
+    world = distributed.world()
+    mine = idx[distributed.share(len(idx))]
+    if len(mine) == 0:
+        return idx[:1], 0.0
+    return mine, len(mine) * world / len(idx)
+
+
 def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Perturbations, opt, sched,
-                 n_micro: int, result: TuneResult, progress: bool, on_step):
+                 n_micro: int, result: TuneResult, progress: bool, on_step, losses=None):
     device = next(model.parameters()).device
     objective = get_objective(settings.objective)
     torch.manual_seed(_seed(settings, epoch, 0))  # dropout
@@ -274,20 +338,24 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
     sums = {"noisy": 0.0, "clean": 0.0}
     pbar = bar(range(n_micro), desc=f"epoch {epoch + 1}/{settings.epochs}: tune", unit="batch", disable=not progress)
     for micro in pbar:
-        x = tokens[order[micro * settings.batch:(micro + 1) * settings.batch]].to(device)
+        idx = order[micro * settings.batch:(micro + 1) * settings.batch]
+        weight = 1.0
+        if losses is not None:
+            idx, weight = _my_part(idx)
+        x = tokens[idx].to(device)
         if settings.resample == "step" and micro % settings.grad_accum == 0 and micro:
             noise.resample(gen)
         teacher = _teacher(model, x) if objective.needs_teacher else None
         with noise.on():
-            noisy = objective_loss(objective, model, x, teacher)
+            noisy = objective_loss(objective, model, x, teacher) if losses is None else losses(objective.name, x, teacher, weight)
         _check(noisy, epoch, micro)
         (noisy / settings.grad_accum).backward()
-        sums["noisy"] += noisy.item()
+        sums["noisy"] += _global(noisy, losses)
         if settings.clean_weight > 0:
-            clean = objective_loss(objective, model, x, teacher)
+            clean = objective_loss(objective, model, x, teacher) if losses is None else losses(objective.name, x, teacher, weight)
             _check(clean, epoch, micro)
             (settings.clean_weight * clean / settings.grad_accum).backward()
-            sums["clean"] += clean.item()
+            sums["clean"] += _global(clean, losses)
         if (micro + 1) % settings.grad_accum == 0 or micro + 1 == n_micro:
             opt.step()
             sched.step()
@@ -303,6 +371,14 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
             if on_step is not None:
                 on_step(row)
     model.eval()
+
+
+def _global(loss: torch.Tensor, losses) -> float:
+    """The global micro-batch's mean loss, for the log: this process's own (one process), or the
+    processes' weighted losses summed (the weights make that the mean over the global batch)."""
+    if losses is None:
+        return loss.item()
+    return distributed.sum_float(loss.item() / distributed.world())
 
 
 def checkpoint_layers(peft_model, context_fn):

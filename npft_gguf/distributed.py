@@ -1,0 +1,149 @@
+"""Several processes, one per device: who this process is, and the few collectives the pipeline needs.
+
+A launcher (`torchrun --nproc-per-node N`, `accelerate launch`) starts N copies of the command and
+tells each its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
+`setup` reads that and has accelerate (PartialState) open the process group: gloo on CPU, nccl on
+CUDA. Without a launcher nothing is opened and every helper here is the identity of one process,
+so a plain run behaves exactly as before.
+
+What the stages share across processes is only ever a sum (Fisher's squared gradients, the
+imatrix's squared activations and token counts, a loss for the log): `all_reduce_sum`. Which
+samples a process takes is `share`. Gradients of the tuning are averaged by DDP (npft/train.py),
+not here.
+"""
+
+from __future__ import annotations
+
+import os
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """True when a launcher started this process as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def setup():
+    """Open the process group when launched as one of several processes (once; later calls are
+    free); returns accelerate's PartialState, or None for a single process."""
+    if not launched():
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    if not cpu:  # "cuda" means this process's own GPU from here on
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    state = PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
+    if cpu:  # accelerate leaves the CPU group to the first collective; open it now, with every rank present
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=state.process_index, world_size=state.num_processes)
+    return state
+
+
+def active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files, prints progress and the report (rank 0, or the only one)."""
+    return rank() == 0
+
+
+def on_main(fn, *args, **kwargs):
+    """`fn(...)` on rank 0 alone (a file written), the others waiting until it is done, so that
+    whatever reads the file next finds it; returns fn's result on rank 0, None elsewhere."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return result
+
+
+def quiet_other_ranks():
+    """Ranks other than 0 print nothing: their stdout and stderr go to /dev/null (rank 0 prints the
+    progress, the result and any error; a rank that fails alone breaks the collectives, and rank 0
+    says so)."""
+    import sys
+
+    if not is_main():
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def share(n: int, part: int | None = None, parts: int | None = None) -> slice:
+    """This process's contiguous share of n items: the first n % parts processes take one more."""
+    part, parts = rank() if part is None else part, world() if parts is None else parts
+    base, extra = divmod(n, parts)
+    start = part * base + min(part, extra)
+    return slice(start, start + base + (part < extra))
+
+
+def all_reduce_sum(tensors):
+    """Sum each tensor (in place) over the processes; one process: unchanged. Returns them."""
+    if not active():
+        return tensors
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return tensors
+
+
+def sum_float(x: float) -> float:
+    """A Python number summed over the processes (float64)."""
+    if not active():
+        return x
+    import torch
+
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
+    all_reduce_sum([t])
+    return float(t.item())
+
+
+def barrier():
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _comm_device():
+    """Where a collective's tensor must live: the local GPU for nccl, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the run went away (stopped
+    by a signal, or failed on its own)."""
+    if not active():
+        return False
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted"))
+
+
+def teardown():
+    if active():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
