@@ -107,6 +107,8 @@ def more_bits(i: int, n: int) -> bool:
 
 @dataclass(frozen=True)
 class Facts:
+    """What a rule looks at. llama.cpp counts attn_v and ffn_down tensors in its tensor order, which
+    is by layer, out of n_layer (one of each per layer in a dense model): the layer index here."""
     layer: int
     model: ModelShape
     imatrix: bool
