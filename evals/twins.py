@@ -9,7 +9,7 @@ ships) does, and the imatrix-weighted error of the twin's whole matrix over llam
 
 Step time: NPFT's short recipe (kl objective, rtn noise, Q4_0) on SmolLM2-135M for a few optimizer
 steps with each noise: plain RTN's error, the twins of the imatrix Q4_0 mix's rules (the default
-now), and the bit-exact numpy port on the CPU (what `--tune-imatrix` ran before the twins). Seconds
+now), and llama.cpp's own quantizer on the CPU (ggml_quantize_chunk; the bit-exact numpy port before it). Seconds
 per step after the first, median, and the ratio to plain RTN's; each noise twice, interleaved, so
 a busy machine shows as a spread rather than a bias. Each part is saved as it is measured, so an
 interrupted run continues where it stopped.
@@ -37,7 +37,7 @@ from evals._run import machine, npft  # noqa: E402
 
 OUT = ROOT / "evals" / "out" / "twins"
 JSON = ROOT / "evals" / "TWINS.json"
-NOISES = {"plain RTN": "rtn", "twins (imatrix Q4_0 mix)": "twin", "numpy port (imatrix Q4_0 mix)": "numpy"}
+NOISES = {"plain RTN": "rtn", "twins (imatrix Q4_0 mix)": "twin", "llama.cpp on the CPU (imatrix Q4_0 mix)": "numpy"}
 
 
 def agreement(source, imatrix) -> list[dict]:
@@ -93,7 +93,7 @@ def step_times(source, imatrix_path: Path, noise: str, steps: int) -> list[float
     stamps = []
     saved = twins.TWINNED
     if noise == "numpy":
-        twins.TWINNED = ()  # imatrix.tuning_quantizers then takes the numpy port (grids/weighted.py)
+        twins.TWINNED = ()  # grids/mix.tuning_rule then takes llama.cpp's quantizer on the CPU (llamacpp.GgmlQuantizer)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             tune(source.load_model(), tokens, settings, Path(run_dir), progress=False,

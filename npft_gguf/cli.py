@@ -12,14 +12,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .choices import BITS, EVAL_CHUNKS, METHODS
+from .choices import ALIASES, BITS, EVAL_CHUNKS, EXPORT_TYPES, FILE_TYPES, GRID_TYPES, METHODS, WRITTEN_TYPES
 from .errors import NpftError, UsageError
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
-# llama.cpp's own file types beside ours, for `export --quantizer llama.cpp` (methods/llamacpp_quant.py)
-LLAMACPP_ONLY = ("q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_xs",
-                 "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")
-EXPORT_TYPES = TYPES + LLAMACPP_ONLY
+TYPES = GRID_TYPES  # the GGUF tensor types convert tunes for and --fake-quant simulates
 SOURCE_HELP = ("SOURCE is a hub id (meta-llama/Llama-2-7b, meta-llama/Llama-2-7b-hf), a Hugging Face directory, a folder in "
                "Meta's layout (params.json, consolidated.NN.pth), a .gguf file, or the demo 'smollm2-135m'.")
 
@@ -186,14 +182,17 @@ def main():
 @click.argument("source")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="GGUF file to write.")
 @click.option("--type", "type_", default="q4_0", show_default=True, type=click.Choice(EXPORT_TYPES, case_sensitive=False),
-              help="Tensor type for the 2-D weights (RTN), or with --quantizer llama.cpp one of llama.cpp's file types "
-                   "(q4_k_m, q4_k_s, q5_k_m, q3_k_m, q2_k, q6_k, iq4_nl, iq4_xs, q4_0, ...). Norms stay f32.")
+              help="The file type, as llama-quantize names it; each tensor gets llama.cpp's own type for it and its bytes "
+                   "from llama.cpp's quantizer: " + "; ".join(f"{t.name}: {t.help}" for t in FILE_TYPES.values())
+                   + " (" + ", ".join(f"{k} = {v}" for k, v in ALIASES.items()) + "). Norms stay f32.")
 @click.option("--quantizer", default="rtn", show_default=True, type=click.Choice(["rtn", "llama.cpp"]),
-              help="rtn: ours, round-to-nearest by ggml's rules; llama.cpp: our f32 export, then llama_model_quantize (no imatrix).")
+              help="rtn: our streaming writer (llama.cpp's quantizer per tensor, byte for byte llama-quantize's file); "
+                   "llama.cpp: our f32 export, then llama_model_quantize on it (needed for "
+                   + " ".join(n for n, t in FILE_TYPES.items() if not t.written) + ").")
 @click.option("--pure", is_flag=True, help="One type everywhere (no q6_k/q8_0 output matrix), as llama-quantize --pure.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
-              help="Importance matrix (from `npft-gguf imatrix` or llama-imatrix): quantize q4_0 q4_1 q5_0 q5_1 iq4_nl "
-                   "by llama.cpp's importance-weighted rules, byte for byte as llama-quantize --imatrix, instead of RTN.")
+              help="Importance matrix (from `npft-gguf imatrix` or llama-imatrix): each tensor is quantized with its "
+                   "entry, byte for byte as llama-quantize --imatrix.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(source, output, type_, quantizer, pure, imatrix, force, as_json):
@@ -210,14 +209,15 @@ def export(source, output, type_, quantizer, pure, imatrix, force, as_json):
       npft-gguf export smollm2-135m -o smol-f32.gguf --type f32
       npft-gguf export ./Llama-2-7b-hf -o llama2-q4_0.gguf --type q4_0
       npft-gguf export model.gguf -o model-q8.gguf --type q8_0 --pure --force
-      npft-gguf export smollm2-135m -o smol-q4_k_m.gguf --quantizer llama.cpp --type q4_k_m
+      npft-gguf export smollm2-135m -o smol-q4_k_m.gguf --type q4_k_m
       npft-gguf export smollm2-135m -o smol-q4_0-im.gguf --type q4_0 --imatrix smol.imatrix.gguf
     """
     from .atomic import check_target
     from .sources import open_source
 
-    if quantizer == "rtn" and type_.lower() not in TYPES:
-        raise UsageError(f"--type {type_} is one of llama.cpp's mixes; pass --quantizer llama.cpp, or choose one of: {', '.join(TYPES)}")
+    if quantizer == "rtn" and type_.lower() not in WRITTEN_TYPES:
+        raise UsageError(f"--type {type_} is written only by llama.cpp's own quantizer; pass --quantizer llama.cpp, "
+                         f"or choose one of: {', '.join(WRITTEN_TYPES)}")
     check_target(output, force)
     src = open_source(source)  # bad sources fail here, before torch is imported
     if quantizer == "llama.cpp":
@@ -675,7 +675,7 @@ def convert_options(f):
                      help="Pick the best pure-RTN GGUF type of this width that the row lengths allow: "
                           + ", ".join(f"{b} -> {' or '.join(t)}" for b, t in BITS.items()) + ". At 4 bits, q4_0 has "
                           "llama.cpp's simplest CPU kernels; --type iq4_nl is the same size and closer to the float model "
-                          "(evals/RESULTS.md); llama.cpp's q4_k_m (export --quantizer llama.cpp) is 5-15 % larger and closer "
+                          "(evals/RESULTS.md); llama.cpp's q4_k_m (export --type q4_k_m) is 5-15 % larger and closer "
                           "still. The closing comparison shows all three beside the output."),
         click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
                      help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "

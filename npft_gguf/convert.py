@@ -927,13 +927,11 @@ def peer_file(source: Source, run_dir: Path, type_name: str, log, progress: bool
 def same_size_peers(source: Source, run_dir: Path, type_name: str, log, progress: bool, imatrix: str | None) -> list[Path]:
     """The files of about the same size llama.cpp makes of the untuned model (choices.PEERS: for Q4_0,
     IQ4_NL and Q4_K_M), with the run's imatrix where there is one, so the user sees the trade."""
-    from .choices import PEERS
-    from .grids import GRIDS
-    from .imatrix import IMATRIX_TYPES
+    from .choices import FILE_TYPES, PEERS
 
     out = []
     for t in PEERS.get(type_name, ()):
-        ours = t in GRIDS and (imatrix is None or t in IMATRIX_TYPES)  # else llama.cpp's own quantizer writes it
+        ours = FILE_TYPES[t].written  # our writer's bytes are llama-quantize's (grids/mix.py); else llama.cpp's own
         name = f"peer-{t}{'-imatrix' if imatrix else ''}.gguf"
         out.append(comparison_file(source, run_dir, name, t, log, progress, imatrix, llamacpp=not ours))
     return out

@@ -2,7 +2,7 @@
 
 For every decoder linear the importance matrix holds, per input column j, the sum over calibration
 tokens of x_j^2 (the squared activation entering the matrix) and the number of tokens; the mean,
-sum / count, is what llama-quantize weighs each weight's rounding error by (grids/weighted.py).
+sum / count, is what llama-quantize weighs each weight's rounding error by (llama.cpp's quantizer, llamacpp.GgmlQuantizer).
 
 Collection follows llama-imatrix: the text is tokenized (BOS first when the vocabulary adds one),
 cut into consecutive windows of `ctx` tokens (the last partial one dropped; at least two needed),
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .choices import TUNED_WITH_IMATRIX as IMATRIX_TYPES  # noqa: F401 - what npft+imatrix tunes for (convert.py)
 from .errors import UsageError
 
 KV_DATASETS = "imatrix.datasets"
@@ -341,9 +342,6 @@ def compute_imatrix(source, settings: ImatrixSettings, device: str = "cpu", prog
 
 # --- export with an imatrix ----------------------------------------------------------------------
 
-IMATRIX_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")  # file types `export --imatrix` reproduces
-
-
 @lru_cache(maxsize=4)
 def _cached(path: str, mtime_ns: int, size: int) -> Imatrix:
     return read_imatrix(Path(path))
@@ -401,19 +399,14 @@ def check_imatrix_for(path, source) -> Imatrix:
 def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict:
     """HF linear name -> the function NPFT's rtn noise quantizes that linear's merged weight with,
     so that the tuning meets the error of the file that will be written as `grid_name`, tensor by
-    tensor: the type llama.cpp's mix gives the tensor (grids/policy: with an imatrix, Q4_0's first
-    ffn_down layers are Q4_1) and the rule that writes it, as the writer applies them (attach_rules):
-    with the imatrix at `path` (None: a file written without one), llama.cpp's importance-weighted
-    search with the linear's entry, and its search with weights x^2 for the types it searches even
-    without one (IQ4_NL). Those searches run as torch twins on the tuning device (grids/twins.py),
-    or in the bit-exact numpy port on the CPU for a type without a twin. A linear left out of the
-    result is quantized by `grid_name`'s own RTN."""
-    from .grids.policy import ModelShape, choose
-    from .grids.twins import TWINNED, TwinRules
-    from .grids.weighted import SEARCHED, WEIGHTED, LlamaCppRules
+    tensor: the type the writer gives the tensor and the rule that writes it, both from
+    grids/mix.py (choose, tuning_rule), with the linear's entry of the imatrix at `path` (None: a
+    file written without one). A linear left out of the result is quantized by `grid_name`'s own RTN,
+    which is then what llama.cpp writes."""
+    from .grids.mix import ModelShape, choose, tuning_rule
 
     im = load_imatrix(path) if path else None
-    shape = ModelShape.of(config)
+    shape = ModelShape.of(config, getattr(arch, "name", ""))
     gguf_names = {name: arch.gguf_name(name + ".weight") for name in linears}
     used = set() if im is None else check_widths(
         path, im, {g: linears[name].in_features for name, g in gguf_names.items() if g is not None})
@@ -422,41 +415,23 @@ def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict
         gguf = gguf_names[name]
         if gguf is None:
             continue
-        grid = choose(grid_name, gguf, (lin.out_features, lin.in_features), shape, imatrix=im is not None).grid
-        qw = im.weights(gguf) if gguf in used else None
-        if grid.name in WEIGHTED and (qw is not None or grid.name in SEARCHED):
-            out[name] = (TwinRules if grid.name in TWINNED else LlamaCppRules)(grid, qw).fakequant
-        elif grid.name != grid_name:
-            out[name] = grid.fakequant
+        kind = choose(grid_name, gguf, (lin.out_features, lin.in_features), shape, imatrix=im is not None).type
+        rule = tuning_rule(kind, im.weights(gguf) if gguf in used else None, plain=grid_name)
+        if rule is not None:
+            out[name] = rule
     return out
 
 
-def attach_rules(tensors, settings) -> None:
-    """Give each planned tensor (writer.PlannedTensor) llama.cpp's quantizer for its type and its
-    imatrix entry, as llama-quantize --imatrix does: weighted where the file has the tensor
-    (its width must match, except token_embd's, which llama.cpp then quantizes without one);
-    llama.cpp's own unweighted rules where it has not (the same as our RTN for the 32-weight legacy
-    types; a scale search for IQ4_NL and Q6_K). Types without an imatrix rule (Q8_0, floats)
-    are left to the grid, as llama.cpp ignores the imatrix for them."""
-    import sys
-
-    from .grids.weighted import SEARCHED, UNWEIGHTED, WEIGHTED, LlamaCppRules
-
-    if settings.type not in IMATRIX_TYPES:
-        raise UsageError(f"--imatrix applies to --type {', '.join(IMATRIX_TYPES)} (llama.cpp's importance-weighted "
-                         f"rules are reproduced for those), not {settings.type}")
-    im = load_imatrix(settings.imatrix)
-    used = check_widths(settings.imatrix, im, {t.name: t.shape[-1] for t in tensors if len(t.shape) == 2})
+def attach_entries(tensors, path) -> None:
+    """Give each planned tensor (writer.PlannedTensor) its entry of the imatrix at `path`, as
+    llama-quantize --imatrix passes it to ggml_quantize_chunk: where the file has the tensor (its
+    width must match, except token_embd's, which llama.cpp then quantizes without one). Types that
+    ignore an imatrix (Q8_0, floats) ignore it here too."""
+    im = load_imatrix(path)
+    used = check_widths(path, im, {t.name: t.shape[-1] for t in tensors if len(t.shape) == 2})
     for t in tensors:
-        g = t.choice.grid.name
-        if len(t.shape) != 2 or g in UNWEIGHTED:
-            continue
-        qw = im.weights(t.name) if t.name in used else None
-        if g not in WEIGHTED:
-            print(f"warning: {t.name}: {g} is written by our RTN, not by llama.cpp's imatrix rules, so this tensor "
-                  "will differ from llama-quantize --imatrix", file=sys.stderr)
-        elif qw is not None or g in SEARCHED:
-            t.packer = LlamaCppRules(t.choice.grid, qw)
+        if t.name in used and t.choice.type not in ("f32", "f16", "bf16"):
+            t.qw = im.weights(t.name)
 
 
 def quantize_metadata(path) -> list[tuple]:

@@ -71,34 +71,113 @@ def _ggml_base():
     found = sorted((Path(lib.__file__).parent / "lib").glob("*ggml-base.*"))  # .so, .dylib or .dll
     if not found:  # pragma: no cover - llama-cpp-python always ships it
         raise NpftError(f"llama-cpp-python ships no libggml-base in {Path(lib.__file__).parent / 'lib'}")
-    base = ctypes.CDLL(str(found[0]))
+    base = ctypes.CDLL(str(found[0]))  # a CDLL call releases the GIL: row chunks quantize on every core
     base.ggml_quantize_chunk.restype = ctypes.c_size_t
     base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_int64, ctypes.c_void_p]
     base.ggml_quantize_init.argtypes = [ctypes.c_int]
+    base.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    base.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     return base
 
 
-def ggml_quantize(type_name: str, w, qw=None):
+def ggml_requires_imatrix(type_name: str) -> bool:
+    """Whether llama.cpp refuses to quantize `type_name` without an importance matrix (IQ1/IQ2/IQ3_XXS)."""
+    from gguf import GGMLQuantizationType
+
+    return bool(_ggml_base().ggml_quantize_requires_imatrix(int(GGMLQuantizationType[type_name.upper()])))
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+QUANT_CHUNK = 1 << 16  # weights per ggml_quantize_chunk call in a thread pool (what llama-quantize's threads take, about)
+
+
+class GgmlQuantizer:
+    """llama.cpp's own quantizer (ggml_quantize_chunk, what llama-quantize runs per tensor) for one
+    tensor type and importance-matrix entry `qw` (its columns' weights; None: without one), run
+    on row chunks in a thread pool of `threads` (default: every core). Blocks never cross rows,
+    so any row split gives llama-quantize's bytes."""
+
+    def __init__(self, type_name: str, qw=None, threads: int | None = None):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.type = GGMLQuantizationType[type_name.upper()]
+        self.block, self.block_bytes = GGML_QUANT_SIZES[self.type]
+        self.qw = None if qw is None else np.ascontiguousarray(qw, np.float32).reshape(-1)
+        self.threads = threads or cores()
+        if self.qw is None and ggml_requires_imatrix(type_name):
+            raise NpftError(f"llama.cpp quantizes {type_name} only with an importance matrix (pass --imatrix)")
+        _ggml_base().ggml_quantize_init(int(self.type))  # its tables, once, before any thread uses them
+
+    def _check(self, shape) -> None:
+        if len(shape) != 2 or shape[1] % self.block:
+            raise ValueError(f"{self.type.name.lower()} needs a 2-D weight whose rows are a multiple of {self.block}, "
+                             f"got {tuple(shape)}")
+        if self.qw is not None and self.qw.size != shape[1]:
+            raise ValueError(f"the imatrix entry has {self.qw.size} columns, the weight {shape[1]}")
+
+    def chunk_rows(self, ncols: int) -> int:
+        return max(1, QUANT_CHUNK // ncols)
+
+    def _into(self, w: np.ndarray, out: np.ndarray) -> None:
+        imat = None if self.qw is None else self.qw.ctypes.data
+        _ggml_base().ggml_quantize_chunk(int(self.type), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1], imat)
+
+    def pack_rows(self, chunks, shape: tuple[int, int]) -> np.ndarray:
+        """GGUF bytes, uint8 (rows, row_bytes), of a 2-D weight of `shape` given as consecutive row
+        chunks (numpy or torch), each quantized in the pool as it arrives: a source streams its
+        weight while the cores quantize, and at most twice `threads` chunks are held at once."""
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        self._check(shape)
+        out = np.empty((shape[0], shape[1] // self.block * self.block_bytes), np.uint8)
+        r, pending = 0, []
+        with ThreadPoolExecutor(self.threads) as pool:
+            for chunk in chunks:
+                w = np.ascontiguousarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, np.float32)
+                if w.ndim != 2 or w.shape[1] != shape[1] or r + w.shape[0] > shape[0]:
+                    raise ValueError(f"a row chunk of shape {w.shape} does not continue a weight of {shape} at row {r}")
+                for i in range(0, w.shape[0], self.chunk_rows(shape[1])):  # a big chunk, split for the cores
+                    part = w[i:i + self.chunk_rows(shape[1])]
+                    pending.append(pool.submit(self._into, part, out[r + i:r + i + part.shape[0]]))
+                r += w.shape[0]
+                if len(pending) > 2 * self.threads:
+                    done, rest = wait(pending, return_when="FIRST_COMPLETED")
+                    for f in done:
+                        f.result()
+                    pending = list(rest)
+            for f in pending:
+                f.result()
+        if r != shape[0]:
+            raise ValueError(f"row chunks hold {r} rows of a weight of {shape[0]}")
+        return out
+
+    def pack(self, w) -> np.ndarray:
+        """GGUF bytes, uint8 (rows, row_bytes), of a whole 2-D weight (numpy or torch)."""
+        return self.pack_rows([w], tuple(w.shape))
+
+    def fakequant(self, w):
+        """What llama.cpp's quantizer makes of the torch 2-D weight `w`, dequantized (gguf-py's
+        dequantizer): float32 of w's shape on w's device, computed on the CPU."""
+        import torch
+        from gguf.quants import dequantize
+
+        raw = self.pack(w.detach().float().cpu())
+        return torch.from_numpy(dequantize(raw, self.type).reshape(tuple(w.shape))).to(w.device)
+
+
+def ggml_quantize(type_name: str, w, qw=None, threads: int | None = None):
     """The GGUF bytes, uint8 (rows, row_bytes), llama.cpp's own quantizer (ggml_quantize_chunk, what
     llama-quantize runs per tensor) makes of the float32 matrix `w` as `type_name`, with importance
     matrix entry `qw` (its columns' weights) or without one."""
-    import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    base, t = _ggml_base(), GGMLQuantizationType[type_name.upper()]
-    w = np.ascontiguousarray(w, np.float32)
-    block, nbytes = GGML_QUANT_SIZES[t]
-    if w.ndim != 2 or w.shape[1] % block:
-        raise ValueError(f"{type_name} needs a 2-D weight whose rows are a multiple of {block}, got {w.shape}")
-    out = np.zeros((w.shape[0], w.shape[1] // block * nbytes), np.uint8)
-    imat = None if qw is None else np.ascontiguousarray(qw, np.float32).reshape(-1)
-    if imat is not None and imat.size != w.shape[1]:
-        raise ValueError(f"the imatrix entry has {imat.size} columns, the weight {w.shape[1]}")
-    base.ggml_quantize_init(int(t))
-    base.ggml_quantize_chunk(int(t), w.ctypes.data, out.ctypes.data, 0, w.shape[0], w.shape[1],
-                             None if imat is None else imat.ctypes.data)
-    return out
+    return GgmlQuantizer(type_name, qw, threads).pack(np.asarray(w, np.float32))
 
 
 class _CpuTypeTraits(ctypes.Structure):

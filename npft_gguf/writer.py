@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import atomic_output
 from .errors import NpftError, UsageError
 from .grids import get_grid
-from .grids.policy import FILE_TYPES, Choice, ModelShape, choose
+from .grids.mix import Choice, ModelShape, choose, file_type, llama_ftype
 from .progress import bar
 from .signals import pause_for_tests
 from .sources import Source, check_tensors
@@ -31,7 +31,7 @@ log = logging.getLogger("npft_gguf")
 class ExportSettings:
     type: str = "q4_0"
     pure: bool = False
-    imatrix: str | None = None  # an imatrix file: llama.cpp's importance-weighted rules (imatrix.py)
+    imatrix: str | None = None  # an imatrix file, its entries given to llama.cpp's quantizer (imatrix.py)
 
 
 @dataclass
@@ -40,14 +40,13 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]  # HF / numpy order: (rows, cols)
     choice: Choice
-    packer: object = None  # with an imatrix, llama.cpp's quantizer for it (grids/weighted.py); else the grid
+    qw: np.ndarray | None = field(default=None, repr=False, compare=False)  # its imatrix entry, if the file has one
     data: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
-        g = self.choice.grid
-        n = int(np.prod(self.shape))
-        return n // g.block * g.block_bytes
+        c = self.choice
+        return int(np.prod(self.shape)) // c.block * c.block_bytes
 
 
 @dataclass
@@ -62,14 +61,16 @@ class ExportReport:
 
 
 def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
-    """Every tensor's GGUF name, shape and type, before any weight is read; shapes that the config
-    disagrees with (or zero-sized ones) fail here."""
-    get_grid(settings.type)  # unknown types fail here
-    if settings.type not in FILE_TYPES:
-        raise ValueError(settings.type)
+    """Every tensor's GGUF name, shape and type (grids/mix.py, llama.cpp's choice) and imatrix
+    entry, before any weight is read; shapes that the config disagrees with (or zero-sized ones)
+    fail here, and so does a type llama.cpp quantizes only with an imatrix when there is none."""
+    from .llamacpp import ggml_requires_imatrix
+
+    if not file_type(settings.type).written:
+        raise UsageError(f"--type {settings.type} is written only by llama.cpp's own quantizer: pass --quantizer llama.cpp")
     cfg = source.config
     check_tensors(source.arch, cfg, source.shapes(), source.spec)
-    shape = ModelShape.of(cfg)
+    shape = ModelShape.of(cfg, source.arch.name)
     out = [PlannedTensor(None, name, tuple(a.shape), choose(settings.type, name, tuple(a.shape), shape, settings.pure),
                          data=np.asarray(a, np.float32))
            for name, a in source.extra_tensors().items()]  # first, where llama.cpp's converter puts them
@@ -78,23 +79,13 @@ def plan(source: Source, settings: ExportSettings) -> list[PlannedTensor]:
         out.append(PlannedTensor(hf_name, name, dims, choose(settings.type, name, dims, shape, settings.pure,
                                                              imatrix=settings.imatrix is not None)))
     if settings.imatrix is not None:
-        from .imatrix import attach_rules
+        from .imatrix import attach_entries
 
-        attach_rules(out, settings)
-    else:
-        searched_without_imatrix(out)
+        attach_entries(out, settings.imatrix)
+    for t in out:
+        if t.qw is None and t.choice.type not in ("f32", "f16", "bf16") and ggml_requires_imatrix(t.choice.type):
+            raise UsageError(f"llama.cpp quantizes {t.name} as {t.choice.type} only with an importance matrix; pass --imatrix")
     return out
-
-
-def searched_without_imatrix(tensors: list[PlannedTensor]) -> None:
-    """Without an imatrix, llama.cpp still searches the scale of IQ4_NL and Q6_K blocks (weights
-    x^2, quantize_row_iq4_nl_ref / quantize_row_q6_K_ref) instead of rounding the plain one: those
-    tensors get llama.cpp's rules (grids/weighted.py), so the bytes are llama_model_quantize's."""
-    from .grids.weighted import SEARCHED, LlamaCppRules
-
-    for t in tensors:
-        if len(t.shape) == 2 and t.choice.grid.name in SEARCHED:
-            t.packer = LlamaCppRules(t.choice.grid, None)
 
 
 def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list[tuple[str, object, V, V | None]]:
@@ -102,7 +93,7 @@ def metadata(source: Source, settings: ExportSettings, provenance: dict) -> list
     made = made_by(settings, provenance)
     items = [
         ("general.name", Path(str(name)).name or source.spec, V.STRING, None),
-        ("general.file_type", int(FILE_TYPES[settings.type]), V.UINT32, None),
+        ("general.file_type", int(llama_ftype(settings.type)), V.UINT32, None),
         ("general.quantization_version", 2, V.UINT32, None),
         ("general.source.npft.spec", source.spec, V.STRING, None),
         ("general.source.npft.kind", source.kind, V.STRING, None),
@@ -150,20 +141,26 @@ def hparams(source: Source) -> list[tuple[str, object, V, V | None]]:
 
 
 def _packed(source: Source, t: PlannedTensor) -> np.ndarray:
-    """One tensor's GGUF bytes. A 2-D weight whose rows keep their order streams from the source
-    in row chunks, so it is never whole in memory as floats; q/k projections (rows reordered within
-    heads) and 1-D tensors are loaded whole, and freed on return, before the next one is loaded.
-    Every value is checked to be finite on the way."""
-    grid = t.packer or t.choice.grid
+    """One tensor's GGUF bytes: llama.cpp's own quantizer (ggml_quantize_chunk with the tensor's
+    imatrix entry, on every core) for the quantized types, our float conversions for f32/f16/bf16.
+    A 2-D weight whose rows keep their order streams from the source in row chunks, so it is never
+    whole in memory as floats; q/k projections (rows reordered within heads) and 1-D tensors are
+    loaded whole, and freed on return, before the next one is loaded. Every value is checked to be
+    finite on the way."""
+    from .llamacpp import GgmlQuantizer
+
+    kind = t.choice.type
+    packer = get_grid(kind) if kind in ("f32", "f16", "bf16") else GgmlQuantizer(kind, t.qw)
     if t.hf_name is None:
         import torch
 
-        return grid.pack(torch.from_numpy(np.ascontiguousarray(t.data)))
+        return packer.pack(torch.from_numpy(np.ascontiguousarray(t.data)))
     if len(t.shape) == 2 and not source.arch.permutes(t.hf_name):
-        data = grid.pack_rows(_finite(source, t.hf_name, source.row_chunks(t.hf_name, grid.chunk_rows(t.shape[1]))), t.shape)
+        chunks = source.row_chunks(t.hf_name, packer.chunk_rows(t.shape[1]) * (1 if kind in ("f32", "f16", "bf16") else 4))
+        data = packer.pack_rows(_finite(source, t.hf_name, chunks), t.shape)
     else:
         (w,) = _finite(source, t.hf_name, [source.load(t.hf_name)])
-        data = grid.pack(source.arch.to_gguf_layout(t.hf_name, w, source.config))
+        data = packer.pack(source.arch.to_gguf_layout(t.hf_name, w, source.config))
     assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
     return data
 
@@ -212,7 +209,7 @@ def prepare(source: Source, settings: ExportSettings, provenance: dict | None = 
     meta = metadata(source, settings, provenance or {})
     by_note: dict[str, list[str]] = {}
     for t in tensors:
-        if t.choice.note and t.choice.grid.name != settings.type and "output matrix" not in t.choice.note:
+        if t.choice.note.startswith("rows of"):  # a fallback; the mix's own choices are no surprise
             by_note.setdefault(t.choice.note, []).append(t.name)
     for note, names in by_note.items():  # one line per reason, however many layers it concerns
         which = names[0] if len(names) == 1 else f"{len(names)} tensors ({names[0]} ... {names[-1]})"
@@ -229,8 +226,8 @@ def write(source: Source, path: Path, job: Prepared, progress: bool = True) -> N
             if key not in writer.kv_data[0]:
                 writer.add_key_value(key, value, vtype, sub)
         for t in job.tensors:
-            g = t.choice.grid
-            dtype = {"f32": np.float32, "f16": np.float16}.get(g.name, np.uint8)
+            g = t.choice
+            dtype = {"f32": np.float32, "f16": np.float16}.get(g.type, np.uint8)
             byte_shape = t.shape if dtype is not np.uint8 else (*t.shape[:-1], t.shape[-1] // g.block * g.block_bytes)
             writer.add_tensor_info(t.name, byte_shape, np.dtype(dtype), t.nbytes, raw_dtype=None if dtype is not np.uint8 else g.ggml)
         writer.write_header_to_file()
@@ -257,7 +254,7 @@ def export(source: Source, out: Path, settings: ExportSettings, force: bool = Fa
         write(source, tmp, job, progress)
     report = ExportReport(str(out), settings.type, settings.pure, len(job.tensors), out.stat().st_size)
     for t in job.tensors:
-        report.types[t.choice.grid.name] = report.types.get(t.choice.grid.name, 0) + 1
-        if t.choice.grid.name != settings.type and t.choice.note:
+        report.types[t.choice.type] = report.types.get(t.choice.type, 0) + 1
+        if t.choice.note:
             report.fallbacks[t.name] = t.choice.note
     return report

@@ -1,8 +1,7 @@
 """Torch twins of llama.cpp's scale-searching quantizers, for NPFT's noise on the tuning device.
 
-grids/weighted.py repeats llama.cpp's importance-weighted rules bit for bit in numpy, on the CPU,
-one float32 addition at a time: right for writing a file, too slow to run at every tuning step
-(0.09 s per million weights for Q4_0, 0.5 s for IQ4_NL, on 2 cores). The twins run the same
+The file is written by llama.cpp's own quantizer (llamacpp.GgmlQuantizer), on the CPU; at every
+tuning step, on the tuning device, the noise needs the same rule. The twins run the same
 search (the same candidate scales in the same order, the same least-squares scale and min, the
 same first-wins comparisons, fp16 scales on the way back) as whole-tensor torch operations on the
 weight's own device. The one difference is the order of the 32 additions inside a block, so a
@@ -161,7 +160,7 @@ def iq4nl_search(x: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> tuple[torch
 
 class TwinRules:
     """llama.cpp's quantizer for `grid` with imatrix entry `qw` (None: its rules without one), as
-    torch operations on the weight's device. `codes(w)` gives the fields grids/weighted.codes gives
+    torch operations on the weight's device. `codes(w)` gives the fields the grid's pack_blocks takes
     (for measuring agreement); `fakequant(w)` the dequantized weight, what NPFT's rtn noise needs."""
 
     def __init__(self, grid: Grid | str, qw=None):

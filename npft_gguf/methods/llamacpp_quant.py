@@ -1,8 +1,9 @@
 """llama.cpp's own quantizer as a peer: our F32 export, then `llama_model_quantize` on it.
 
 This is what GGUF users run today (llama-quantize), including the K-quant mixes (Q4_K_M, ...)
-whose scales llama.cpp chooses by search and whose per-tensor types it picks itself. No
-importance matrix is used, so the types that require one (IQ1/IQ2) are not offered.
+whose scales llama.cpp chooses by search and whose per-tensor types it picks itself. Our own
+writer writes the same bytes for the file types it has a table for (grids/mix.py); this path is
+the reference for them and the only writer of the rest (choices.FILE_TYPES, written=False).
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ from ..atomic import atomic_output, temporary
 from ..signals import pause_for_tests
 from ..writer import ExportReport, ExportSettings, prepare, write
 
-# llama.cpp file types that need no importance matrix; our RTN names for K-quants map to the _S mixes
-LLAMACPP_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs", "q2_k", "q3_k_s",
-                  "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")
-ALIASES = {"q3_k": "q3_k_s", "q4_k": "q4_k_s", "q5_k": "q5_k_s"}
 
 
 def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force: bool = False,
@@ -26,11 +23,13 @@ def export_llamacpp(source, out: Path, type_name: str, pure: bool = False, force
     `imatrix`: an importance matrix file, used as llama-quantize --imatrix uses it; `provenance_extra`:
     more of what made the file, recorded in its general.npft.settings (llama.cpp keeps the F32 file's keys)."""
     from .. import llamacpp
+    from ..choices import EXPORT_TYPES, canonical_type
     from ..errors import UsageError
 
-    ftype = ALIASES.get(type_name.lower(), type_name.lower())
-    if ftype not in LLAMACPP_TYPES:
-        raise UsageError(f"llama.cpp's quantizer has no type {type_name!r} here; choose one of: {', '.join(LLAMACPP_TYPES)}")
+    ftype = canonical_type(type_name)
+    if ftype is None or ftype == "f32":  # llama_model_quantize has no all-f32 target
+        raise UsageError(f"llama.cpp's quantizer has no type {type_name!r} here; choose one of: "
+                         f"{', '.join(t for t in EXPORT_TYPES if t != 'f32')}")
     out = Path(out)
     provenance = {"method": f"llama.cpp:{ftype}", "quantizer": "llama_model_quantize (no imatrix), from an f32 export"}
     weights = None

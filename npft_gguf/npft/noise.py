@@ -15,7 +15,7 @@ Noise kinds (docs/METHOD.md):
   recomputed from the current adapter at each draw and held constant in the backward pass (a
   straight-through estimator), so L(W + BA + z) is the loss of the quantized merged model. When the
   file will be written with an importance matrix, Q(W + BA) is llama.cpp's importance-weighted
-  quantizer with that matrix instead (grids/weighted.py), the error the written file will have.
+  quantizer with that matrix instead (grids/mix.tuning_rule), the error the written file will have.
 """
 
 from __future__ import annotations

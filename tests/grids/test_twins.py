@@ -14,8 +14,19 @@ from gguf import GGML_QUANT_SIZES
 
 from npft_gguf.grids import get_grid
 from npft_gguf.grids.twins import TWINNED, TwinRules
+from npft_gguf.llamacpp import ggml_quantize
 
-from .test_weighted import ggml_quantize, sample
+
+def sample(rows: int, cols: int, seed: int):
+    """Heavy-tailed rows of different scales, an all-zero block, a block of many equal magnitudes,
+    and an imatrix entry with a column no token activated."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(4, (rows, cols)) * rng.uniform(0.005, 0.3, (rows, 1))).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, 32:64] = np.round(w[1, 32:64] * 16) / 16
+    qw = (rng.standard_normal(cols) ** 2 * 5).astype(np.float32)
+    qw[5] = 0.0
+    return w, qw
 
 
 def block_agreement(name: str, w: np.ndarray, qw: np.ndarray | None) -> tuple[float, np.ndarray, np.ndarray]:
