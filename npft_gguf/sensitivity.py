@@ -85,6 +85,11 @@ def is_sharded(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or the whole of a sharded weight (gathered from every process: all must call)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
 def fisher_by_hooks(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linear], progress: bool = True,
                     desc: str = "fisher") -> dict[str, torch.Tensor]:
     """fisher_diagonal from module hooks: a linear y = x W^T has, for one sample, dL/dW = G^T X (G the
@@ -222,7 +227,7 @@ def summary(linears: dict[str, torch.nn.Linear], fisher: dict[str, torch.Tensor]
     """Per module: outlier count, mean |w| of outliers and of the rest, and the mean-score ratio."""
     rows = []
     for name, o in found.items():
-        w = linears[name].weight.detach().float()
+        w = whole(linears[name].weight.detach()).float()
         f = fisher[name]
         m = o.mask(w.shape)
         rest = (~m).sum().clamp(min=1)
