@@ -153,7 +153,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     if not distributed.is_main():  # rank 0 alone shows progress and logs
         progress, log = False, (lambda *a, **k: None)
     settings = settings.for_family(of_model(model))  # the family's LoRA targets and perturbed set where none were given
-    sharded = settings.shard and distributed.world() > 1  # one process: nothing to shard
+    sharded = distributed.sharding(settings.shard)  # one process: nothing to shard
     trace_samples = 0 if sharded else settings.trace_samples
     if sharded and settings.trace_samples:
         log("the Hessian trace is not measured under --shard (its double backward does not run under FSDP2)")
