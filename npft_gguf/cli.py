@@ -554,6 +554,9 @@ def npft_options(f):
         click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False,
                      help="Trade compute for memory (large models on GPU) [default: off; convert turns it on where the "
                           "tuning would not fit the GPU otherwise]."),
+        click.option("--shard/--no-shard", default=False,
+                     help="Under a launcher: shard the weights across the processes (FSDP2) instead of a whole model "
+                          "per process (DDP), for models one GPU cannot hold; the Hessian trace is then not measured."),
         click.option("--fisher-stages", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Passes the Fisher scores are made in, each for a run of layers: 4 bytes per targeted weight "
                           "divided by this, for this many passes; the outliers are the same (convert picks the fewest "
@@ -596,7 +599,7 @@ def _tuning_settings(kw: dict, grid: str = "q4_0", imatrix: Path | None = None):
         dropout=kw["dropout"], targets=_targets(kw["targets"]), lr=pick("lr"),
         epochs=pick("epochs"), batch=pick("batch"), grad_accum=kw["grad_accum"], max_steps_per_epoch=pick("max_steps"),
         seed=kw["seed"], gradient_checkpointing=kw["gradient_checkpointing"], fisher_stages=kw["fisher_stages"],
-        trace_samples=pick("trace_samples"),
+        shard=kw["shard"], trace_samples=pick("trace_samples"),
         trace_probes=kw["trace_probes"], trace_len=kw["trace_len"], imatrix=str(imatrix) if imatrix else None,
     )
     return calib, npft

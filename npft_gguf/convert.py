@@ -297,11 +297,12 @@ def check_eval_text(text: str, ctx: int, source: Source) -> int:
 
 
 def calibrated_model(source: Source, calib: CalibSettings, device: str, progress: bool, log, notice: str | None = None,
-                     tokens=None):
+                     tokens=None, shard: bool = False):
     """The model on its device in the tuning's precision (CUDA: bf16 base weights; the adapters train
-    in fp32) and its calibration tokens (`tokens` when the plan already read them)."""
+    in fp32) and its calibration tokens (`tokens` when the plan already read them). Sharded tuning
+    (`shard`, several processes): on the CPU, FSDP2 moving each shard to the device."""
     dev = resolve_device(device)
-    model = source.load_model(dtype=tuning_dtype(dev), device=dev)
+    model = source.load_model(dtype=tuning_dtype(dev), device="cpu" if distributed.sharding(shard) else dev)
     if tokens is None:
         tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
     log(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.calib}")
@@ -312,7 +313,8 @@ def calibrated_model(source: Source, calib: CalibSettings, device: str, progress
 
 def tuned_model(plan: Plan, force: bool, resume: bool, progress: bool, log, notice: str | None = None):
     """Load, calibrate, tune and merge; returns the tuning result and the calibration tokens."""
-    model, tokens = calibrated_model(plan.source, plan.calib, plan.device, progress, log, notice, tokens=plan.tokens)
+    model, tokens = calibrated_model(plan.source, plan.calib, plan.device, progress, log, notice, tokens=plan.tokens,
+                                     shard=plan.npft.shard)
     clear_run_dir(plan.run_dir, force, resume)
     return tune(model, tokens, plan.npft, plan.run_dir, resume=resume, progress=progress, log=log, source=plan.made_from), tokens
 
@@ -665,7 +667,8 @@ def step_source(plan: Plan, state: RunState, opts: RunOptions) -> None:
     in fp32; GPTQ/OWQ want float32 Hessians)."""
     import torch
 
-    state.model = plan.source.load_model(dtype=getattr(torch, plan.load_dtype), device=plan.device)
+    shard = plan.npft is not None and distributed.sharding(plan.npft.shard)  # FSDP2 moves each shard to the device
+    state.model = plan.source.load_model(dtype=getattr(torch, plan.load_dtype), device="cpu" if shard else plan.device)
 
 
 def step_calibration(plan: Plan, state: RunState, opts: RunOptions) -> None:
@@ -685,7 +688,7 @@ def step_tune(plan: Plan, state: RunState, opts: RunOptions) -> None:
     result = tune(state.model, state.tokens, plan.npft, plan.run_dir, resume=opts.resume, progress=opts.progress,
                   log=opts.log, source=plan.made_from)
     state.record.update(run_record(plan.spec, plan.calib, result))
-    state.model = result.model if plan.quantizer is None else result.model.float()
+    state.model = result.model if plan.quantizer is None or result.model is None else result.model.float()  # None: not rank 0
 
 
 def step_quantize(plan: Plan, state: RunState, opts: RunOptions) -> None:

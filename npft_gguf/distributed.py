@@ -115,6 +115,11 @@ def sum_float(x: float) -> float:
     return float(t.item())
 
 
+def sharding(shard: bool) -> bool:
+    """Whether the tuning shards its weights (FSDP2): asked (--shard) and several processes run."""
+    return shard and world() > 1
+
+
 def barrier():
     if active():
         import torch.distributed as dist

@@ -40,14 +40,19 @@ def target_linears(model, suffixes: tuple[str, ...] | None = None) -> dict[str, 
 
 
 def fisher_diagonal(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linear], progress: bool = True,
-                    desc: str = "fisher") -> dict[str, torch.Tensor]:
+                    desc: str = "fisher", by_hooks: bool | None = None) -> dict[str, torch.Tensor]:
     """Sum over samples of squared per-sample gradients, float32, on the weights' device. Each
     weight's gradient is squared into its sum as soon as the backward pass makes it, and dropped:
     one module's gradient exists at a time, not all of them (and no other parameter's gradient is
     made: a LoRA adapter's stays as it was). Several processes: each takes its share of the samples,
-    and the sums are added over them; every process ends with the same scores."""
+    and the sums are added over them; every process ends with the same scores. Sharded weights
+    (FSDP2), or `by_hooks`: fisher_by_hooks, which never asks for a weight's gradient."""
     from . import distributed
 
+    if by_hooks is None:
+        by_hooks = any(is_sharded(m.weight) for m in linears.values())
+    if by_hooks:
+        return fisher_by_hooks(model, tokens, linears, progress, desc)
     tokens = tokens[distributed.share(len(tokens))]
     device = next(model.parameters()).device
     fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in linears.items()}
@@ -69,6 +74,71 @@ def fisher_diagonal(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Lin
         for w, (requires_grad, grad) in zip(weights, saved):
             w.requires_grad_(requires_grad)
             w.grad = grad
+    distributed.all_reduce_sum(list(fisher.values()))
+    return fisher
+
+
+def is_sharded(t) -> bool:
+    """Whether `t` is a DTensor (a weight FSDP2 has sharded across the processes)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or the whole of a sharded weight (gathered from every process: all must call)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def fisher_by_hooks(model, tokens: torch.Tensor, linears: dict[str, torch.nn.Linear], progress: bool = True,
+                    desc: str = "fisher") -> dict[str, torch.Tensor]:
+    """fisher_diagonal from module hooks: a linear y = x W^T has, for one sample, dL/dW = G^T X (G the
+    gradient at its output, X its input, rows the sample's tokens), so each sample's squared
+    gradient comes from the input a forward hook keeps and the output gradient autograd.grad
+    returns. No parameter's .grad is made, so a wrapper's gradient sync (FSDP2 reduce-scatters an
+    average) never meets it; the weights may be sharded, since the hooks run inside the forward,
+    where FSDP2 has gathered them. Sharded, every process runs the same number of passes (each
+    forward and backward gathers the layers with every process): one left without a sample runs
+    one at weight 0. The sums are added over the processes."""
+    from . import distributed
+
+    mine = tokens[distributed.share(len(tokens))]
+    passes = -(-len(tokens) // distributed.world()) if any(is_sharded(m.weight) for m in linears.values()) else len(mine)
+    device = next(model.parameters()).device
+    fisher = {n: torch.zeros(tuple(m.weight.shape), dtype=torch.float32, device=device) for n, m in linears.items()}
+    seen: dict[str, tuple] = {}
+    capturing = [False]
+
+    def keep(name, module, inputs, out):
+        if capturing[0]:  # not in a checkpointed layer's recomputation
+            seen[name] = (inputs[0].detach(), out)
+
+    def input_needs_grad(module, inputs, out):  # so every linear's output is in the graph, frozen weights or not
+        return out.requires_grad_(True) if not out.requires_grad else out
+
+    hooks = [m.register_forward_hook(functools.partial(keep, n)) for n, m in linears.items()]
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is not None:
+        hooks.append(embed.register_forward_hook(input_needs_grad))
+    try:
+        with scoring_mode(model):
+            for i in bar(range(passes), desc=desc, unit="sample", disable=not progress):
+                x = mine[min(i, len(mine) - 1):][:1] if len(mine) else tokens[:1]
+                weight = 1.0 if i < len(mine) else 0.0
+                seen.clear()
+                capturing[0] = True
+                loss = model(input_ids=x.to(device), labels=x.to(device), use_cache=False).loss
+                capturing[0] = False
+                names = list(seen)
+                grads = torch.autograd.grad(loss, [seen[n][1] for n in names])
+                for n, g in zip(names, grads):
+                    x_in = seen[n][0]
+                    gw = g.reshape(-1, g.shape[-1]).float().T @ x_in.reshape(-1, x_in.shape[-1]).float()
+                    fisher[n].addcmul_(gw, gw, value=weight)
+                seen.clear()
+    finally:
+        for h in hooks:
+            h.remove()
     distributed.all_reduce_sum(list(fisher.values()))
     return fisher
 
@@ -157,7 +227,7 @@ def summary(linears: dict[str, torch.nn.Linear], fisher: dict[str, torch.Tensor]
     """Per module: outlier count, mean |w| of outliers and of the rest, and the mean-score ratio."""
     rows = []
     for name, o in found.items():
-        w = linears[name].weight.detach().float()
+        w = whole(linears[name].weight.detach()).float()
         f = fisher[name]
         m = o.mask(w.shape)
         rest = (~m).sum().clamp(min=1)

@@ -16,7 +16,8 @@ runs under DDP, so every process holds the whole model on its own GPU and a stag
 is per GPU, the same as one process's (plus DDP's copy of the adapters' gradients); the host holds
 N processes. The imatrix, the Fisher scores and the tuning split their samples over the processes
 (their time divided by N); the trace is computed by each process alike, and what follows the
-tuning is rank 0's alone (both: one process's time).
+tuning is rank 0's alone (both: one process's time). With --shard (FSDP2) the Fisher scores and
+the tuning hold 1/N of the weights per GPU (per_process); the imatrix is not sharded.
 """
 
 from __future__ import annotations
@@ -486,23 +487,41 @@ def plan_stages(plan, machine: Machine) -> list[Stage]:
         if not st.seconds:
             rate = machine.gpu_flops * GPU_EFFICIENCY if st.where == "cuda" else machine.cpu_flops
             st.seconds = st.flops / rate
-    return per_process(stages, d, machine.processes) if machine.processes > 1 else stages
+    shard = bool(npft and npft.shard)
+    return per_process(stages, d, machine.processes, shard, elem) if machine.processes > 1 else stages
 
 
 SPLIT = ("imatrix", "sensitivity", "tune")   # stages whose samples are shared out over the processes
 EVERY = ("imatrix", "source", "calibration", "sensitivity", "trace", "tune", "merge")  # run by every process
 
 
-def per_process(stages: list[Stage], d: Dims, n: int) -> list[Stage]:
+SHARDED = ("sensitivity", "tune")  # under --shard (FSDP2): each process's device holds 1/n of the weights
+
+
+def per_process(stages: list[Stage], d: Dims, n: int, shard: bool = False, elem: int = 2) -> list[Stage]:
     """The stages on `n` processes (npft.train, distributed.py): the samples of SPLIT shared out (time
     / n; the FLOPs and tokens stay the run's), each process's device peak its own, with DDP's bucket
-    of the adapters' gradients in the tuning; the host holding n processes for the stages of EVERY."""
+    of the adapters' gradients in the tuning; the host holding n processes for the stages of EVERY.
+    `shard` (--shard, FSDP2): in SHARDED the whole weights and adapter state become 1/n of them plus
+    two layers gathered whole (the one running and the one prefetched); the source is loaded on each
+    process's CPU; the trace is not measured; the merge gathers every weight onto rank 0's CPU. The
+    imatrix is not sharded: every process holds the whole float model for it."""
     out = []
     for st in stages:
         st = replace(st)
+        if shard and st.name == "trace":
+            continue
         if st.name in SPLIT:
             st.seconds /= n
-        if st.name == "tune":
+        if shard and st.name in SHARDED and st.device_bytes:
+            whole = d.params * elem + lora_state_bytes(d)
+            st.device_bytes += whole // n - whole + 2 * (d.params // d.layers) * elem
+        if shard and st.name == "source" and st.device_bytes:
+            st.device_bytes, st.where = 0, "cpu"
+        if shard and st.name == "merge" and st.device_bytes:
+            st.host_bytes += st.device_bytes - CUDA_CONTEXT
+            st.device_bytes, st.where = 0, "cpu"
+        if st.name == "tune" and not shard:
             st.device_bytes += d.lora * 4 if st.device_bytes else 0
             st.host_bytes += 0 if st.device_bytes else d.lora * 4
         if st.name in EVERY:

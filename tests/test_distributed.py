@@ -272,3 +272,69 @@ def test_a_convert_without_tuning_refuses_several_processes(tiny_bpe, tmp_path, 
         convert(str(tiny_bpe), tmp_path / "o.gguf", ConvertSettings(method="rtn", type="q4_0", eval_text="none"),
                 CalibSettings(), None, device="cpu")
     assert not list(tmp_path.iterdir())
+
+
+SHARDED = dict(objective="ce+kl", noise="rtn", trace_samples=0)  # rtn noise: formed in the forward, from the gathered weights
+
+
+def _sharded_worker(rank: int, world: int, port: int, path: str, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    distributed.setup()
+    tokens = _tokens(_load(path).config.vocab_size)
+    settings = NPFTSettings(**{**BASE, **SHARDED, "shard": True})
+    model = _load(path)
+    numel = model.model.layers[0].self_attn.q_proj.weight.numel()
+
+    def sharded_then_stop(row):  # the weights are DTensors, each process holding half of each
+        from torch.distributed.tensor import DTensor
+
+        w = model.model.layers[0].layer.self_attn.q_proj.base_layer.weight
+        assert isinstance(w, DTensor) and w.to_local().numel() == numel // 2
+        _stop_in_second_epoch(row)
+
+    try:  # stopped in the second epoch, then resumed, sharded both times
+        tune(model, tokens, settings, f"{out}/run", progress=False, on_step=sharded_then_stop)
+    except KeyboardInterrupt:
+        pass
+    r = tune(_load(path), tokens, settings, f"{out}/run", resume=True, progress=False)
+    assert r.resumed_at_epoch == 1
+    if distributed.is_main():
+        merged = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
+        torch.save({"merged": merged, "history": r.history, "fisher_summary": r.fisher_summary}, f"{out}/sharded.pt")
+    else:
+        assert r.model is None  # rank 0 alone holds the tuned model
+    distributed.teardown()
+
+
+def test_two_sharded_processes_tune_as_one(tiny_bpe, tmp_path):
+    """FSDP2 (`fully_shard`, on CPU with gloo): every weight sharded across two processes, the rtn
+    noise formed inside the forward from the gathered weights, the Fisher scores from module hooks,
+    the checkpoint and the merge gathered on rank 0: the merged weights, the losses and the first
+    epoch's outliers are one unsharded process's, and the run resumed by two processes from its
+    checkpoint is the uninterrupted one."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from npft_gguf.npft.train import CHECKPOINT
+
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tiny_bpe), str(tmp_path)), nprocs=2, join=True)
+    two = torch.load(tmp_path / "sharded.pt")
+    tokens = _tokens(_load(tiny_bpe).config.vocab_size)
+    merged, r = _merged(tiny_bpe, tokens, NPFTSettings(**{**BASE, **SHARDED}), tmp_path / "one")
+    assert merged.keys() == two["merged"].keys()
+    assert [k for k in merged if not torch.equal(merged[k], _load(tiny_bpe).state_dict()[k])]
+    for k in merged:
+        torch.testing.assert_close(two["merged"][k], merged[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert [round(h["loss_noisy"], 4) for h in two["history"]] == [round(h["loss_noisy"], 4) for h in r.history]
+    for a, b in zip(two["fisher_summary"], r.fisher_summary):
+        assert a["module"] == b["module"] and a["outliers"] == b["outliers"]
+        assert a["score_ratio"] == pytest.approx(b["score_ratio"], rel=1e-4)
+    one, sharded = load_file(tmp_path / "one" / CHECKPOINT), load_file(tmp_path / "run" / CHECKPOINT)
+    assert one.keys() == sharded.keys()
+    for k in one:
+        if k.startswith("outliers:"):
+            assert torch.equal(one[k], sharded[k]), k
+        else:
+            torch.testing.assert_close(sharded[k], one[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -461,3 +461,22 @@ def test_a_launched_run_plans_for_its_process_count(tmp_path, monkeypatch):
     assert stages.this_machine("cpu", tmp_path).processes == 4
     monkeypatch.delenv("WORLD_SIZE")
     assert stages.this_machine("cpu", tmp_path).processes == 1
+
+
+def test_a_70b_model_sharded_on_8_gpus_fits(tmp_path):
+    """--shard (FSDP2, npft/train.py): each GPU holds 1/8 of the bf16 weights and two layers whole in
+    the Fisher scores and the tuning; the source loads on the host and the merge runs on rank 0's CPU;
+    the trace is not measured. Llama-3.1-70B on 8 x 80 GB then fits (--method npft: the imatrix is
+    not sharded; --fisher-stages 16: the float32 scores are whole on each process); 4 x 80 GB too."""
+    llama_70b_config().save_pretrained(tmp_path / "llama-3.1-70b")
+    machine = ("--gpu-memory", "80GiB", "--host-memory", "2TiB", "--disk", "2TiB", "--cpu-cores", "64", "--method", "npft",
+               "--fisher-stages", "16", "--eval-gpu-layers", "0")
+    ddp = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8")
+    for n in (8, 4):
+        sharded = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", str(n), "--shard")
+        by = {s["name"]: s for s in sharded["stages"]}
+        assert sharded["fits"] and not ddp["fits"]
+        assert "trace" not in by and by["source"]["peak_device_bytes"] == 0 and by["merge"]["peak_device_bytes"] == 0
+        assert 2 * 70.5e9 / n < by["tune"]["peak_device_bytes"] < 80 * 2**30
+    by8 = {s["name"]: s for s in ddp["stages"]}
+    assert by8["tune"]["peak_device_bytes"] > 2 * 70.5e9

@@ -49,3 +49,27 @@ def test_peft_wrapped_model_exposes_base_linears(tiny_bpe):
     lin = target_linears(model)
     assert set(lin) == set(target_linears(_model(tiny_bpe)))
     assert all(type(m) is torch.nn.Linear for m in lin.values())
+
+
+def test_fisher_from_module_hooks_equals_the_weight_gradients(tiny_bpe):
+    """fisher_by_hooks (G^T X per sample, no weight .grad: what a sharded run uses) gives the scores
+    the weights' own gradients give, on a plain model and under a LoRA adapter with B != 0."""
+    from peft import LoraConfig, get_peft_model
+
+    from npft_gguf.sensitivity import fisher_by_hooks
+
+    model = _model(tiny_bpe)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    lin = target_linears(model)
+    for n, f in fisher_by_hooks(model, tokens, lin, progress=False).items():
+        torch.testing.assert_close(f, fisher_diagonal(model, tokens, {n: lin[n]}, progress=False)[n], rtol=1e-4, atol=1e-12)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], lora_dropout=0.0))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    lin = target_linears(peft)
+    by_grad, by_hooks = fisher_diagonal(peft, tokens, lin, progress=False), fisher_by_hooks(peft, tokens, lin, progress=False)
+    assert by_grad.keys() == by_hooks.keys()
+    for n in by_grad:
+        torch.testing.assert_close(by_hooks[n], by_grad[n], rtol=1e-4, atol=1e-12, msg=n)
+    assert not any(p.grad is not None for p in peft.parameters())

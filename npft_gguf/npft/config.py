@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 
 # settings that change what the tuning holds in memory and how long it takes, never its result
-MEMORY_ONLY = ("gradient_checkpointing", "fisher_stages")
+MEMORY_ONLY = ("gradient_checkpointing", "fisher_stages", "shard")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class NPFTSettings:
     max_steps_per_epoch: int | None = None  # short recipes and smoke tests
     seed: int = 0
     gradient_checkpointing: bool = False
+    shard: bool = False                # several processes: FSDP2 shards the weights across them (npft/train.py)
     # the method's own claim, measured
     trace_samples: int = 8
     trace_probes: int = 2

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..grids import get_grid
 from ..methods.simulate import parse_simulated
-from ..sensitivity import Outliers
+from ..sensitivity import Outliers, whole
 
 
 def target_quantizer(name: str):
@@ -66,9 +66,9 @@ class Perturbation:
             self.square_sum = 0.0  # of the last error formed, for rms()
         elif self.dense:
             self.grid = target_quantizer(grid_name)
-            self.z = torch.zeros_like(weight, requires_grad=False)
+            self.z = torch.zeros(tuple(weight.shape), dtype=weight.dtype, device=weight.device)
         else:
-            w = weight.detach()
+            w = whole(weight.detach())  # sharded (FSDP2): gathered once here, one module at a time
             self.rows, self.cols = found.rows.to(w.device), found.cols.to(w.device)
             vals = w[self.rows, self.cols].float()
             if kind == "paper":
@@ -89,7 +89,7 @@ class Perturbation:
             return
         u = torch.rand(self.z.shape, generator=gen).to(self.z.device)
         if self.dense:
-            w = self.linear.weight.detach()
+            w = whole(self.linear.weight.detach())
             self.z = torch.zeros_like(w)
             if self.grid.fits(w.shape[1]):
                 for r in range(0, w.shape[0], _chunk_rows(w)):

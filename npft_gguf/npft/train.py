@@ -21,14 +21,21 @@ gradients, so each step equals the one-process step up to float rounding. Fisher
 summed over the processes' samples (sensitivity.py); the Hutchinson trace (a double backward) is
 computed by every process on the same samples, without communication, so it equals the one-process
 estimate; rank 0 alone writes the checkpoint, which holds nothing of the process count, so a run
-resumes with any number of processes. DDP on CPU and CUDA alike, not FSDP2: `fully_shard` does run
-on CPU with gloo in torch 2.13 (checked on a two-layer model), but this pipeline is not wired for
-sharded weights yet: the Fisher pass takes per-sample gradients of the frozen weights (FSDP2 would
-reduce-scatter them, averaging gradients where squares must be summed), the trace differentiates
-twice (FSDP does not support that), the noise reads weights outside the forward, the checkpoint
-and the merge would have to gather DTensors, and the source loads the whole model onto one device
-before anything could be sharded. DDP keeps every weight whole on every process: N GPUs tune N
-times faster, not an N times larger model (stages.py plans it so).
+resumes with any number of processes. By default DDP (CPU and CUDA alike): every process holds the
+whole model, so N GPUs tune N times faster, not an N times larger model.
+
+`--shard` (settings.shard, several processes): FSDP2 instead. `fully_shard` on each decoder layer
+(in a _Layer shell, so it can be taken off again) and on a _Loss root: the frozen base weights and
+the LoRA factors alike are split across the processes, each layer gathered only for its forward
+and backward; the optimizer steps the adapters' shards. The model is loaded whole on each process's
+CPU and moved to the device shard by shard. What reads weights does so inside a forward, where the
+layer is gathered: rtn noise forms z there (noise.py); outlier and grid noise gather each weight
+once per epoch (sensitivity.whole). The Fisher scores come from module hooks (G^T X per sample,
+sensitivity.fisher_by_hooks), never from the weights' .grad, which FSDP2 would average. The
+Hutchinson trace is not measured (its double backward does not run under FSDP2). The checkpoint
+gathers the adapter and the optimizer's moments whole (the same file one process writes, so a run
+resumes sharded or not, with any process count); at the end every weight is gathered, one at a
+time, onto rank 0's CPU, which merges and goes on alone.
 """
 
 from __future__ import annotations
@@ -146,6 +153,10 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     if not distributed.is_main():  # rank 0 alone shows progress and logs
         progress, log = False, (lambda *a, **k: None)
     settings = settings.for_family(of_model(model))  # the family's LoRA targets and perturbed set where none were given
+    sharded = distributed.sharding(settings.shard)  # one process: nothing to shard
+    trace_samples = 0 if sharded else settings.trace_samples
+    if sharded and settings.trace_samples:
+        log("the Hessian trace is not measured under --shard (its double backward does not run under FSDP2)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -167,14 +178,21 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         from ..imatrix import tuning_quantizers
 
         quantizers = tuning_quantizers(settings.imatrix, settings.grid, linears, of_model(model), model.config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    losses = _data_parallel(peft_model, device)  # None: one process
+    adapters = merged_weights(peft_model)  # by module, before sharding renames the layers
+    adapter_keys = _adapter_keys(peft_model)
+    if resume and (record := checkpoint_record(run_dir)) is not None and not resume_problem(run_dir, record, settings,
+                                                                                                  tokens_digest(tokens), source):
+        set_peft_model_state_dict(peft_model, unpack_checkpoint(record, run_dir / CHECKPOINT, device)[0])  # before sharding
+    root = _shard(peft_model) if sharded else None
+    device = next(peft_model.parameters()).device  # sharded: where fully_shard put the shards (loaded on the CPU)
+    params = [p for p in (root or peft_model).parameters() if p.requires_grad]
+    losses = root if sharded else _data_parallel(peft_model, device)  # None: one process
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, settings.warmup_steps, steps_per_epoch * settings.epochs)
     objective = get_objective(settings.objective)
     result = TuneResult(model=None, settings=settings.as_dict(), device=str(device),
                         losses={"tuning": objective.summary, "fisher": SENSITIVITY_LOSS, "hessian_trace": TRACE_LOSS})
-    trace_tokens = tokens[: settings.trace_samples, : settings.trace_len or tokens.shape[1]]
+    trace_tokens = tokens[: trace_samples, : settings.trace_len or tokens.shape[1]]
     fisher_tokens = tokens[: settings.fisher_samples] if settings.fisher_samples else tokens
     digest = tokens_digest(tokens)
 
@@ -186,8 +204,9 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         if problem:
             raise UsageError(problem)
         adapter, opt_state, first_outliers = unpack_checkpoint(record, ckpt_path, device)
-        set_peft_model_state_dict(peft_model, adapter)
-        opt.load_state_dict(opt_state)
+        if not sharded:  # sharded: loaded above, before the weights were sharded
+            set_peft_model_state_dict(peft_model, adapter)
+        opt.load_state_dict(_sharded_like(opt_state, params) if sharded else opt_state)
         sched.load_state_dict(record["scheduler"])
         start_epoch = record["epoch_done"]
         for k in ("history", "fisher_summary", "outliers_per_epoch", "trace_before"):
@@ -202,25 +221,31 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     if settings.gradient_checkpointing:  # from here on, the Fisher passes included; the recomputations meet `noise` as it is then
         checkpoint_layers(peft_model, lambda: noise.checkpoint_contexts())
     for epoch in range(start_epoch, settings.epochs):
-        found, fisher_rows = find_outliers(peft_model, fisher_tokens, linears, settings.outlier_pct, settings.fisher_stages,
+        found, fisher_rows = find_outliers(root or peft_model, fisher_tokens, linears, settings.outlier_pct, settings.fisher_stages,
                                            progress, desc=f"epoch {epoch + 1}: fisher")
         result.outliers_per_epoch.append(sum(len(o) for o in found.values()))
         if epoch == 0:
             first_outliers = found
             result.fisher_summary = fisher_rows
-            if settings.trace_samples:
+            if trace_samples:
                 result.trace_before = outlier_trace(peft_model, trace_tokens, linears, found, settings.trace_probes,
                                                     settings.seed, progress, desc="hessian trace (before)")
         noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
-                              merged_weights(peft_model), quantizers)
+                              adapters, quantizers)
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step,
                          losses)
         finally:
             noise.remove()
-        _check_weights(((n, w()) for n, w in merged_weights(peft_model).items()), settings, f"in epoch {epoch + 1}")
+        if sharded:
+            gathered = _gathered_adapter(root)
+            _check_weights(gathered.items(), settings, f"in epoch {epoch + 1}")
+            adapter, opt_state = dict(zip(adapter_keys, gathered.values())), _whole_state(opt.state_dict())
+        else:
+            _check_weights(((n, w()) for n, w in adapters.items()), settings, f"in epoch {epoch + 1}")
+            adapter, opt_state = get_peft_model_state_dict(peft_model), opt.state_dict()
         if distributed.is_main():  # every process holds the same adapter and optimizer state
-            save_checkpoint(ckpt_path, *pack_checkpoint(get_peft_model_state_dict(peft_model), opt.state_dict(), first_outliers, {
+            save_checkpoint(ckpt_path, *pack_checkpoint(adapter, opt_state, first_outliers, {
                 "epoch_done": epoch + 1, "scheduler": sched.state_dict(), "settings": settings.as_dict(), "tokens": digest,
                 "source": source, "history": result.history, "fisher_summary": result.fisher_summary,
                 "outliers_per_epoch": result.outliers_per_epoch, "trace_before": result.trace_before,
@@ -228,15 +253,18 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
             }))
         distributed.barrier()  # no process runs ahead of a checkpoint a resume would start from
 
-    if settings.trace_samples and first_outliers is not None:
+    if trace_samples and first_outliers is not None:
         result.trace_after = outlier_trace(peft_model, trace_tokens, linears, first_outliers, settings.trace_probes,
                                            settings.seed, progress, desc="hessian trace (after)")
     if settings.gradient_checkpointing:
         checkpoint_layers(peft_model, None)
-    result.model = peft_model.merge_and_unload().eval()
-    _check_weights(result.model.named_parameters(), settings, "when merged")
-    for p in result.model.parameters():
-        p.requires_grad_(False)
+    if sharded:
+        _unshard_into_rank0(root, peft_model)
+    if distributed.is_main() or not sharded:  # sharded: rank 0 alone holds the whole tuned model, on the CPU
+        result.model = peft_model.merge_and_unload().eval()
+        _check_weights(result.model.named_parameters(), settings, "when merged")
+        for p in result.model.parameters():
+            p.requires_grad_(False)
     result.seconds = elapsed_before + time.time() - t0
     result.peak_memory_mb = peak_memory_mb(device)
     return result
@@ -288,14 +316,121 @@ def unpack_checkpoint(record: dict, path: Path, device) -> tuple[dict, dict, dic
 class _Loss(torch.nn.Module):
     """The objective on a micro-batch as one module's forward, so DDP sees every forward the loss
     makes (the KL objective calls the decoder and reads the head directly, past the model's own
-    forward) and syncs the gradients of its backward."""
+    forward) and syncs the gradients of its backward; sharded (FSDP2), the root that gathers the
+    weights outside the decoder layers (embeddings, norm, head) for every pass: the loss, the
+    teacher (`npft="teacher"`) and the model's own forward (no `npft`: the Fisher pass)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, objective_name: str, x, teacher, weight: float):
-        return weight * objective_loss(get_objective(objective_name), self.model, x, teacher)
+    def forward(self, *args, npft=None, **kwargs):
+        if npft is None:
+            return self.model(*args, **kwargs)
+        if npft == "teacher":
+            return teacher_hidden(self.model, *args)
+        objective_name, teacher, weight = npft
+        return weight * objective_loss(get_objective(objective_name), self.model, args[0], teacher)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+
+class _Layer(torch.nn.Module):
+    """A decoder layer inside a shell that FSDP2 shards (fully_shard changes the class of the module
+    it is given and hooks it): taking the shell away after the tuning leaves the layer as it was."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
+
+
+def _decoder_layers(peft_model) -> torch.nn.ModuleList:
+    return peft_model.get_base_model().get_decoder().layers
+
+
+def _shard(peft_model):
+    """FSDP2 over `peft_model`: each decoder layer its own unit, the rest (embeddings, norm, head)
+    the root's, frozen base weights and LoRA factors alike sharded across the processes (moved to
+    this process's device). Returns the root (a _Loss)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = _decoder_layers(peft_model)
+    for i in range(len(layers)):
+        layers[i] = _Layer(layers[i])
+        fully_shard(layers[i])
+    root = _Loss(peft_model)
+    fully_shard(root)
+    return root
+
+
+def _adapter_keys(peft_model) -> list[str]:
+    """The names peft's adapter state dict gives the trainable parameters, in parameter order
+    (peft drops the adapter's name from the parameter's)."""
+    from peft import get_peft_model_state_dict
+
+    keys = list(get_peft_model_state_dict(peft_model))
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    if [n.replace(".default.", ".") for n in names] != keys:
+        raise NpftError("this version of peft names the adapter's tensors otherwise; --shard cannot save its checkpoint")
+    return keys
+
+
+def _gathered_adapter(root) -> dict[str, torch.Tensor]:
+    """The LoRA factors, whole, on the CPU (every process gathers each in turn)."""
+    from ..sensitivity import whole
+
+    return {n: whole(p.detach()).cpu() for n, p in root.named_parameters() if p.requires_grad}
+
+
+def _whole_state(opt_state: dict) -> dict:
+    """An optimizer state over sharded parameters with each sharded tensor gathered: the state one
+    process would hold, so a checkpoint resumes with any number of processes, sharded or not."""
+    from ..sensitivity import whole
+
+    return {"state": {pid: {k: whole(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+                      for pid, entries in opt_state["state"].items()},
+            "param_groups": opt_state["param_groups"]}
+
+
+def _sharded_like(opt_state: dict, params: list) -> dict:
+    """_whole_state undone: each whole tensor of a parameter's shape becomes that parameter's shard."""
+    from torch.distributed.tensor import distribute_tensor
+
+    state = {}
+    for pid, entries in opt_state["state"].items():
+        p = params[int(pid)]
+        state[pid] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                      if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) else v for k, v in entries.items()}
+    return {"state": state, "param_groups": opt_state["param_groups"]}
+
+
+@torch.no_grad()
+def _unshard_into_rank0(root, peft_model):
+    """FSDP2 undone: every weight gathered, one at a time, and kept whole on rank 0's CPU (the other
+    processes drop theirs), the layers taken out of their shells. A weight two modules share (tied
+    embeddings) is gathered once. Rank 0 then holds the plain peft model, which merges as usual."""
+    from ..sensitivity import whole
+
+    done = {}
+    slots = [(m, name, p) for m in root.modules() for name, p in m._parameters.items() if p is not None]
+    for module, name, p in slots:  # listed first: the same order on every process, whatever rank 0 replaces
+        if id(p) not in done:
+            full = whole(p.detach()).cpu()  # every process takes part in the gather
+            done[id(p)] = torch.nn.Parameter(full, requires_grad=p.requires_grad) if distributed.is_main() else None
+        if distributed.is_main():
+            module._parameters[name] = done[id(p)]
+    if distributed.is_main():
+        for b_module in root.modules():
+            for name, b in list(b_module._buffers.items()):
+                if b is not None:
+                    b_module._buffers[name] = b.cpu()
+        layers = _decoder_layers(peft_model)
+        for i in range(len(layers)):
+            layers[i] = layers[i].layer
 
 
 def _data_parallel(peft_model, device):
@@ -345,14 +480,14 @@ def _train_epoch(model, tokens, settings: NPFTSettings, epoch: int, noise: Pertu
         x = tokens[idx].to(device)
         if settings.resample == "step" and micro % settings.grad_accum == 0 and micro:
             noise.resample(gen)
-        teacher = _teacher(model, x) if objective.needs_teacher else None
+        teacher = _teacher(model, x, losses if isinstance(losses, _Loss) else None) if objective.needs_teacher else None
         with noise.on():
-            noisy = objective_loss(objective, model, x, teacher) if losses is None else losses(objective.name, x, teacher, weight)
+            noisy = objective_loss(objective, model, x, teacher) if losses is None else losses(x, npft=(objective.name, teacher, weight))
         _check(noisy, epoch, micro)
         (noisy / settings.grad_accum).backward()
         sums["noisy"] += _global(noisy, losses)
         if settings.clean_weight > 0:
-            clean = objective_loss(objective, model, x, teacher) if losses is None else losses(objective.name, x, teacher, weight)
+            clean = objective_loss(objective, model, x, teacher) if losses is None else losses(x, npft=(objective.name, teacher, weight))
             _check(clean, epoch, micro)
             (settings.clean_weight * clean / settings.grad_accum).backward()
             sums["clean"] += _global(clean, losses)
@@ -394,11 +529,12 @@ def checkpoint_layers(peft_model, context_fn):
         enable({"use_reentrant": False, "context_fn": context_fn})
 
 
-def _teacher(model, x):
-    """The float model's hidden states for `x`, in eval mode (no dropout), noise off."""
+def _teacher(model, x, root=None):
+    """The float model's hidden states for `x`, in eval mode (no dropout), noise off; sharded,
+    through the root (`root`), which gathers the weights outside the layers."""
     model.eval()
     try:
-        return teacher_hidden(model, x)
+        return teacher_hidden(model, x) if root is None else root(x, npft="teacher")
     finally:
         model.train()
 
