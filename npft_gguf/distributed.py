@@ -120,6 +120,21 @@ def sharding(shard: bool) -> bool:
     return shard and world() > 1
 
 
+def shard(layers, root, wrap=None):
+    """FSDP2 (`fully_shard`) over a model: each of `layers` (a ModuleList of decoder layers, each
+    first put in `wrap`'s shell where given) its own unit, `root` the unit of the rest (embeddings,
+    norm, head), the weights split across the processes and moved to this process's device; each
+    unit is gathered whole only for its forward (and backward). Returns `root`."""
+    from torch.distributed.fsdp import fully_shard
+
+    for i in range(len(layers)):
+        if wrap is not None:
+            layers[i] = wrap(layers[i])
+        fully_shard(layers[i])
+    fully_shard(root)
+    return root
+
+
 def barrier():
     if active():
         import torch.distributed as dist

@@ -245,6 +245,7 @@ class Collector:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._hooks = []
+        self.counting = True  # off: a pass that only keeps a sharded run's processes in step
         for hf, mod in target_linears(model).items():
             name = arch.gguf_name(hf + ".weight")
             if name is None:
@@ -256,6 +257,8 @@ class Collector:
 
     def _hook(self, name):
         def hook(_mod, args):
+            if not self.counting:
+                return
             x = args[0].detach()
             x = x.reshape(-1, x.shape[-1]).to(self.sums[name].dtype)
             self.sums[name].add_((x * x).sum(0))
@@ -276,11 +279,15 @@ class Collector:
 def collect(model, arch, windows, datasets: list[str], batch: int = 1, progress: bool = True) -> Imatrix:
     """The importance matrix of `model` over `windows` (LongTensor (n, ctx), or a list of equal-length
     token lists), every token counted; chunk size = the window length. Several processes: each runs
-    its share of the windows, and the sums and counts are added over them (distributed.py)."""
+    its share of the windows, and the sums and counts are added over them (distributed.py). The
+    model may be sharded (FSDP2, distributed.shard): the hooks read the linears' inputs, not their
+    weights; every process then runs as many forwards as the one with the most windows (each forward
+    gathers the layers with every process), the extra ones counted by none."""
     import torch
 
     from . import distributed
     from .progress import bar
+    from .sensitivity import is_sharded
 
     windows = torch.as_tensor(windows, dtype=torch.long)
     if windows.ndim != 2 or windows.shape[0] < 1:
@@ -293,10 +300,16 @@ def collect(model, arch, windows, datasets: list[str], batch: int = 1, progress:
         col.remove()
         raise UsageError("the model has no decoder linears to collect an importance matrix for")
     mine = windows[distributed.share(len(windows))]
+    sharded = any(is_sharded(p) for p in model.parameters())
+    most = math.ceil(len(windows) / distributed.world()) if sharded else len(mine)  # windows of the busiest process
+    passes = math.ceil(most / batch)
     try:
         with torch.no_grad():
-            for i in bar(range(0, len(mine), batch), desc="imatrix", unit="batch", disable=not progress):
-                model(input_ids=mine[i:i + batch].to(device), use_cache=False, logits_to_keep=1)  # no logits needed
+            for i in bar(range(passes), desc="imatrix", unit="batch", disable=not progress):
+                x = mine[i * batch:(i + 1) * batch]
+                col.counting = len(x) > 0
+                x = x if len(x) else windows[:1]  # sharded, a process past its share: in step, not counted
+                model(input_ids=x.to(device), use_cache=False, logits_to_keep=1)  # no logits needed
     finally:
         col.remove()
         model.train(was_training)
@@ -461,11 +474,15 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
     from .convert import tuning_dtype
 
     # in the tuning's precision, so that the default method needs no more memory than the tuning
-    # itself; the sums are float64 either way
-    model = plan.source.load_model(dtype=tuning_dtype(plan.device), device=plan.device)
+    # itself; the sums are float64 either way. --shard (several processes): sharded as the tuning is
+    # (FSDP2, loaded on the CPU, each process's GPU holding 1/N of the weights)
+    shard = plan.npft is not None and distributed.sharding(plan.npft.shard)
+    model = plan.source.load_model(dtype=tuning_dtype(plan.device), device="cpu" if shard else plan.device)
     tokens = plan.tokens
     if tokens is None:  # --calib self: the same seeded sample the tuning draws from this model
         tokens = load_calibration(plan.calib, plan.source.tokenizer(), model=model, progress=progress)
+    if shard:
+        model = distributed.shard(model.get_decoder().layers, model)
     log(f"imatrix: llama.cpp's importance matrix of the float model on {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
     im = collect(model, plan.source.arch, tokens, [plan.calib.calib], progress=progress)
     del model

@@ -104,13 +104,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_processes(tiny_bpe, tmp_path_factory):
+def qwen2_dir(tmp_path_factory):
+    """A tiny qwen2 (tied embeddings, q/k/v biases)."""
+    from tests.arch.conftest import make_tiny
+
+    return make_tiny("qwen2", tmp_path_factory.mktemp("dist-qwen2"))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_bpe, qwen2_dir, tmp_path_factory):
     """{family: (model folder, what the two processes saved)}: one spawn of two processes for both families."""
     import torch.multiprocessing as mp
 
-    from tests.arch.conftest import make_tiny
-
-    dirs = {"llama": tiny_bpe, "qwen2": make_tiny("qwen2", tmp_path_factory.mktemp("dist-qwen2"))}
+    dirs = {"llama": tiny_bpe, "qwen2": qwen2_dir}
     out = tmp_path_factory.mktemp("two-processes")
     mp.spawn(_worker, args=(2, _free_port(), [(f, str(dirs[f])) for f in FAMILIES], str(out)), nprocs=2, join=True)
     assert not distributed.active()  # this process was never part of the group
@@ -274,67 +280,104 @@ def test_a_convert_without_tuning_refuses_several_processes(tiny_bpe, tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
-SHARDED = dict(objective="ce+kl", noise="rtn", trace_samples=0)  # rtn noise: formed in the forward, from the gathered weights
+# sharded runs (FSDP2), each against one unsharded process: the rtn noise (formed in the forward) stopped and
+# resumed; the paper noise on the tied qwen2 (its shared embedding gathered once) and the grid noise, both read
+# from weights gathered once per epoch (sensitivity.whole), under gradient checkpointing
+SHARDED = {
+    "llama-rtn": ("llama", dict(objective="ce+kl", noise="rtn", trace_samples=0)),
+    "qwen2-paper": ("qwen2", dict(objective="ce", noise="paper", trace_samples=0, gradient_checkpointing=True, epochs=1)),
+    "llama-grid": ("llama", dict(objective="ce", noise="grid", trace_samples=0, gradient_checkpointing=True, epochs=1)),
+}
 
 
-def _sharded_worker(rank: int, world: int, port: int, path: str, out: str):
+def _sharded_settings(job: str, shard: bool = True) -> NPFTSettings:
+    return NPFTSettings(**{**BASE, **SHARDED[job][1], "shard": shard})
+
+
+def _sharded_worker(rank: int, world: int, port: int, paths: dict, out: str):
+    from npft_gguf.imatrix import collect
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     distributed.setup()
-    tokens = _tokens(_load(path).config.vocab_size)
-    settings = NPFTSettings(**{**BASE, **SHARDED, "shard": True})
-    model = _load(path)
-    numel = model.model.layers[0].self_attn.q_proj.weight.numel()
+    for job, (family, _) in SHARDED.items():
+        path = paths[family]
+        tokens = _tokens(_load(path).config.vocab_size)
+        settings = _sharded_settings(job)
+        model = _load(path)
+        numel = model.model.layers[0].self_attn.q_proj.weight.numel()
 
-    def sharded_then_stop(row):  # the weights are DTensors, each process holding half of each
-        from torch.distributed.tensor import DTensor
+        def sharded_then_stop(row, model=model, numel=numel):  # the weights are DTensors, each process holding half of each
+            from torch.distributed.tensor import DTensor
 
-        w = model.model.layers[0].layer.self_attn.q_proj.base_layer.weight
-        assert isinstance(w, DTensor) and w.to_local().numel() == numel // 2
-        _stop_in_second_epoch(row)
+            w = model.model.layers[0].layer.self_attn.q_proj.base_layer.weight
+            assert isinstance(w, DTensor) and w.to_local().numel() == numel // 2
+            _stop_in_second_epoch(row)
 
-    try:  # stopped in the second epoch, then resumed, sharded both times
-        tune(model, tokens, settings, f"{out}/run", progress=False, on_step=sharded_then_stop)
-    except KeyboardInterrupt:
-        pass
-    r = tune(_load(path), tokens, settings, f"{out}/run", resume=True, progress=False)
-    assert r.resumed_at_epoch == 1
-    if distributed.is_main():
-        merged = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
-        torch.save({"merged": merged, "history": r.history, "fisher_summary": r.fisher_summary}, f"{out}/sharded.pt")
-    else:
-        assert r.model is None  # rank 0 alone holds the tuned model
+        resumed = settings.epochs > 1
+        try:  # stopped in the second epoch, then resumed, sharded both times
+            r = tune(model, tokens, settings, f"{out}/{job}", progress=False, on_step=sharded_then_stop)
+        except KeyboardInterrupt:
+            r = tune(_load(path), tokens, settings, f"{out}/{job}", resume=True, progress=False)
+        assert r.resumed_at_epoch == (1 if resumed else None)
+        im = None
+        if job == "llama-rtn":  # the importance matrix of the float model, sharded (one window a pass: rank 1 runs one uncounted)
+            model = _load(path)
+            distributed.shard(model.get_decoder().layers, model)
+            im = collect(model, _arch(path), tokens, ["test"], batch=1, progress=False)
+            im = {n: (torch.from_numpy(e.sums), torch.from_numpy(e.counts)) for n, e in im.entries.items()}
+        if distributed.is_main():
+            merged = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
+            torch.save({"merged": merged, "history": r.history, "fisher_summary": r.fisher_summary, "imatrix": im},
+                       f"{out}/{job}.pt")
+        else:
+            assert r.model is None  # rank 0 alone holds the tuned model
     distributed.teardown()
 
 
-def test_two_sharded_processes_tune_as_one(tiny_bpe, tmp_path):
-    """FSDP2 (`fully_shard`, on CPU with gloo): every weight sharded across two processes, the rtn
-    noise formed inside the forward from the gathered weights, the Fisher scores from module hooks,
-    the checkpoint and the merge gathered on rank 0: the merged weights, the losses and the first
-    epoch's outliers are one unsharded process's, and the run resumed by two processes from its
-    checkpoint is the uninterrupted one."""
+@pytest.fixture(scope="module")
+def sharded(tiny_bpe, qwen2_dir, tmp_path_factory):
+    """{job: (model folder, its run folder, what rank 0 saved)}: one spawn of two processes for every job."""
     import torch.multiprocessing as mp
+
+    paths, out = {"llama": str(tiny_bpe), "qwen2": str(qwen2_dir)}, tmp_path_factory.mktemp("sharded")
+    mp.spawn(_sharded_worker, args=(2, _free_port(), paths, str(out)), nprocs=2, join=True)
+    return {job: (paths[f], out / job, torch.load(out / f"{job}.pt")) for job, (f, _) in SHARDED.items()}
+
+
+@pytest.mark.parametrize("job", list(SHARDED))
+def test_two_sharded_processes_tune_as_one(sharded, job, tmp_path):
+    """FSDP2 (`fully_shard`, on CPU with gloo): every weight sharded across two processes, the noise
+    formed inside the forward (rtn) or from weights gathered once an epoch (paper, grid), the Fisher
+    scores from module hooks, the checkpoint and the merge gathered on rank 0: the merged weights,
+    the losses and the first epoch's outliers are one unsharded process's, and (llama-rtn) the run
+    resumed by two processes from its checkpoint is the uninterrupted one."""
     from safetensors.torch import load_file
 
     from npft_gguf.npft.train import CHECKPOINT
 
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tiny_bpe), str(tmp_path)), nprocs=2, join=True)
-    two = torch.load(tmp_path / "sharded.pt")
-    tokens = _tokens(_load(tiny_bpe).config.vocab_size)
-    merged, r = _merged(tiny_bpe, tokens, NPFTSettings(**{**BASE, **SHARDED}), tmp_path / "one")
+    path, run_dir, two = sharded[job]
+    tokens = _tokens(_load(path).config.vocab_size)
+    merged, r = _merged(path, tokens, _sharded_settings(job, shard=False), tmp_path / "one")
     assert merged.keys() == two["merged"].keys()
-    assert [k for k in merged if not torch.equal(merged[k], _load(tiny_bpe).state_dict()[k])]
+    assert [k for k in merged if not torch.equal(merged[k], _load(path).state_dict()[k])]
     for k in merged:
         torch.testing.assert_close(two["merged"][k], merged[k], rtol=1e-4, atol=1e-6, msg=k)
     assert [round(h["loss_noisy"], 4) for h in two["history"]] == [round(h["loss_noisy"], 4) for h in r.history]
-    for a, b in zip(two["fisher_summary"], r.fisher_summary):
+    for a, b in zip(two["fisher_summary"], r.fisher_summary, strict=True):
         assert a["module"] == b["module"] and a["outliers"] == b["outliers"]
         assert a["score_ratio"] == pytest.approx(b["score_ratio"], rel=1e-4)
-    one, sharded = load_file(tmp_path / "one" / CHECKPOINT), load_file(tmp_path / "run" / CHECKPOINT)
-    assert one.keys() == sharded.keys()
+    one, sharded_ckpt = load_file(tmp_path / "one" / CHECKPOINT), load_file(run_dir / CHECKPOINT)
+    assert one.keys() == sharded_ckpt.keys()
     for k in one:
         if k.startswith("outliers:"):
-            assert torch.equal(one[k], sharded[k]), k
+            assert torch.equal(one[k], sharded_ckpt[k]), k
         else:
-            torch.testing.assert_close(sharded[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+            torch.testing.assert_close(sharded_ckpt[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+    if two["imatrix"] is not None:  # the sharded importance matrix: one process's sums and counts
+        im = _statistics(path, tokens)[1]
+        assert im.keys() == two["imatrix"].keys()
+        for name, (sums, counts) in im.items():
+            assert (two["imatrix"][name][1] == counts).all() and counts[0] == tokens.numel()
+            torch.testing.assert_close(two["imatrix"][name][0], sums, rtol=1e-5, atol=0, msg=name)

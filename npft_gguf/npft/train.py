@@ -353,18 +353,10 @@ def _decoder_layers(peft_model) -> torch.nn.ModuleList:
 
 
 def _shard(peft_model):
-    """FSDP2 over `peft_model`: each decoder layer its own unit, the rest (embeddings, norm, head)
-    the root's, frozen base weights and LoRA factors alike sharded across the processes (moved to
-    this process's device). Returns the root (a _Loss)."""
-    from torch.distributed.fsdp import fully_shard
-
-    layers = _decoder_layers(peft_model)
-    for i in range(len(layers)):
-        layers[i] = _Layer(layers[i])
-        fully_shard(layers[i])
-    root = _Loss(peft_model)
-    fully_shard(root)
-    return root
+    """FSDP2 over `peft_model` (distributed.shard): each decoder layer its own unit, in a _Layer
+    shell, the rest (embeddings, norm, head) the root's, frozen base weights and LoRA factors alike
+    sharded across the processes. Returns the root (a _Loss)."""
+    return distributed.shard(_decoder_layers(peft_model), _Loss(peft_model), wrap=_Layer)
 
 
 def _adapter_keys(peft_model) -> list[str]:
