@@ -16,8 +16,9 @@ runs under DDP, so every process holds the whole model on its own GPU and a stag
 is per GPU, the same as one process's (plus DDP's copy of the adapters' gradients); the host holds
 N processes. The imatrix, the Fisher scores and the tuning split their samples over the processes
 (their time divided by N); the trace is computed by each process alike, and what follows the
-tuning is rank 0's alone (both: one process's time). With --shard (FSDP2) the Fisher scores and
-the tuning hold 1/N of the weights per GPU (per_process); the imatrix is not sharded.
+tuning is rank 0's alone (both: one process's time). With --shard (FSDP2) the imatrix, the Fisher
+scores and the tuning hold 1/N of the weights per GPU (per_process), and fit_to_gpu reasons from
+those per-GPU figures.
 """
 
 from __future__ import annotations
@@ -387,10 +388,13 @@ def fit_to_gpu(plan, machine: Machine, free: tuple[str, ...] = FIT_OPTIONS):
     if plan.npft is None or plan.device != "cuda" or machine.gpu_bytes is None:
         return plan, {}
     d = Dims.of(plan.source, plan.npft)
-    budget = machine.gpu_bytes
+    budget, elem = machine.gpu_bytes, 2 if plan.load_dtype == "bfloat16" else 4
 
-    def peak(p, name) -> int:
-        return next((s.device_bytes for s in tuning_stages(p, d) if s.name == name), 0)
+    def peak(p, name) -> int:  # per GPU: several processes, and --shard, change what each holds (per_process)
+        st = tuning_stages(p, d)
+        if machine.processes > 1:
+            st = per_process(st, d, machine.processes, p.npft.shard, elem)
+        return next((s.device_bytes for s in st if s.name == name), 0)
 
     choices = {}
     if "gradient_checkpointing" in free and not plan.npft.gradient_checkpointing and peak(plan, "tune") > budget:
@@ -495,7 +499,7 @@ SPLIT = ("imatrix", "sensitivity", "tune")   # stages whose samples are shared o
 EVERY = ("imatrix", "source", "calibration", "sensitivity", "trace", "tune", "merge")  # run by every process
 
 
-SHARDED = ("sensitivity", "tune")  # under --shard (FSDP2): each process's device holds 1/n of the weights
+SHARDED = ("imatrix", "sensitivity", "tune")  # under --shard (FSDP2): each process's device holds 1/n of the weights
 
 
 def per_process(stages: list[Stage], d: Dims, n: int, shard: bool = False, elem: int = 2) -> list[Stage]:
@@ -505,7 +509,7 @@ def per_process(stages: list[Stage], d: Dims, n: int, shard: bool = False, elem:
     `shard` (--shard, FSDP2): in SHARDED the whole weights and adapter state become 1/n of them plus
     two layers gathered whole (the one running and the one prefetched); the source is loaded on each
     process's CPU; the trace is not measured; the merge gathers every weight onto rank 0's CPU. The
-    imatrix is not sharded: every process holds the whole float model for it."""
+    imatrix is sharded too (imatrix.calibration_imatrix: no adapters there)."""
     out = []
     for st in stages:
         st = replace(st)
@@ -514,7 +518,7 @@ def per_process(stages: list[Stage], d: Dims, n: int, shard: bool = False, elem:
         if st.name in SPLIT:
             st.seconds /= n
         if shard and st.name in SHARDED and st.device_bytes:
-            whole = d.params * elem + lora_state_bytes(d)
+            whole = d.params * elem + (lora_state_bytes(d) if st.name != "imatrix" else 0)
             st.device_bytes += whole // n - whole + 2 * (d.params // d.layers) * elem
         if shard and st.name == "source" and st.device_bytes:
             st.device_bytes, st.where = 0, "cpu"

@@ -464,19 +464,31 @@ def test_a_launched_run_plans_for_its_process_count(tmp_path, monkeypatch):
 
 
 def test_a_70b_model_sharded_on_8_gpus_fits(tmp_path):
-    """--shard (FSDP2, npft/train.py): each GPU holds 1/8 of the bf16 weights and two layers whole in
-    the Fisher scores and the tuning; the source loads on the host and the merge runs on rank 0's CPU;
-    the trace is not measured. Llama-3.1-70B on 8 x 80 GB then fits (--method npft: the imatrix is
-    not sharded; --fisher-stages 16: the float32 scores are whole on each process); 4 x 80 GB too."""
+    """--shard (FSDP2, npft/train.py, imatrix.calibration_imatrix): each GPU holds 1/N of the bf16
+    weights and two layers whole in the imatrix, the Fisher scores and the tuning; the source loads
+    on the host and the merge runs on rank 0's CPU; the trace is not measured. The plan fits the
+    tuning from those per-GPU figures (stages.fit_to_gpu): the default convert (npft+imatrix) of
+    Llama-3.1-70B on 8 x 80 GB, and on 4 x 80 GB, fits with the --fisher-stages it picks itself (the
+    float32 scores are whole on each process); unsharded (DDP) it does not. The evaluation runs in
+    llama.cpp on the CPU here (--eval-gpu-layers 0): offloaded whole, it needs the model on one GPU."""
     llama_70b_config().save_pretrained(tmp_path / "llama-3.1-70b")
-    machine = ("--gpu-memory", "80GiB", "--host-memory", "2TiB", "--disk", "2TiB", "--cpu-cores", "64", "--method", "npft",
-               "--fisher-stages", "16", "--eval-gpu-layers", "0")
+    machine = ("--gpu-memory", "80GiB", "--host-memory", "2TiB", "--disk", "2TiB", "--cpu-cores", "64",
+               "--eval-gpu-layers", "0")
     ddp = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8")
+    assert not ddp["fits"]
+    assert {s["name"]: s for s in ddp["stages"]}["tune"]["peak_device_bytes"] > 2 * 70.5e9
+    stages_chosen = {}
     for n in (8, 4):
         sharded = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", str(n), "--shard")
         by = {s["name"]: s for s in sharded["stages"]}
-        assert sharded["fits"] and not ddp["fits"]
+        assert sharded["fits"] and sharded["method"] == "auto" and "imatrix" in sharded["steps"]
         assert "trace" not in by and by["source"]["peak_device_bytes"] == 0 and by["merge"]["peak_device_bytes"] == 0
-        assert 2 * 70.5e9 / n < by["tune"]["peak_device_bytes"] < 80 * 2**30
-    by8 = {s["name"]: s for s in ddp["stages"]}
-    assert by8["tune"]["peak_device_bytes"] > 2 * 70.5e9
+        for name in ("imatrix", "tune"):  # 1/n of the weights, not the whole 131 GiB
+            assert 2 * 70.5e9 / n < by[name]["peak_device_bytes"] < 80 * 2**30
+        assert by["sensitivity"]["peak_device_bytes"] <= 80 * 2**30
+        fitted = sharded["fitted_by_plan"]
+        assert fitted["gradient_checkpointing"] is True and "trace_samples" not in fitted  # no trace to fit under --shard
+        stages_chosen[n] = fitted["fisher_stages"]
+    assert 1 < stages_chosen[8] < stages_chosen[4]  # fewer processes, more of each GPU for the weights: more passes
+    one_pass = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8", "--shard", "--fisher-stages", "1")
+    assert not one_pass["fits"]  # what the plan picked was needed
