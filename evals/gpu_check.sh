@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of issue 29 (#6) in one script, sized for 12 minutes on one H100 once the CUDA wheels
-# are in place: the CUDA tests (`pytest -k cuda`), then `convert` of Qwen2.5-Coder-1.5B-Instruct
+# are in place: the CUDA tests (`pytest -k cuda`), two processes on the one GPU (`torchrun --nproc-per-node 2
+# finetune`, DDP and --shard, issue 31), then `convert` of Qwen2.5-Coder-1.5B-Instruct
 # (real, 151,936-token vocabulary) with the short recipe on CUDA, each step's measured time, host
 # peak, torch's CUDA peak and the device's memory in use beside the plan's figures, written to
 # evals/out/gpu_check/SUMMARY.md (with plan.txt, plan.json, convert.json, convert.log, tests.log).
@@ -84,6 +85,28 @@ else
 fi
 phase tests $((SECONDS - t0))
 
+# --- 2b. two processes on one GPU (issue 31): `torchrun --nproc-per-node 2 finetune`, DDP then --shard ------
+# SmolLM2-135M, one short epoch each (about a minute together). The two processes share GPU 0, so they
+# talk over gloo with CUDA tensors (distributed.placement: nccl refuses two ranks on one GPU); a real
+# several-GPU run takes nccl. Each mode's exit status, time and last line go to dist.tsv and SUMMARY.md;
+# a failure is recorded, not fatal.
+t0=$SECONDS
+: > "$OUT/dist.tsv"
+DIST=(finetune smollm2-135m --recipe short --calib wiki --calib-samples 16 --calib-len 128 --fisher-samples 4
+      --trace-samples 0 --epochs 1 --batch 4 --dropout 0 --device cuda --force)
+for mode in ddp shard; do
+  extra=(); [ $mode = shard ] && extra=(--shard)
+  cmd=("$PY" -m torch.distributed.run --nproc-per-node 2 -m npft_gguf "${DIST[@]}" -o "$OUT/dist-$mode" ${extra[@]+"${extra[@]}"})
+  if [ $DRY = 1 ]; then would "${cmd[@]}"; continue; fi
+  say "two processes on one GPU: finetune ($mode)"
+  s0=$SECONDS; rc=0
+  timeout --signal=TERM --kill-after=20 150 "${cmd[@]}" > "$OUT/dist-$mode.log" 2>&1 || rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$mode" "$rc" $((SECONDS - s0)) "$(grep -v '^\s*$' "$OUT/dist-$mode.log" | tail -n 1 | tr '\t' ' ')" \
+    >> "$OUT/dist.tsv"
+  [ $rc = 0 ] || say "finetune ($mode) on two processes ended with exit $rc (see $OUT/dist-$mode.log)"
+done
+phase two_processes $((SECONDS - t0))
+
 # --- 3. the 1.5B convert, planned then measured ----------------------------------------------------------
 t0=$SECONDS
 SRC=$("$PY" evals/models.py "$MODEL" | awk '{print $2}')
@@ -153,6 +176,12 @@ lines = [f"# GPU check: {'DRY RUN, planned figures only' if dry else 'measured'}
          f"Total {total} s of the {budget} s budget ({'within' if total <= budget else 'OVER'}): "
          + ", ".join(f"{n} {s} s" for n, s in phases) + ".", "",
          "## CUDA tests (`pytest -k cuda`)", "", "```", *(tests[-8:] or ["(none)"]), "```", ""]
+dist = [line.split("\t") for line in (out / "dist.tsv").read_text().splitlines() if line] if (out / "dist.tsv").exists() else []
+if dist:
+    lines += ["## Two processes on one GPU (`torchrun --nproc-per-node 2 finetune smollm2-135m`)", "",
+              "| mode | exit | seconds | last line |", "|---|---|---|---|"]
+    lines += [f"| {d[0]} | {d[1]} | {d[2]} | {(d[3] if len(d) > 3 else '').replace('|', '/')} |" for d in dist]
+    lines.append("")
 if plan:
     lines += ["## The plan (`npft-gguf plan`, before the run)", "", "```", (out / "plan.txt").read_text().rstrip(), "```", ""]
 if rec and rec.get("stages"):

@@ -3,7 +3,7 @@
 A launcher (`torchrun --nproc-per-node N`, `accelerate launch`) starts N copies of the command and
 tells each its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...).
 `setup` reads that and has accelerate (PartialState) open the process group: gloo on CPU, nccl on
-CUDA. Without a launcher nothing is opened and every helper here is the identity of one process,
+CUDA (gloo where processes share a GPU: `placement`). Without a launcher nothing is opened and every helper here is the identity of one process,
 so a plain run behaves exactly as before.
 
 What the stages share across processes is only ever a sum (Fisher's squared gradients, the
@@ -32,16 +32,27 @@ def setup():
     import torch
     from accelerate import PartialState
 
-    cpu = not torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cpu = gpus == 0
+    backend, gpu = placement(gpus, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not cpu:  # "cuda" means this process's own GPU from here on
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    state = PartialState(cpu=cpu, **({"backend": "gloo"} if cpu else {}))
-    if cpu:  # accelerate leaves the CPU group to the first collective; open it now, with every rank present
+        torch.cuda.set_device(gpu)
+    state = PartialState(cpu=cpu, **({"backend": backend} if backend == "gloo" else {}))
+    if backend == "gloo":  # accelerate leaves a gloo group to the first collective; open it now, with every rank present
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("gloo", rank=state.process_index, world_size=state.num_processes)
     return state
+
+
+def placement(gpus: int, local_rank: int, local_world: int) -> tuple[str, int]:
+    """(backend, GPU index) of a process: nccl on its own GPU; gloo on the CPU; gloo too where the
+    processes of a machine outnumber its GPUs and share them (nccl refuses two ranks on one GPU),
+    which the GPU check does to run two processes on one GPU."""
+    if gpus == 0:
+        return "gloo", 0
+    return ("nccl" if local_world <= gpus else "gloo"), local_rank % gpus
 
 
 def active() -> bool:

@@ -2,9 +2,10 @@
 
 Two CPU processes with the gloo backend (torch.multiprocessing spawn, the launcher's environment
 set by hand), on tiny random models of two families (llama with the CE objective and the paper's
-noise, qwen2 with CE+KL, rtn noise and gradient checkpointing, as the plan switches on for large models). The tuning runs under DDP on CPU (npft/train.py says why
-not FSDP2), every weight whole on each process. LoRA dropout is 0 (each process draws its own
-dropout masks), so the global batch and the seed fix every step: the merged weights of a
+noise, qwen2 with CE+KL, rtn noise and gradient checkpointing, as the plan switches on for large
+models). The tuning runs under DDP, every weight whole on each process; the sharded runs (FSDP2,
+--shard) are at the end of this file. LoRA dropout is 0 (each process draws its own dropout
+masks), so the global batch and the seed fix every step: the merged weights of a
 two-process run stopped in its second epoch and resumed by two processes must agree with an
 uninterrupted one-process run's within float rounding (the gradient is summed in another order).
 A resume by another process count: test_sigterm_to_one_process_stops_all_and_the_run_resumes.
@@ -160,6 +161,13 @@ def test_share_splits_every_item_once():
             assert got == list(range(n))
 
 
+def test_processes_that_share_a_gpu_take_gloo():
+    """nccl where each process has its own GPU; two processes on one GPU (the GPU check): gloo, both on GPU 0."""
+    assert distributed.placement(0, 1, 2) == ("gloo", 0)
+    assert [distributed.placement(8, r, 8) for r in (0, 7)] == [("nccl", 0), ("nccl", 7)]
+    assert [distributed.placement(1, r, 2) for r in (0, 1)] == [("gloo", 0), ("gloo", 0)]
+
+
 def test_one_process_without_a_launcher_opens_no_group(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.setup() is None and not distributed.active()
@@ -202,11 +210,37 @@ def test_torchrun_imatrix_is_written_once_and_sums_as_one(tiny_bpe, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "one.gguf", "two.gguf"]  # no temporaries left
 
 
-def test_sigterm_to_one_process_stops_all_and_the_run_resumes(tiny_bpe, tmp_path):
+def _sigterm_one_rank_after_a_checkpoint(p, out) -> int:
+    """Wait for the first checkpoint of the `torchrun ... finetune -o OUT` process `p`, send SIGTERM
+    to its second rank and check that both stop, that rank 0 says so once, and that the checkpoint
+    is kept with no model and no temporary written; returns the epochs the checkpoint holds."""
     import signal
     import time
 
+    import psutil
+
     from npft_gguf.npft.train import CHECKPOINT, checkpoint_record
+
+    ckpt = out / "npft-run" / CHECKPOINT
+    deadline = time.time() + 180
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), p.communicate()[1]
+    workers = psutil.Process(p.pid).children()
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert "error: another of the 2 processes of this run stopped" in err and "--resume" in err
+    assert not (out / "model.safetensors").exists()
+    assert not [f for f in out.rglob("*") if ".part" in f.name or f.name.endswith(".lock")]
+    done = checkpoint_record(ckpt.parent)["epoch_done"]
+    assert 1 <= done < 3
+    return done
+
+
+def test_sigterm_to_one_process_stops_all_and_the_run_resumes(tiny_bpe, tmp_path):
     from tests.conftest import calib_text
     from tests.test_cli import run
 
@@ -214,25 +248,7 @@ def test_sigterm_to_one_process_stops_all_and_the_run_resumes(tiny_bpe, tmp_path
     args = [tiny_bpe, "-o", tmp_path / "out", "--recipe", "short", "--calib", tmp_path / "calib.txt", "--calib-samples", "6",
             "--calib-len", "32", "--fisher-samples", "2", "--trace-samples", "0", "--outlier-pct", "1", "--dropout", "0",
             "--batch", "2", "--epochs", "3", "--device", "cpu"]
-    p = _torchrun("finetune", *args, cwd=tmp_path)
-    ckpt = tmp_path / "out" / "npft-run" / CHECKPOINT
-    deadline = time.time() + 120
-    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert ckpt.exists(), p.communicate()[1]
-    import psutil
-
-    workers = psutil.Process(p.pid).children()
-    assert len(workers) == 2
-    workers[1].send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode != 0
-    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
-    assert "error: another of the 2 processes of this run stopped" in err and "--resume" in err
-    assert not (tmp_path / "out" / "model.safetensors").exists()
-    assert not [f for f in (tmp_path / "out").rglob("*") if ".part" in f.name or f.name.endswith(".lock")]
-    done = checkpoint_record(ckpt.parent)["epoch_done"]
-    assert 1 <= done < 3
+    done = _sigterm_one_rank_after_a_checkpoint(_torchrun("finetune", *args, cwd=tmp_path), tmp_path / "out")
     r = run("finetune", *args, "--resume")  # one process takes it up
     assert r.returncode == 0, r.stderr
     assert f"resuming {tmp_path / 'out' / 'npft-run'} after epoch {done} of 3" in r.stderr
@@ -381,3 +397,35 @@ def test_two_sharded_processes_tune_as_one(sharded, job, tmp_path):
         for name, (sums, counts) in im.items():
             assert (two["imatrix"][name][1] == counts).all() and counts[0] == tokens.numel()
             torch.testing.assert_close(two["imatrix"][name][0], sums, rtol=1e-5, atol=0, msg=name)
+
+
+def test_torchrun_sharded_finetune_stops_on_sigterm_resumes_and_equals_one_process(tiny_bpe, tmp_path):
+    """`torchrun --nproc-per-node 2 -m npft_gguf finetune --shard`, as a user starts it (gloo on CPU):
+    a SIGTERM to one rank after the first checkpoint stops both, leaves the checkpoint and no
+    temporary; the run resumed by two sharded processes writes the merged model one uninterrupted
+    process writes, within float rounding."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import calib_text
+    from tests.test_cli import run
+
+    (tmp_path / "calib.txt").write_text(calib_text(20_000))
+    args = [tiny_bpe, "--recipe", "short", "--calib", tmp_path / "calib.txt", "--calib-samples", "6", "--calib-len", "32",
+            "--fisher-samples", "3", "--trace-samples", "0", "--outlier-pct", "1", "--dropout", "0", "--batch", "2",
+            "--epochs", "3", "--noise", "rtn", "--resample", "step", "--device", "cpu"]
+    out = tmp_path / "two"
+    done = _sigterm_one_rank_after_a_checkpoint(_torchrun("finetune", *args, "-o", out, "--shard", cwd=tmp_path), out)
+
+    p = _torchrun("finetune", *args, "-o", out, "--shard", "--resume", cwd=tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert f"resuming {out / 'npft-run'} after epoch {done} of 3" in err
+    assert '"shard": true' in (out / "report.json").read_text()
+    one = run("finetune", *args, "-o", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    base = load_file(tiny_bpe / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a if k in base)  # the tuning moved weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
