@@ -1,16 +1,19 @@
 """Torch twins of llama.cpp's scale searches (npft_gguf/grids/twins.py): how often they write what
 llama.cpp writes, and what they cost a tuning step.
 
-Agreement: the decoder linears of four of SmolLM2-135M's layers (first, last, two between), with the importance matrix of the float model on
-the `wiki` calibration text (`npft-gguf imatrix smollm2-135m --calib wiki --chunks 32`) and without
-one: the share of 32-weight blocks whose bytes (codes and fp16 scale, and min) the twin makes
+Agreement: the decoder linears of four of SmolLM2-135M's layers (first, last, two between), with
+the importance matrix of the float model on the `wiki` calibration text (`npft-gguf imatrix
+smollm2-135m --calib wiki --chunks 32`) and without one: the share of blocks (of 32 weights; for
+the K-quants super-blocks of 256, on each row's first 512 or 1536 columns, as SmolLM2's 576-wide
+rows fit none evenly) whose bytes (codes and fp16 scale, and min) the twin makes
 exactly as llama.cpp's own quantizer (ggml_quantize_chunk in the libggml that llama-cpp-python
 ships) does, and the imatrix-weighted error of the twin's whole matrix over llama.cpp's.
 
 Step time: NPFT's short recipe (kl objective, rtn noise, Q4_0) on SmolLM2-135M for a few optimizer
 steps with each noise: plain RTN's error, the twins of the imatrix Q4_0 mix's rules (the default
-now), and llama.cpp's own quantizer on the CPU (ggml_quantize_chunk; the bit-exact numpy port before it). Seconds
-per step after the first, median, and the ratio to plain RTN's; each noise twice, interleaved, so
+now), llama.cpp's own quantizer on the CPU (ggml_quantize_chunk; the bit-exact numpy port before it). Seconds
+per step after the first, median, and the ratio to plain RTN's; then plain RTN and the twins for
+Q4_K (grid q4_k, llama-quantize's name of the Q4_K_S mix); each noise twice, interleaved, so
 a busy machine shows as a spread rather than a bias. Each part is saved as it is measured, so an
 interrupted run continues where it stopped.
 
@@ -37,7 +40,11 @@ from evals._run import machine, npft  # noqa: E402
 
 OUT = ROOT / "evals" / "out" / "twins"
 JSON = ROOT / "evals" / "TWINS.json"
-NOISES = {"plain RTN": "rtn", "twins (imatrix Q4_0 mix)": "twin", "llama.cpp on the CPU (imatrix Q4_0 mix)": "numpy"}
+# label -> (noise, the tuning's grid); each twin row's ratio is to the plain RTN row of its grid
+NOISES = {"plain RTN": ("rtn", "q4_0"), "twins (imatrix Q4_0 mix)": ("twin", "q4_0"),
+          "llama.cpp on the CPU (imatrix Q4_0 mix)": ("numpy", "q4_0"),
+          "plain RTN (Q4_K)": ("rtn", "q4_k"), "twins (imatrix Q4_K_S mix)": ("twin", "q4_k")}
+BASELINE = {"q4_0": "plain RTN", "q4_k": "plain RTN (Q4_K)"}
 
 
 def agreement(source, imatrix) -> list[dict]:
@@ -56,12 +63,14 @@ def agreement(source, imatrix) -> list[dict]:
     rows = []
     for name in TWINNED:
         grid = get_grid(name)
-        for with_im in (True, False):
+        for with_im in (True, False):  # K-quants: every row's first columns, a multiple of 256 (SmolLM2's 576 -> 512)
             same = total = 0
             err_twin = err_ggml = 0.0
             for n in linears:
                 w = source.load(n).float().numpy()
                 qw = imatrix.weights(source.arch.gguf_name(n)) if with_im else None
+                cols = w.shape[1] // grid.block * grid.block
+                w, qw = np.ascontiguousarray(w[:, :cols]), None if qw is None else qw[:cols]
                 ours = grid.pack_blocks(TwinRules(name, qw).codes(torch.from_numpy(w)))
                 theirs = ggml_quantize(name, w, qw)
                 blocks = theirs.reshape(-1, GGML_QUANT_SIZES[grid.ggml][1])
@@ -79,7 +88,7 @@ def agreement(source, imatrix) -> list[dict]:
     return rows
 
 
-def step_times(source, imatrix_path: Path, noise: str, steps: int) -> list[float]:
+def step_times(source, imatrix_path: Path, noise: str, steps: int, grid: str = "q4_0") -> list[float]:
     """Seconds between consecutive optimizer steps of a short-recipe tuning with `noise`."""
     import tempfile
 
@@ -88,7 +97,7 @@ def step_times(source, imatrix_path: Path, noise: str, steps: int) -> list[float
     from npft_gguf.npft import NPFTSettings, tune
 
     tokens = load_calibration(CalibSettings(calib="wiki", samples=64, length=256), source.tokenizer(), progress=False)
-    settings = NPFTSettings(noise="rtn", objective="kl", grid="q4_0", imatrix=None if noise == "rtn" else str(imatrix_path),
+    settings = NPFTSettings(noise="rtn", objective="kl", grid=grid, imatrix=None if noise == "rtn" else str(imatrix_path),
                             epochs=1, max_steps_per_epoch=steps, lr=5e-4, batch=4, fisher_samples=2, trace_samples=0)
     stamps = []
     saved = twins.TWINNED
@@ -133,8 +142,8 @@ def main():
     rec.setdefault("steps", {})
     rec.setdefault("rounds_done", 0)
     while rec["rounds_done"] < 2:
-        for label, noise in NOISES.items():
-            t = step_times(source, im_path, noise, a.steps)
+        for label, (noise, grid) in NOISES.items():
+            t = step_times(source, im_path, noise, a.steps, grid)
             rec["steps"].setdefault(label, []).extend(t)
             print(f"{label} (round {rec['rounds_done'] + 1}): {', '.join(f'{x:.2f}' for x in t)} s per step", flush=True)
         rec["rounds_done"] += 1
@@ -149,7 +158,8 @@ def write(rec: dict):
         f"Built by `.venv/bin/python evals/twins.py` on {rec['date']} ({rec['machine']}). The imatrix: `{rec['imatrix']}`.", "",
         "## Agreement with llama.cpp's bytes", "",
         f"The decoder linears of SmolLM2-135M's layers {', '.join(map(str, rec['agreement'][0]['layers']))} "
-        f"({rec['agreement'][0]['matrices']} matrices). Identical: the block's bytes (codes, fp16 scale, min) "
+        f"({rec['agreement'][0]['matrices']} matrices). Identical: the block's bytes (codes, fp16 scale, min; a K-quant's super-block of 256, on each row's "
+        "first 512 or 1536 columns) "
         "equal ggml_quantize_chunk's. Error ratio: the twin's imatrix-weighted squared error over those matrices "
         "divided by llama.cpp's (1 = the same; without an imatrix, unweighted; '-': llama.cpp's file is lossless, as "
         "Q4_1 is for this model, whose only public weights are Q4_1).", "",
@@ -158,13 +168,15 @@ def write(rec: dict):
     for r in rec["agreement"]:
         lines.append(f"| {r['type']} | {'yes' if r['imatrix'] else 'no'} | {r['blocks']} | {r['identical_pct']:.3f} | "
                      + ("- |" if r["error_ratio"] is None else f"{r['error_ratio']:.6f} |"))
-    base = statistics.median(rec["steps"]["plain RTN"])
     lines += ["", "## Tuning step time", "",
-              "NPFT short recipe (kl objective, rtn noise, batch 4 x 256 tokens) on SmolLM2-135M, Q4_0; seconds between "
-              "optimizer steps after the first, both rounds pooled.", "",
+              "NPFT short recipe (kl objective, rtn noise, batch 4 x 256 tokens) on SmolLM2-135M, Q4_0 and Q4_K (the "
+              "Q4_K_S mix: on SmolLM2 only the 1536-wide down_proj rows fit Q4_K, the rest fall back to Q5_0 as in "
+              "llama.cpp); seconds between optimizer steps after the first, both rounds pooled; each ratio is to "
+              "plain RTN noise on the same grid.", "",
               "| noise | steps | median s | min s | max s | ratio to plain RTN |", "|---|---|---|---|---|---|"]
     for label, t in rec["steps"].items():
         m = statistics.median(t)
+        base = statistics.median(rec["steps"][BASELINE[NOISES[label][1]]])
         lines.append(f"| {label} | {len(t)} | {m:.2f} | {min(t):.2f} | {max(t):.2f} | {m / base:.2f}x |")
     (ROOT / "evals" / "TWINS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -22,7 +22,7 @@ from ..choices import EXPORT_TYPES, FILE_TYPES, FileType, canonical_type
 
 FLOATS = ("f32", "f16", "bf16")
 EXACT_RTN = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", *FLOATS)  # llama.cpp rounds these to nearest without an imatrix
-APPROXIMATED = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")  # as the tuned base type, the noise's RTN grid (no twin yet)
+APPROXIMATED = ("q2_k", "q3_k")  # as the tuned base type, the noise's RTN grid (no twin yet; Q4_K..Q6_K have one)
 
 
 def file_type(name: str) -> FileType:
@@ -215,8 +215,8 @@ def tuning_rule(type_name: str, qw=None, plain: str | None = None):
     nearest (EXACT_RTN without an imatrix); the torch twins of its scale searches (grids/twins.py:
     the same rule to within near-ties) on the tuning device where there is one; else llama.cpp's
     quantizer itself (exact, on the CPU: slower), as for the few K-quant tensors of the legacy and
-    IQ4 mixes. A K-quant file's own base type keeps the noise's RTN grid, an approximation of
-    llama.cpp's scale search, until it has a twin (APPROXIMATED)."""
+    IQ4 mixes. Q2_K and Q3_K files' own base type keeps the noise's RTN grid, an approximation of
+    llama.cpp's scale search, until it has a twin (APPROXIMATED); Q4_K, Q5_K and Q6_K have twins."""
     from . import GRIDS
     from .twins import TWINNED, TwinRules
 

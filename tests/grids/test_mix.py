@@ -119,3 +119,30 @@ def test_ggml_quantizer_threads_give_the_bytes_of_one_call():
         llamacpp.GgmlQuantizer("q4_0", qw[:256]).pack(w)
     with pytest.raises(ValueError, match="multiple of 256"):
         llamacpp.GgmlQuantizer("q4_k").pack(w[:, :96])
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+def test_q4_k_m_tuning_rules_are_the_written_tensors(tmp_path, with_imatrix):
+    """NPFT for the Q4_K_M mix: per linear of a model whose rows are multiples of 256, the rule the
+    tuning noise quantizes with (imatrix.tuning_quantizers: Q4_K and Q6_K twins) dequantizes to
+    the tensor the writer writes, super-block for super-block but for near-ties (grids/twins.py)."""
+    import torch
+
+    from npft_gguf.imatrix import tuning_quantizers
+    from npft_gguf.sensitivity import target_linears
+
+    d = make_tiny_llama(tmp_path / "m", hidden=256, ffn=512, layers=8, heads=4, kv_heads=1)
+    src = open_source(str(d))
+    im = str(random_imatrix(src, tmp_path / "im.gguf")) if with_imatrix else None
+    model = src.load_model(dtype=torch.float32)
+    linears = target_linears(model)
+    quantize = tuning_quantizers(im, "q4_k_m", linears, src.arch, model.config)
+    assert set(quantize) == set(linears)
+    out = tmp_path / "q4_k_m.gguf"
+    export(src, out, ExportSettings("q4_k_m", imatrix=im), progress=False)
+    kinds = {t.name: t.tensor_type.name.lower() for t in GGUFReader(out).tensors}
+    written = dict(open_source(str(out)).load_model(dtype=torch.float32).named_parameters())
+    assert {kinds[src.arch.gguf_name(n + ".weight")] for n in linears} == {"q4_k", "q6_k"}
+    for name, lin in linears.items():
+        same = (quantize[name](lin.weight).reshape(-1, 256) == written[name + ".weight"].reshape(-1, 256)).all(1)
+        assert float(same.float().mean()) >= 0.9, (name, kinds[src.arch.gguf_name(name + ".weight")], float(same.float().mean()))
