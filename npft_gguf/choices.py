@@ -45,9 +45,14 @@ EXPORT_TYPES = tuple(FILE_TYPES) + tuple(ALIASES)  # export --type
 WRITTEN_TYPES = tuple(n for n, t in FILE_TYPES.items() if t.written) + tuple(ALIASES)  # export without --quantizer llama.cpp
 # the tensor types with a torch grid (grids.GRIDS): what convert/finetune tune for and --fake-quant simulates
 GRID_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
-# the types whose importance-weighted rule has a torch twin on the tuning device (grids/twins.py):
-# what npft+imatrix tunes for
-TUNED_WITH_IMATRIX = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+# the types whose importance-weighted rules have torch twins on the tuning device (grids/twins.py; a
+# mix: its base type's and the other types it gives some tensors): what npft+imatrix tunes for
+TUNED_WITH_IMATRIX = ("q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+                      "q4_k", "q5_k")
+# what convert and finetune tune for: the grids, and llama.cpp's K mixes whose base type has a grid
+# (the noise meets each tensor's own rule of the mix: imatrix.tuning_quantizers)
+TUNED_TYPES = GRID_TYPES + tuple(n for n, t in FILE_TYPES.items() if t.written and t.base in GRID_TYPES
+                                 and n not in GRID_TYPES)
 
 
 def canonical_type(name: str) -> str | None:

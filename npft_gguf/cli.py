@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .choices import ALIASES, BITS, EVAL_CHUNKS, EXPORT_TYPES, FILE_TYPES, GRID_TYPES, METHODS, WRITTEN_TYPES
+from .choices import ALIASES, BITS, EVAL_CHUNKS, EXPORT_TYPES, FILE_TYPES, GRID_TYPES, METHODS, TUNED_TYPES, WRITTEN_TYPES
 from .errors import NpftError, UsageError
 
-TYPES = GRID_TYPES  # the GGUF tensor types convert tunes for and --fake-quant simulates
+TYPES = GRID_TYPES  # the GGUF tensor types --fake-quant simulates
 SOURCE_HELP = ("SOURCE is a hub id (meta-llama/Llama-2-7b, meta-llama/Llama-2-7b-hf), a Hugging Face directory, a folder in "
                "Meta's layout (params.json, consolidated.NN.pth), a .gguf file, or the demo 'smollm2-135m'.")
 
@@ -606,13 +606,13 @@ def _tuning_settings(kw: dict, grid: str = "q4_0", imatrix: Path | None = None):
 
 
 def _convert_type(value, hint="'--type'"):
-    if value is None or value.lower() in TYPES:
+    if value is None or value.lower() in TUNED_TYPES:
         return value
     from .methods.simulate import parse_simulated
 
     if parse_simulated(value):
         return value
-    raise click.BadParameter(f"{value!r} is neither a GGUF type ({', '.join(TYPES)}) nor a simulated quantizer (rtn3, rtn4, rtn4g128)",
+    raise click.BadParameter(f"{value!r} is neither a GGUF type ({', '.join(TUNED_TYPES)}) nor a simulated quantizer (rtn3, rtn4, rtn4g128)",
                              param_hint=hint)
 
 
@@ -631,7 +631,7 @@ def _interrupted_run(run_dir: Path):
 @click.argument("source")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Directory for the merged Hugging Face checkpoint.")
 @click.option("--grid", default="q4_0", show_default=True, callback=lambda c, p, v: _convert_type(v, "'--grid'"),
-              help="The quantizer the model is tuned for (--noise grid or rtn): a GGUF type (" + " ".join(TYPES) + ") "
+              help="The quantizer the model is tuned for (--noise grid or rtn): a GGUF type (" + " ".join(TUNED_TYPES) + ") "
                    "or a simulated per-channel rtn3 / rtn4 / rtn4g128.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
               help="The importance matrix the model will be exported with (`export --imatrix`): --noise rtn then "
@@ -678,10 +678,10 @@ def convert_options(f):
                      help="Pick the best pure-RTN GGUF type of this width that the row lengths allow: "
                           + ", ".join(f"{b} -> {' or '.join(t)}" for b, t in BITS.items()) + ". At 4 bits, q4_0 has "
                           "llama.cpp's simplest CPU kernels; --type iq4_nl is the same size and closer to the float model "
-                          "(evals/RESULTS.md); llama.cpp's q4_k_m (export --type q4_k_m) is 5-15 % larger and closer "
-                          "still. The closing comparison shows all three beside the output."),
+                          "(evals/RESULTS.md); --type q4_k_m (llama.cpp's mix, tuned for its own rules) is 5-15 % larger "
+                          "and closer still. The closing comparison shows all three beside the output."),
         click.option("--type", "type_", callback=lambda c, p, v: _convert_type(v),
-                     help="Override --bits: a GGUF type (" + " ".join(TYPES) + "), or a simulated per-channel "
+                     help="Override --bits: a GGUF type or llama.cpp K mix (" + " ".join(TUNED_TYPES) + "), or a simulated per-channel "
                           "min-max quantizer rtn3 / rtn4 / rtn4g128 (torch only, no GGUF)."),
         click.option("--method", default="auto", show_default=True, type=click.Choice(METHODS),
                      help="auto: npft+imatrix for the types it writes, npft for the others (what evals/RESULTS.md measures "

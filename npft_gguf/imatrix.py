@@ -414,10 +414,12 @@ def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict
     so that the tuning meets the error of the file that will be written as `grid_name`, tensor by
     tensor: the type the writer gives the tensor and the rule that writes it, both from
     grids/mix.py (choose, tuning_rule), with the linear's entry of the imatrix at `path` (None: a
-    file written without one). A linear left out of the result is quantized by `grid_name`'s own RTN,
-    which is then what llama.cpp writes."""
-    from .grids.mix import ModelShape, choose, tuning_rule
+    file written without one). `grid_name` is a file type: a grid, or a mix (q4_k_m). A linear left out
+    of the result is quantized by the RTN of the type's base grid (q4_k_m: q4_k), which is then what
+    llama.cpp writes."""
+    from .grids.mix import ModelShape, choose, file_type, tuning_rule
 
+    plain = file_type(grid_name).base  # what the noise rounds to for a linear left out
     im = load_imatrix(path) if path else None
     shape = ModelShape.of(config, getattr(arch, "name", ""))
     gguf_names = {name: arch.gguf_name(name + ".weight") for name in linears}
@@ -429,7 +431,7 @@ def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict
         if gguf is None:
             continue
         kind = choose(grid_name, gguf, (lin.out_features, lin.in_features), shape, imatrix=im is not None).type
-        rule = tuning_rule(kind, im.weights(gguf) if gguf in used else None, plain=grid_name)
+        rule = tuning_rule(kind, im.weights(gguf) if gguf in used else None, plain=plain)
         if rule is not None:
             out[name] = rule
     return out

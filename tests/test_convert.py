@@ -475,3 +475,33 @@ def test_no_guard_without_text_to_hold_back(tiny_bpe, texts, tmp_path):
                             CalibSettings(calib=calib, samples=4, length=32), NPFTSettings(noise="rtn"))
         assert plan.guard is None and plan.calib.holdout == 0.0
         assert bool(plan.notes) == (chunks > 0)  # said before the run, when the guard was asked for
+
+
+def test_convert_tunes_the_q4_k_m_mix_it_writes(texts, tmp_path, monkeypatch):
+    """NPFT for a K mix (issue 30 #3): `convert --type q4_k_m` on a model whose rows are multiples of
+    256 is NPFT + imatrix by default, tunes with the noise of the mix's own rules per linear
+    (Q4_K and Q6_K twins with the float model's imatrix: imatrix.tuning_quantizers on q4_k_m, the
+    tensor grid q4_k for what has no rule of its own) and writes the Q4_K_M mix."""
+    from npft_gguf import imatrix
+
+    seen, real = {}, imatrix.tuning_quantizers
+
+    def spy(path, file_type, linears, arch, config):
+        out = real(path, file_type, linears, arch, config)
+        seen.update(file_type=file_type, imatrix=path, rules={n: type(f.__self__).__name__ for n, f in out.items()})
+        return out
+
+    monkeypatch.setattr(imatrix, "tuning_quantizers", spy)  # npft/train.py imports it when it tunes
+    d = make_tiny_llama(tmp_path / "wide", hidden=256, ffn=512, layers=2, heads=4, kv_heads=1)
+    out = tmp_path / "tiny-q4_k_m.gguf"
+    r = run("convert", d, "-o", out, "--type", "q4_k_m", "--calib", texts / "calib.txt", *TINY, "--eval-text", "none",
+            "--ctx", "64", "--guard-chunks", "0", "--epochs", "1", "--max-steps", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["convert"]["method"] == "npft+imatrix" and rec["convert"]["type"] == "q4_k_m"
+    assert seen["file_type"] == "q4_k_m" and seen["imatrix"]
+    assert set(seen["rules"].values()) == {"TwinRules"}, seen["rules"]  # every linear under its written rule's twin
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert {k for n, k in kinds.items() if n.startswith("blk.") and n.endswith("_proj.weight") or
+            n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_up.weight",
+                        "ffn_gate.weight", "ffn_down.weight"))} == {"Q4_K", "Q6_K"}

@@ -18,7 +18,7 @@ class NPFTSettings:
     # noise
     noise: str = "paper"               # paper | grid | rtn | none (rtn: the exact RTN error, ours; none: a plain-LoRA control)
     noise_scope: str = "outliers"      # outliers | all (grid noise on every weight; ours to try)
-    grid: str = "q4_0"                 # the target GGUF grid, for grid noise
+    grid: str = "q4_0"                 # the file type written (a grid, or one of llama.cpp's mixes: q4_k_m), for the noise
     imatrix: str | None = None         # the imatrix the file will be written with: rtn noise is then llama.cpp's
                                        # importance-weighted error on that grid, not plain RTN's
     resample: str = "step"             # step | epoch
@@ -45,6 +45,16 @@ class NPFTSettings:
     trace_samples: int = 8
     trace_probes: int = 2
     trace_len: int | None = None       # tokens per trace sample (None: the calibration length)
+
+
+    @property
+    def tensor_grid(self) -> str:
+        """The grid most weights of `grid` get, which the noise rounds to where the mix has no rule of
+        its own for a weight: a mix's base type (q4_k_m -> q4_k), else `grid` itself."""
+        from ..choices import FILE_TYPES, canonical_type
+
+        key = canonical_type(self.grid)
+        return FILE_TYPES[key].base if key else self.grid
 
     def __post_init__(self):
         checks = [

@@ -174,7 +174,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         peft_model = get_peft_model(model, cfg)
     linears = target_linears(peft_model)
     quantizers = None
-    if settings.noise == "rtn" and settings.grid in GRIDS:  # the error of the file the writer will make, per tensor
+    if settings.noise == "rtn" and settings.tensor_grid in GRIDS:  # the error of the file the writer will make, per tensor
         from ..imatrix import tuning_quantizers
 
         quantizers = tuning_quantizers(settings.imatrix, settings.grid, linears, of_model(model), model.config)
@@ -217,7 +217,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
     elif resume:
         log(f"no checkpoint in {run_dir}; starting from the beginning")
 
-    noise = Perturbations(linears, None, "none", settings.noise_scope, settings.grid, settings.perturbed)  # none yet
+    noise = Perturbations(linears, None, "none", settings.noise_scope, settings.tensor_grid, settings.perturbed)  # none yet
     if settings.gradient_checkpointing:  # from here on, the Fisher passes included; the recomputations meet `noise` as it is then
         checkpoint_layers(peft_model, lambda: noise.checkpoint_contexts())
     for epoch in range(start_epoch, settings.epochs):
@@ -230,7 +230,7 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
             if trace_samples:
                 result.trace_before = outlier_trace(peft_model, trace_tokens, linears, found, settings.trace_probes,
                                                     settings.seed, progress, desc="hessian trace (before)")
-        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.grid, settings.perturbed,
+        noise = Perturbations(linears, found, settings.noise, settings.noise_scope, settings.tensor_grid, settings.perturbed,
                               adapters, quantizers)
         try:
             _train_epoch(peft_model, tokens, settings, epoch, noise, opt, sched, micro_per_epoch, result, progress, on_step,
