@@ -300,11 +300,12 @@ def calibrated_model(source: Source, calib: CalibSettings, device: str, progress
                      tokens=None, shard: bool = False):
     """The model on its device in the tuning's precision (CUDA: bf16 base weights; the adapters train
     in fp32) and its calibration tokens (`tokens` when the plan already read them). Sharded tuning
-    (`shard`, several processes): on the CPU, FSDP2 moving each shard to the device."""
+    (`shard`, several processes): on rank 0's CPU alone (the others: the meta device), FSDP2 giving
+    each process its shard on the device (distributed.load, distributed.shard)."""
     dev = resolve_device(device)
-    model = source.load_model(dtype=tuning_dtype(dev), device="cpu" if distributed.sharding(shard) else dev)
+    model = distributed.load(source, tuning_dtype(dev), dev, shard)
     if tokens is None:
-        tokens = load_calibration(calib, source.tokenizer(), model=model, progress=progress)
+        tokens = distributed.from_main(load_calibration, calib, source.tokenizer(), model=model, progress=progress)
     log(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.calib}")
     if notice:
         log(notice)
@@ -668,14 +669,15 @@ def step_source(plan: Plan, state: RunState, opts: RunOptions) -> None:
     in fp32; GPTQ/OWQ want float32 Hessians)."""
     import torch
 
-    shard = plan.npft is not None and distributed.sharding(plan.npft.shard)  # FSDP2 moves each shard to the device
-    state.model = plan.source.load_model(dtype=getattr(torch, plan.load_dtype), device="cpu" if shard else plan.device)
+    shard = plan.npft is not None and plan.npft.shard  # rank 0 alone reads the weights; FSDP2 hands out the shards
+    state.model = distributed.load(plan.source, getattr(torch, plan.load_dtype), plan.device, shard)
 
 
 def step_calibration(plan: Plan, state: RunState, opts: RunOptions) -> None:
     """The tokens the plan read, or (--calib self) a sample of the loaded model."""
     if state.tokens is None:
-        state.tokens = load_calibration(plan.calib, plan.source.tokenizer(), model=state.model, progress=opts.progress)
+        state.tokens = distributed.from_main(load_calibration, plan.calib, plan.source.tokenizer(), model=state.model,
+                                             progress=opts.progress)
     opts.log(f"calibration: {state.tokens.shape[0]} x {state.tokens.shape[1]} tokens from {plan.calib.calib}")
     if opts.notice:
         opts.log(opts.notice)

@@ -9,7 +9,8 @@ so a plain run behaves exactly as before.
 What the stages share across processes is only ever a sum (Fisher's squared gradients, the
 imatrix's squared activations and token counts, a loss for the log): `all_reduce_sum`. Which
 samples a process takes is `share`. Gradients of the tuning are averaged by DDP (npft/train.py),
-not here.
+not here. Under --shard the weights are read once, by rank 0 (`load`), and handed out shard by
+shard (`shard`); what only rank 0 can then compute reaches the others through `from_main`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def quiet_other_ranks():
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
+def from_main(fn, *args, **kwargs):
+    """`fn(...)` on rank 0 alone, its result (any picklable value) sent to every process: what only
+    rank 0 can compute, as sampling text from the model (--calib self) where the others hold it on
+    the meta device (`load`)."""
+    if not active():
+        return fn(*args, **kwargs)
+    import torch.distributed as dist
+
+    box = [fn(*args, **kwargs) if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def share(n: int, part: int | None = None, parts: int | None = None) -> slice:
     """This process's contiguous share of n items: the first n % parts processes take one more."""
     part, parts = rank() if part is None else part, world() if parts is None else parts
@@ -131,19 +145,61 @@ def sharding(shard: bool) -> bool:
     return shard and world() > 1
 
 
+def load(source, dtype, device, shard: bool):
+    """The model this process starts from: `source` whole on `device`; under --shard (several
+    processes), whole on rank 0's CPU alone, every other process building it on the meta device
+    (Source.skeleton: no weight read, no memory), so the host holds one model, not one per process.
+    `shard` below then hands each process its share from rank 0."""
+    if not sharding(shard):
+        return source.load_model(dtype=dtype, device=device)
+    return source.load_model(dtype=dtype, device="cpu") if is_main() else source.skeleton(dtype=dtype)
+
+
 def shard(layers, root, wrap=None):
     """FSDP2 (`fully_shard`) over a model: each of `layers` (a ModuleList of decoder layers, each
     first put in `wrap`'s shell where given) its own unit, `root` the unit of the rest (embeddings,
     norm, head), the weights split across the processes and moved to this process's device; each
-    unit is gathered whole only for its forward (and backward). Returns `root`."""
+    unit is gathered whole only for its forward (and backward). Returns `root`.
+
+    The weights come from rank 0 (FSDP2's recipe for a model loaded once): the others may hold the
+    model on the meta device (`load`). Rank 0's whole state is taken before sharding; the others'
+    storage is made (`to_empty`) and each process receives its shards of every tensor, broadcast one
+    at a time (set_model_state_dict, broadcast_from_rank0), then every buffer whole (rotary
+    inv_freq and the like, which no state dict holds and to_empty leaves unset). Rank 0's whole
+    copy is dropped when done."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    for i in range(len(layers)):
-        if wrap is not None:
+    if wrap is not None:
+        for i in range(len(layers)):
             layers[i] = wrap(layers[i])
-        fully_shard(layers[i])
+    whole = root.state_dict() if is_main() else {}
+    for layer in layers:
+        fully_shard(layer)
     fully_shard(root)
+    if not is_main():  # rank 0's shards were cut from its real weights; the others' are made here
+        root.to_empty(device=_shard_device())
+    set_model_state_dict(root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del whole
+    _broadcast_buffers(root)
     return root
+
+
+def _shard_device():
+    """Where fully_shard's default mesh puts the shards: this process's GPU, else the CPU."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _broadcast_buffers(module):
+    """Every buffer of `module` as rank 0 holds it (in the same order on every process)."""
+    import torch.distributed as dist
+
+    if not active():
+        return
+    for _, b in module.named_buffers():
+        dist.broadcast(b.data, src=0)
 
 
 def barrier():

@@ -477,13 +477,13 @@ def calibration_imatrix(plan, progress: bool = True, log=print) -> tuple[Path, d
 
     # in the tuning's precision, so that the default method needs no more memory than the tuning
     # itself; the sums are float64 either way. --shard (several processes): sharded as the tuning is
-    # (FSDP2, loaded on the CPU, each process's GPU holding 1/N of the weights)
-    shard = plan.npft is not None and distributed.sharding(plan.npft.shard)
-    model = plan.source.load_model(dtype=tuning_dtype(plan.device), device="cpu" if shard else plan.device)
+    # (FSDP2, loaded on rank 0's CPU alone, each process's GPU holding 1/N of the weights)
+    shard = plan.npft is not None and plan.npft.shard
+    model = distributed.load(plan.source, tuning_dtype(plan.device), plan.device, shard)
     tokens = plan.tokens
-    if tokens is None:  # --calib self: the same seeded sample the tuning draws from this model
-        tokens = load_calibration(plan.calib, plan.source.tokenizer(), model=model, progress=progress)
-    if shard:
+    if tokens is None:  # --calib self: the same seeded sample the tuning draws from this model (rank 0's)
+        tokens = distributed.from_main(load_calibration, plan.calib, plan.source.tokenizer(), model=model, progress=progress)
+    if distributed.sharding(shard):
         model = distributed.shard(model.get_decoder().layers, model)
     log(f"imatrix: llama.cpp's importance matrix of the float model on {tokens.shape[0]} x {tokens.shape[1]} calibration tokens")
     im = collect(model, plan.source.arch, tokens, [plan.calib.calib], progress=progress)

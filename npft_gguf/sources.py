@@ -74,6 +74,16 @@ class Source:
         """The whole model as a transformers module (float32 unless `dtype` says otherwise)."""
         raise NotImplementedError
 
+    def skeleton(self, dtype=None):
+        """The model `load_model` gives, on the meta device: its modules and shapes, no weights read
+        and no memory taken (a process that receives its share of the weights from rank 0:
+        distributed.load)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config, dtype=dtype or torch.float32).eval()
+
     def describe(self) -> str:
         return f"{self.spec} ({self.kind})"
 

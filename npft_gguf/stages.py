@@ -17,8 +17,8 @@ is per GPU, the same as one process's (plus DDP's copy of the adapters' gradient
 N processes. The imatrix, the Fisher scores and the tuning split their samples over the processes
 (their time divided by N); the trace is computed by each process alike, and what follows the
 tuning is rank 0's alone (both: one process's time). With --shard (FSDP2) the imatrix, the Fisher
-scores and the tuning hold 1/N of the weights per GPU (per_process), and fit_to_gpu reasons from
-those per-GPU figures.
+scores and the tuning hold 1/N of the weights per GPU (per_process), the host one model (rank 0
+alone reads it: distributed.load), and fit_to_gpu reasons from those per-GPU figures.
 """
 
 from __future__ import annotations
@@ -500,6 +500,7 @@ EVERY = ("imatrix", "source", "calibration", "sensitivity", "trace", "tune", "me
 
 
 SHARDED = ("imatrix", "sensitivity", "tune")  # under --shard (FSDP2): each process's device holds 1/n of the weights
+ROOT_LOADS = ("imatrix", "source")  # under --shard: the weights read on rank 0 alone (distributed.load)
 
 
 def per_process(stages: list[Stage], d: Dims, n: int, shard: bool = False, elem: int = 2) -> list[Stage]:
@@ -507,9 +508,11 @@ def per_process(stages: list[Stage], d: Dims, n: int, shard: bool = False, elem:
     / n; the FLOPs and tokens stay the run's), each process's device peak its own, with DDP's bucket
     of the adapters' gradients in the tuning; the host holding n processes for the stages of EVERY.
     `shard` (--shard, FSDP2): in SHARDED the whole weights and adapter state become 1/n of them plus
-    two layers gathered whole (the one running and the one prefetched); the source is loaded on each
-    process's CPU; the trace is not measured; the merge gathers every weight onto rank 0's CPU. The
-    imatrix is sharded too (imatrix.calibration_imatrix: no adapters there)."""
+    two layers gathered whole (the one running and the one prefetched); the model of the source (and
+    the imatrix's) is loaded on rank 0's CPU alone, the others building it on the meta device and
+    receiving their shards from rank 0 (distributed.load, distributed.shard): the host holds one
+    model, not n; the trace is not measured; the merge gathers every weight onto rank 0's CPU, the
+    others holding none. The imatrix is sharded too (imatrix.calibration_imatrix: no adapters there)."""
     out = []
     for st in stages:
         st = replace(st)
@@ -517,19 +520,24 @@ def per_process(stages: list[Stage], d: Dims, n: int, shard: bool = False, elem:
             continue
         if st.name in SPLIT:
             st.seconds /= n
+        on_host = st.host_bytes
+        if shard and st.name in ROOT_LOADS:  # rank 0's host: the whole model; the others': what remains, and on
+            model = d.params * (elem if st.name == "source" else 2 if st.where == "cuda" else 4)  # the CPU their shard
+            on_host = st.host_bytes - model + (0 if st.device_bytes else model // n)
         if shard and st.name in SHARDED and st.device_bytes:
             whole = d.params * elem + (lora_state_bytes(d) if st.name != "imatrix" else 0)
             st.device_bytes += whole // n - whole + 2 * (d.params // d.layers) * elem
         if shard and st.name == "source" and st.device_bytes:
             st.device_bytes, st.where = 0, "cpu"
-        if shard and st.name == "merge" and st.device_bytes:
-            st.host_bytes += st.device_bytes - CUDA_CONTEXT
-            st.device_bytes, st.where = 0, "cpu"
+        if shard and st.name == "merge":  # rank 0 alone holds the gathered model
+            st.host_bytes += st.device_bytes - CUDA_CONTEXT if st.device_bytes else 0
+            st.device_bytes, st.where, on_host = 0, "cpu", PROCESS_BASE
         if st.name == "tune" and not shard:
             st.device_bytes += d.lora * 4 if st.device_bytes else 0
             st.host_bytes += 0 if st.device_bytes else d.lora * 4
+            on_host = st.host_bytes
         if st.name in EVERY:
-            st.host_bytes *= n
+            st.host_bytes += (n - 1) * on_host
         out.append(st)
     return out
 

@@ -310,8 +310,27 @@ def _sharded_settings(job: str, shard: bool = True) -> NPFTSettings:
     return NPFTSettings(**{**BASE, **SHARDED[job][1], "shard": shard})
 
 
+def _loaded_once(path):
+    """The model as a sharded run loads it (distributed.load): whole on rank 0; on rank 1 on the meta
+    device, its source's weights never read (its load_model fails there)."""
+    from npft_gguf.sources import open_source
+
+    source = open_source(path)
+    if not distributed.is_main():
+        source.load_model = _no_weights_here
+    model = distributed.load(source, torch.float32, "cpu", shard=True)
+    assert all(p.is_meta for p in model.parameters()) == (not distributed.is_main())
+    return model
+
+
+def _no_weights_here(*a, **k):
+    raise AssertionError("a process other than rank 0 read the weights")
+
+
 def _sharded_worker(rank: int, world: int, port: int, paths: dict, out: str):
+    from npft_gguf.calib import CalibSettings, load_calibration
     from npft_gguf.imatrix import collect
+    from npft_gguf.sources import open_source
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -321,7 +340,12 @@ def _sharded_worker(rank: int, world: int, port: int, paths: dict, out: str):
         path = paths[family]
         tokens = _tokens(_load(path).config.vocab_size)
         settings = _sharded_settings(job)
-        model = _load(path)
+        model = _loaded_once(path)
+        if job == "llama-rtn":  # --calib self: rank 0 samples (rank 1's model is on the meta device), both get its tokens
+            sampled = distributed.from_main(load_calibration, CalibSettings(calib="self", samples=2, length=8, seed=0),
+                                            open_source(path).tokenizer(), model=model, progress=False)
+            both = distributed.all_reduce_sum([sampled.clone()])[0]
+            assert sampled.shape == (2, 8) and torch.equal(both, 2 * sampled)
         numel = model.model.layers[0].self_attn.q_proj.weight.numel()
 
         def sharded_then_stop(row, model=model, numel=numel):  # the weights are DTensors, each process holding half of each
@@ -335,11 +359,11 @@ def _sharded_worker(rank: int, world: int, port: int, paths: dict, out: str):
         try:  # stopped in the second epoch, then resumed, sharded both times
             r = tune(model, tokens, settings, f"{out}/{job}", progress=False, on_step=sharded_then_stop)
         except KeyboardInterrupt:
-            r = tune(_load(path), tokens, settings, f"{out}/{job}", resume=True, progress=False)
+            r = tune(_loaded_once(path), tokens, settings, f"{out}/{job}", resume=True, progress=False)
         assert r.resumed_at_epoch == (1 if resumed else None)
         im = None
         if job == "llama-rtn":  # the importance matrix of the float model, sharded (one window a pass: rank 1 runs one uncounted)
-            model = _load(path)
+            model = _loaded_once(path)
             distributed.shard(model.get_decoder().layers, model)
             im = collect(model, _arch(path), tokens, ["test"], batch=1, progress=False)
             im = {n: (torch.from_numpy(e.sums), torch.from_numpy(e.counts)) for n, e in im.entries.items()}

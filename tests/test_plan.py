@@ -466,7 +466,8 @@ def test_a_launched_run_plans_for_its_process_count(tmp_path, monkeypatch):
 def test_a_70b_model_sharded_on_8_gpus_fits(tmp_path):
     """--shard (FSDP2, npft/train.py, imatrix.calibration_imatrix): each GPU holds 1/N of the bf16
     weights and two layers whole in the imatrix, the Fisher scores and the tuning; the source loads
-    on the host and the merge runs on rank 0's CPU; the trace is not measured. The plan fits the
+    on rank 0's host alone (one model, not N: distributed.load) and the merge runs on rank 0's CPU;
+    the trace is not measured. The plan fits the
     tuning from those per-GPU figures (stages.fit_to_gpu): the default convert (npft+imatrix) of
     Llama-3.1-70B on 8 x 80 GB, and on 4 x 80 GB, fits with the --fisher-stages it picks itself (the
     float32 scores are whole on each process); unsharded (DDP) it does not. The evaluation runs in
@@ -485,6 +486,8 @@ def test_a_70b_model_sharded_on_8_gpus_fits(tmp_path):
         assert "trace" not in by and by["source"]["peak_device_bytes"] == 0 and by["merge"]["peak_device_bytes"] == 0
         for name in ("imatrix", "tune"):  # 1/n of the weights, not the whole 131 GiB
             assert 2 * 70.5e9 / n < by[name]["peak_device_bytes"] < 80 * 2**30
+        for name in ("imatrix", "source", "merge"):  # rank 0 alone holds the whole model on the host, the others none
+            assert 2 * 70.5e9 < by[name]["peak_host_bytes"] < 2 * 70.5e9 + n * 2**30
         assert by["sensitivity"]["peak_device_bytes"] <= 80 * 2**30
         fitted = sharded["fitted_by_plan"]
         assert fitted["gradient_checkpointing"] is True and "trace_samples" not in fitted  # no trace to fit under --shard

@@ -27,8 +27,9 @@ whole model, so N GPUs tune N times faster, not an N times larger model.
 `--shard` (settings.shard, several processes): FSDP2 instead. `fully_shard` on each decoder layer
 (in a _Layer shell, so it can be taken off again) and on a _Loss root: the frozen base weights and
 the LoRA factors alike are split across the processes, each layer gathered only for its forward
-and backward; the optimizer steps the adapters' shards. The model is loaded whole on each process's
-CPU and moved to the device shard by shard. What reads weights does so inside a forward, where the
+and backward; the optimizer steps the adapters' shards. The model is loaded whole on rank 0's CPU
+alone, the other processes holding it on the meta device (distributed.load), and each process
+receives its shards from rank 0 (distributed.shard): adapters and resumed checkpoint included. What reads weights does so inside a forward, where the
 layer is gathered: rtn noise forms z there (noise.py); outlier and grid noise gather each weight
 once per epoch (sensitivity.whole). The Fisher scores come from module hooks (G^T X per sample,
 sensitivity.fisher_by_hooks), never from the weights' .grad, which FSDP2 would average. The
@@ -180,9 +181,9 @@ def tune(model, tokens: torch.Tensor, settings: NPFTSettings, run_dir: Path, res
         quantizers = tuning_quantizers(settings.imatrix, settings.grid, linears, of_model(model), model.config)
     adapters = merged_weights(peft_model)  # by module, before sharding renames the layers
     adapter_keys = _adapter_keys(peft_model)
-    if resume and (record := checkpoint_record(run_dir)) is not None and not resume_problem(run_dir, record, settings,
-                                                                                                  tokens_digest(tokens), source):
-        set_peft_model_state_dict(peft_model, unpack_checkpoint(record, run_dir / CHECKPOINT, device)[0])  # before sharding
+    if resume and distributed.is_main() and (record := checkpoint_record(run_dir)) is not None and not resume_problem(
+            run_dir, record, settings, tokens_digest(tokens), source):  # before sharding, which sends rank 0's weights to all
+        set_peft_model_state_dict(peft_model, unpack_checkpoint(record, run_dir / CHECKPOINT, device)[0])
     root = _shard(peft_model) if sharded else None
     device = next(peft_model.parameters()).device  # sharded: where fully_shard put the shards (loaded on the CPU)
     params = [p for p in (root or peft_model).parameters() if p.requires_grad]
