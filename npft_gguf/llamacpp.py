@@ -141,7 +141,8 @@ class GgmlQuantizer:
         r, pending = 0, []
         with ThreadPoolExecutor(self.threads) as pool:
             for chunk in chunks:
-                w = np.ascontiguousarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, np.float32)
+                w = np.ascontiguousarray(chunk.detach().float().cpu().numpy() if hasattr(chunk, "detach") else chunk,
+                                         np.float32)  # a torch chunk of any dtype (bf16 has no numpy twin)
                 if w.ndim != 2 or w.shape[1] != shape[1] or r + w.shape[0] > shape[0]:
                     raise ValueError(f"a row chunk of shape {w.shape} does not continue a weight of {shape} at row {r}")
                 for i in range(0, w.shape[0], self.chunk_rows(shape[1])):  # a big chunk, split for the cores

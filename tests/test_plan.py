@@ -290,16 +290,16 @@ def test_the_run_report_puts_measured_beside_planned(tiny_bpe, tmp_path):
 def test_each_step_measures_its_own_host_peak():
     """The process's high-water mark (getrusage) never falls, so every step after the largest showed
     its peak; each step now samples its own."""
+    import mmap
     import time
-
-    import numpy as np
 
     from npft_gguf.stages import measure
 
-    with measure("cpu") as big:
-        x = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    with measure("cpu") as big:  # 300 MiB of fresh pages, touched, then handed back to the system (a numpy
+        x = mmap.mmap(-1, 300 * 2**20)  # array could reuse memory earlier tests freed but the heap kept)
+        x.write(b"\1" * len(x))
         time.sleep(4 * measure.SAMPLE_S)
-        del x
+        x.close()
     with measure("cpu") as small:
         time.sleep(4 * measure.SAMPLE_S)
     assert big["peak_host_bytes"] - small["peak_host_bytes"] > 250 * 2**20
