@@ -556,7 +556,8 @@ def npft_options(f):
                           "tuning would not fit the GPU otherwise]."),
         click.option("--shard/--no-shard", default=False,
                      help="Under a launcher: shard the weights across the processes (FSDP2) instead of a whole model "
-                          "per process (DDP), for models one GPU cannot hold; the Hessian trace is then not measured."),
+                          "per process (DDP), for models one GPU cannot hold; the Hessian trace is then not measured. "
+                          "Default: on where the plan finds the model's weights larger than one GPU, on several processes."),
         click.option("--fisher-stages", default=1, show_default=True, type=click.IntRange(min=1),
                      help="Passes the Fisher scores are made in, each for a run of layers: 4 bytes per targeted weight "
                           "divided by this, for this many passes; the outliers are the same (convert picks the fewest "

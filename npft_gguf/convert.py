@@ -50,7 +50,7 @@ class ConvertSettings:
     keep_tuned: bool = False       # keep the tuned file even where the guard measures it farther than the peer
     guard_chunks: int = 10         # windows of held-back calibration text the guard measures on (0: no guard)
     peers: bool = True             # the closing comparison adds the same-size files llama.cpp makes (choices.PEERS)
-    fit_options: tuple[str, ...] = ("gradient_checkpointing", "fisher_stages", "trace_len", "trace_samples")
+    fit_options: tuple[str, ...] = ("shard", "gradient_checkpointing", "fisher_stages", "trace_len", "trace_samples")
                                    # memory options the plan may switch on to fit the GPU (stages.fit_to_gpu): those
                                    # the user did not set (the CLI leaves out each option given)
 

@@ -374,13 +374,14 @@ def trace_len(plan) -> int:
 
 
 # --- options the plan switches on to fit the GPU, where the user left them to it ----------------------
-FIT_OPTIONS = ("gradient_checkpointing", "fisher_stages", "trace_len", "trace_samples")  # NPFTSettings fields
+FIT_OPTIONS = ("shard", "gradient_checkpointing", "fisher_stages", "trace_len", "trace_samples")  # NPFTSettings fields
 TRACE_LENS = (256, 128)  # --trace-len tried, in this order, before --trace-samples 0
 
 
 def fit_to_gpu(plan, machine: Machine, free: tuple[str, ...] = FIT_OPTIONS):
     """(plan, choices): the tuning plan with the memory options of `free` (FIT_OPTIONS the user did not
-    set) switched on where a stage of the tune step would not fit `machine`'s GPU otherwise:
+    set) switched on where a stage of the tune step would not fit `machine`'s GPU otherwise: --shard
+    (FSDP2) first, on several processes whose GPUs cannot each hold the whole model; then
     --gradient-checkpointing for the tuning step, the fewest --fisher-stages for the Fisher scores
     (checkpointing too, where they cannot fit without), a shorter --trace-len, or --trace-samples 0,
     for the trace (neither where the user gave either). Choices: {option: (value, the line that says why)}. Nothing else changes; an option
@@ -397,6 +398,11 @@ def fit_to_gpu(plan, machine: Machine, free: tuple[str, ...] = FIT_OPTIONS):
         return next((s.device_bytes for s in st if s.name == name), 0)
 
     choices = {}
+    whole = d.params * elem  # the model's weights, which every process holds unsharded (DDP)
+    if "shard" in free and machine.processes > 1 and not plan.npft.shard and whole > budget:
+        plan = _npft(plan, shard=True)
+        choices["shard"] = (True, f"plan: --shard on (the weights, {_gib(whole)}, do not fit one GPU's {_gib(budget)}: "
+                                  f"FSDP2 shares them out over the {machine.processes} processes)")
     if "gradient_checkpointing" in free and not plan.npft.gradient_checkpointing and peak(plan, "tune") > budget:
         on = _npft(plan, gradient_checkpointing=True)
         if peak(on, "tune") < peak(plan, "tune"):

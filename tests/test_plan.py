@@ -431,14 +431,14 @@ def test_within_the_estimates_uncertainty_convert_warns_and_runs(tiny_bpe, tmp_p
 
 
 def test_the_plan_knows_the_process_count_and_a_70b_model_on_8_gpus(tmp_path):
-    """8 processes, one 80 GB GPU each: the tuning runs under DDP (npft/train.py), so each GPU holds
-    the whole bf16 model, 70B's 131 GiB: the torch stages do not fit, whatever the process count,
+    """8 processes, one 80 GB GPU each, --no-shard: the tuning runs under DDP (npft/train.py), so each
+    GPU holds the whole bf16 model, 70B's 131 GiB: the torch stages do not fit, whatever the process count,
     and the verdict says so; what the processes do change is the time of the stages whose samples
     they share out, and the host memory of the stages every process runs."""
     llama_70b_config().save_pretrained(tmp_path / "llama-3.1-70b")
     machine = ("--gpu-memory", "80GiB", "--host-memory", "2TiB", "--disk", "2TiB", "--cpu-cores", "64")
     one = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine)
-    eight = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8")
+    eight = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8", "--no-shard")
     assert eight["machine"]["processes"] == 8 and one["machine"]["processes"] == 1
     by1, by8 = ({s["name"]: s for s in d["stages"]} for d in (one, eight))
     assert by1.keys() == by8.keys()
@@ -470,13 +470,14 @@ def test_a_70b_model_sharded_on_8_gpus_fits(tmp_path):
     the trace is not measured. The plan fits the
     tuning from those per-GPU figures (stages.fit_to_gpu): the default convert (npft+imatrix) of
     Llama-3.1-70B on 8 x 80 GB, and on 4 x 80 GB, fits with the --fisher-stages it picks itself (the
-    float32 scores are whole on each process); unsharded (DDP) it does not. The evaluation runs in
+    float32 scores are whole on each process); unsharded (DDP, --no-shard) it does not, and without
+    either flag the plan switches --shard on itself, the weights being more than one GPU holds. The evaluation runs in
     llama.cpp on the CPU here (--eval-gpu-layers 0): offloaded whole, it needs the model on one GPU."""
     llama_70b_config().save_pretrained(tmp_path / "llama-3.1-70b")
     machine = ("--gpu-memory", "80GiB", "--host-memory", "2TiB", "--disk", "2TiB", "--cpu-cores", "64",
                "--eval-gpu-layers", "0")
-    ddp = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8")
-    assert not ddp["fits"]
+    ddp = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8", "--no-shard")
+    assert not ddp["fits"] and "shard" not in ddp["fitted_by_plan"]
     assert {s["name"]: s for s in ddp["stages"]}["tune"]["peak_device_bytes"] > 2 * 70.5e9
     stages_chosen = {}
     for n in (8, 4):
@@ -495,3 +496,8 @@ def test_a_70b_model_sharded_on_8_gpus_fits(tmp_path):
     assert 1 < stages_chosen[8] < stages_chosen[4]  # fewer processes, more of each GPU for the weights: more passes
     one_pass = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8", "--shard", "--fisher-stages", "1")
     assert not one_pass["fits"]  # what the plan picked was needed
+    chosen = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine, "--processes", "8")
+    assert chosen["fits"] and chosen["fitted_by_plan"]["shard"] is True
+    assert chosen["fitted_by_plan"]["fisher_stages"] == stages_chosen[8]
+    small = plan_json(tmp_path / "llama-3.1-70b", tmp_path, *machine)  # one process: nothing to shard over
+    assert "shard" not in small["fitted_by_plan"]
