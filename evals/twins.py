@@ -10,8 +10,9 @@ exactly as llama.cpp's own quantizer (ggml_quantize_chunk in the libggml that ll
 ships) does, and the imatrix-weighted error of the twin's whole matrix over llama.cpp's.
 
 Step time: NPFT's short recipe (kl objective, rtn noise, Q4_0) on SmolLM2-135M for a few optimizer
-steps with each noise: plain RTN's error, the twins of the imatrix Q4_0 mix's rules (the default
-now), llama.cpp's own quantizer on the CPU (ggml_quantize_chunk; the bit-exact numpy port before it). Seconds
+steps with each noise: plain RTN's error, the twins of the imatrix Q4_0 mix's rules (the default on
+a GPU), llama.cpp's own quantizer on the CPU (ggml_quantize_chunk: the default on the CPU since this
+table, grids/mix.SearchRule). Seconds
 per step after the first, median, and the ratio to plain RTN's; then plain RTN and the twins for
 Q4_K (grid q4_k, llama-quantize's name of the Q4_K_S mix); each noise twice, interleaved, so
 a busy machine shows as a spread rather than a bias. Each part is saved as it is measured, so an
@@ -92,7 +93,6 @@ def step_times(source, imatrix_path: Path, noise: str, steps: int, grid: str = "
     """Seconds between consecutive optimizer steps of a short-recipe tuning with `noise`."""
     import tempfile
 
-    import npft_gguf.grids.twins as twins
     from npft_gguf.calib import CalibSettings, load_calibration
     from npft_gguf.npft import NPFTSettings, tune
 
@@ -100,15 +100,16 @@ def step_times(source, imatrix_path: Path, noise: str, steps: int, grid: str = "
     settings = NPFTSettings(noise="rtn", objective="kl", grid=grid, imatrix=None if noise == "rtn" else str(imatrix_path),
                             epochs=1, max_steps_per_epoch=steps, lr=5e-4, batch=4, fisher_samples=2, trace_samples=0)
     stamps = []
-    saved = twins.TWINNED
-    if noise == "numpy":
-        twins.TWINNED = ()  # grids/mix.tuning_rule then takes llama.cpp's quantizer on the CPU (llamacpp.GgmlQuantizer)
+    from npft_gguf.grids.mix import SearchRule
+
+    saved = SearchRule.on_cpu  # which of the two a search runs on the CPU: the twin, or llama.cpp's quantizer
+    SearchRule.on_cpu = "llama.cpp" if noise == "numpy" else "twin"
     try:
         with tempfile.TemporaryDirectory() as run_dir:
             tune(source.load_model(), tokens, settings, Path(run_dir), progress=False,
                  on_step=lambda row: stamps.append(time.perf_counter()), log=lambda m: None)
     finally:
-        twins.TWINNED = saved
+        SearchRule.on_cpu = saved
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 

@@ -480,7 +480,7 @@ def test_no_guard_without_text_to_hold_back(tiny_bpe, texts, tmp_path):
 def test_convert_tunes_the_q4_k_m_mix_it_writes(texts, tmp_path, monkeypatch):
     """NPFT for a K mix (issue 30 #3): `convert --type q4_k_m` on a model whose rows are multiples of
     256 is NPFT + imatrix by default, tunes with the noise of the mix's own rules per linear
-    (Q4_K and Q6_K twins with the float model's imatrix: imatrix.tuning_quantizers on q4_k_m, the
+    (Q4_K and Q6_K searches with the float model's imatrix: imatrix.tuning_quantizers on q4_k_m, the
     tensor grid q4_k for what has no rule of its own) and writes the Q4_K_M mix."""
     from npft_gguf import imatrix
 
@@ -500,7 +500,7 @@ def test_convert_tunes_the_q4_k_m_mix_it_writes(texts, tmp_path, monkeypatch):
     rec = json.loads(r.stdout)
     assert rec["convert"]["method"] == "npft+imatrix" and rec["convert"]["type"] == "q4_k_m"
     assert seen["file_type"] == "q4_k_m" and seen["imatrix"]
-    assert set(seen["rules"].values()) == {"TwinRules"}, seen["rules"]  # every linear under its written rule's twin
+    assert set(seen["rules"].values()) == {"SearchRule"}, seen["rules"]  # every linear under its written rule's search
     kinds = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
     assert {k for n, k in kinds.items() if n.startswith("blk.") and n.endswith("_proj.weight") or
             n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_up.weight",

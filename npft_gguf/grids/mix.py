@@ -212,20 +212,47 @@ def tuning_rule(type_name: str, qw=None, plain: str | None = None):
     """The torch function (weight -> dequantized weight) NPFT's rtn noise uses for a tensor written
     as `type_name` with imatrix entry `qw` (None: without one); None where that is `plain`'s own
     RTN, which the noise applies anyway. Exactly what is written for the types llama.cpp rounds to
-    nearest (EXACT_RTN without an imatrix); the torch twins of its scale searches (grids/twins.py:
-    the same rule to within near-ties) on the tuning device where there is one; else llama.cpp's
-    quantizer itself (exact, on the CPU: slower), as for the few K-quant tensors of the legacy and
-    IQ4 mixes. Q2_K and Q3_K files' own base type keeps the noise's RTN grid, an approximation of
-    llama.cpp's scale search, until it has a twin (APPROXIMATED); Q4_K, Q5_K and Q6_K have twins."""
+    nearest (EXACT_RTN without an imatrix); for a scale search with a torch twin (grids/twins.py:
+    the same rule to within near-ties), the twin on a GPU and llama.cpp's quantizer on the CPU
+    (SearchRule); else llama.cpp's quantizer itself (exact; from a GPU, through the host), as for
+    the few K-quant tensors of the legacy and IQ4 mixes. Q2_K and Q3_K files' own base type keeps
+    the noise's RTN grid, an approximation of llama.cpp's scale search, until it has a twin
+    (APPROXIMATED); Q4_K, Q5_K and Q6_K have twins."""
     from . import GRIDS
     from .twins import TWINNED, TwinRules
 
     if type_name in EXACT_RTN and (qw is None or type_name in ("q8_0", *FLOATS)):
         return None if type_name == plain else GRIDS[type_name].fakequant
     if type_name in TWINNED:
-        return TwinRules(type_name, qw).fakequant
+        return SearchRule(TwinRules(type_name, qw), qw).fakequant
     if type_name in APPROXIMATED and type_name == plain:
         return None
     from ..llamacpp import GgmlQuantizer
 
     return GgmlQuantizer(type_name, qw).fakequant
+
+
+class SearchRule:
+    """A scale search of llama.cpp's, for the tuning noise, run where the weight is: on a GPU its
+    torch twin (no round trip through the host); on the CPU llama.cpp's own quantizer, which is
+    exact and there cheaper than the twin (evals/TWINS.md: a SmolLM2 step 1.08x plain RTN's against
+    the twin's 1.37x). `on_cpu = "twin"` makes the CPU run the twin too (evals/twins.py, tests)."""
+
+    on_cpu = "llama.cpp"
+
+    def __init__(self, twin, qw=None):
+        self.twin, self.qw, self._exact = twin, qw, None
+
+    @property
+    def name(self) -> str:
+        return self.twin.name
+
+    def fakequant(self, w):
+        if w.device.type != "cpu" or self.on_cpu == "twin":
+            return self.twin.fakequant(w)
+        if self._exact is None:
+            from ..llamacpp import GgmlQuantizer
+
+            self._exact = GgmlQuantizer(self.twin.name, self.qw)
+        return self._exact.fakequant(w)
+

@@ -146,3 +146,23 @@ def test_q4_k_m_tuning_rules_are_the_written_tensors(tmp_path, with_imatrix):
     for name, lin in linears.items():
         same = (quantize[name](lin.weight).reshape(-1, 256) == written[name + ".weight"].reshape(-1, 256)).all(1)
         assert float(same.float().mean()) >= 0.9, (name, kinds[src.arch.gguf_name(name + ".weight")], float(same.float().mean()))
+
+
+@pytest.mark.parametrize("type_name", ["q4_0", "iq4_nl", "q4_k"])
+def test_a_search_rule_on_the_cpu_is_llama_cpp_s_own_quantizer(type_name, monkeypatch):
+    """The tuning noise of a searched type (grids/mix.SearchRule): on the CPU, llama.cpp's quantizer
+    itself (exact, and cheaper there than the torch twin: evals/TWINS.md); the twin where asked."""
+    import torch
+
+    from npft_gguf.grids.mix import SearchRule, tuning_rule
+    from npft_gguf.grids.twins import TwinRules
+    from npft_gguf.llamacpp import GgmlQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 512, generator=g) * torch.rand(1, 512, generator=g)
+    qw = torch.rand(512, generator=g).numpy() + 0.01
+    rule = tuning_rule(type_name, qw, plain="f32")
+    assert isinstance(rule.__self__, SearchRule)
+    assert torch.equal(rule(w), GgmlQuantizer(type_name, qw).fakequant(w))
+    monkeypatch.setattr(SearchRule, "on_cpu", "twin")
+    assert torch.equal(rule(w), TwinRules(type_name, qw).fakequant(w))
