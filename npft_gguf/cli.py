@@ -38,8 +38,11 @@ class Cli(click.Group):
         if distributed.launched():  # torchrun / accelerate launch: one of several processes (distributed.py)
             distributed.setup()
             distributed.quiet_other_ranks()
-        with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl-C does, then exits 143 (see signals.py)
-            self._main(*args, **kwargs)
+        try:
+            with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl-C does, then exits 143 (see signals.py)
+                self._main(*args, **kwargs)
+        finally:  # the process group closed before exit: gloo's threads still running then abort the
+            distributed.teardown()  # process ("terminate called without an active exception", exit -6)
 
     def resolve_command(self, ctx, args):
         from . import distributed

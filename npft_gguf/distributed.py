@@ -15,6 +15,7 @@ shard (`shard`); what only rank 0 can then compute reaches the others through `f
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -230,7 +231,10 @@ def peer_lost(e: BaseException) -> bool:
 
 
 def teardown():
+    """Close the process group at the end of the command (cli.py), whatever ended it; a group a lost
+    peer already broke is let go."""
     if active():
         import torch.distributed as dist
 
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
