@@ -60,6 +60,13 @@ def canonical_type(name: str) -> str | None:
     key = ALIASES.get(name.lower(), name.lower())
     return key if key in FILE_TYPES else None
 
+
+def base_type(name: str) -> str:
+    """The tensor type most weights of file type `name` get (q4_k_m -> q4_k); a name the registry does
+    not hold (a simulated quantizer, rtn4) is returned as it is."""
+    key = canonical_type(name)
+    return FILE_TYPES[key].base if key else name
+
 # --bits N: the pure-RTN GGUF types of that width, best first (the first one every row length fits wins)
 BITS = {2: ("q2_k",), 3: ("q3_k",), 4: ("q4_0",), 5: ("q5_0",), 6: ("q6_k", "q8_0"), 8: ("q8_0",)}
 # auto: npft+imatrix where llama.cpp's importance-weighted rules exist for the type written, else npft

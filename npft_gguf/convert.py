@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__, distributed
 from .calib import CalibSettings, load_calibration
-from .choices import BITS, EVAL_CHUNKS, METHODS, TUNED_TYPES
+from .choices import BITS, EVAL_CHUNKS, METHODS, base_type
 from .errors import UsageError
 from .fingerprint import source_record
 from .npft import NPFTSettings, tune
@@ -488,9 +488,8 @@ def plan_convert(spec: str, out: Path, settings: ConvertSettings, calib: CalibSe
         check_directory_target(run_dir, "the run directory")
     if not settings.simulated:
         from .grids import get_grid
-        from .grids.mix import file_type
 
-        get_grid(file_type(type_name).base if type_name in TUNED_TYPES else type_name)  # a mix: its base type's grid
+        get_grid(base_type(type_name))  # a mix: its base type's grid
     if settings.method in GPTQ_FAMILY:
         gptq_settings(settings, type_name).quantizer()  # an unsupported target fails here
     if "imatrix" in settings.method:

@@ -417,9 +417,10 @@ def tuning_quantizers(path, grid_name: str, linears: dict, arch, config) -> dict
     file written without one). `grid_name` is a file type: a grid, or a mix (q4_k_m). A linear left out
     of the result is quantized by the RTN of the type's base grid (q4_k_m: q4_k), which is then what
     llama.cpp writes."""
-    from .grids.mix import ModelShape, choose, file_type, tuning_rule
+    from .choices import base_type
+    from .grids.mix import ModelShape, choose, tuning_rule
 
-    plain = file_type(grid_name).base  # what the noise rounds to for a linear left out
+    plain = base_type(grid_name)  # what the noise rounds to for a linear left out
     im = load_imatrix(path) if path else None
     shape = ModelShape.of(config, getattr(arch, "name", ""))
     gguf_names = {name: arch.gguf_name(name + ".weight") for name in linears}

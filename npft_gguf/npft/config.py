@@ -51,10 +51,9 @@ class NPFTSettings:
     def tensor_grid(self) -> str:
         """The grid most weights of `grid` get, which the noise rounds to where the mix has no rule of
         its own for a weight: a mix's base type (q4_k_m -> q4_k), else `grid` itself."""
-        from ..choices import FILE_TYPES, canonical_type
+        from ..choices import base_type
 
-        key = canonical_type(self.grid)
-        return FILE_TYPES[key].base if key else self.grid
+        return base_type(self.grid)
 
     def __post_init__(self):
         checks = [
